@@ -1,0 +1,74 @@
+"""The `shardtune` console script: finetune, tiny, generate."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import exit_on_user_error
+
+USAGE = """usage: shardtune <command> [args]
+
+commands:
+  finetune [flags]          fine-tune (same flags as llama_finetuning.py; launch with torchrun for N ranks)
+  tiny OUT_DIR              build a random-init tiny Llama with a tokenizer trained on bundled text
+  generate --model_name DIR [--peft_model DIR] [--dialogue TEXT]
+                            summarise one dialogue with a base model and an adapter
+"""
+
+
+def _tiny(argv: list[str]) -> int:
+    from .tiny import build_tiny
+
+    p = argparse.ArgumentParser(prog="shardtune tiny")
+    p.add_argument("out_dir")
+    p.add_argument("--hidden_size", type=int, default=64)
+    p.add_argument("--num_layers", type=int, default=2)
+    p.add_argument("--num_heads", type=int, default=4)
+    p.add_argument("--num_kv_heads", type=int, default=2)
+    p.add_argument("--intermediate_size", type=int, default=176)
+    p.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    out = build_tiny(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.num_kv_heads,
+                     a.intermediate_size, a.tokenizer, a.seed)
+    print(f"tiny Llama written to {out}")
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    from .generate import load_for_inference, sample_dialogue, summarize
+
+    p = argparse.ArgumentParser(prog="shardtune generate")
+    p.add_argument("--model_name", required=True)
+    p.add_argument("--peft_model")
+    p.add_argument("--dialogue", help="defaults to the first test dialogue of the bundled sample")
+    p.add_argument("--max_new_tokens", type=int, default=48)
+    a = p.parse_args(argv)
+    model, tok = load_for_inference(a.model_name, a.peft_model)
+    dialogue = a.dialogue or sample_dialogue()
+    print("Dialogue:\n" + dialogue.replace("\r\n", "\n"))
+    print("Generated summary:\n" + summarize(model, tok, dialogue, a.max_new_tokens))
+    return 0
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "finetune":
+        from .finetuning import main as finetune
+
+        return finetune(rest)
+    if cmd == "tiny":
+        return _tiny(rest)
+    if cmd == "generate":
+        return _generate(rest)
+    print(f"shardtune: error: unknown command {cmd!r}; choose finetune, tiny or generate", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

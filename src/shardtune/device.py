@@ -1,0 +1,110 @@
+"""The one device abstraction: which device this rank uses and how it talks to peers.
+
+Everything device-specific goes through `torch.accelerator` (CUDA, XPU, ...) or the CPU
+fallback here, so no other module branches on the device type.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_accelerator(self) -> bool:
+        return self.device.type != "cpu"
+
+    def supports_fast_bf16(self) -> bool:
+        # CPUs without bf16 units run bf16 matmuls ~70x slower than fp32.
+        if not self.is_accelerator:
+            return False
+        mod = getattr(torch, self.device.type, None)
+        check = getattr(mod, "is_bf16_supported", None)
+        return bool(check()) if check else True
+
+    def synchronize(self) -> None:
+        if self.is_accelerator:
+            torch.accelerator.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.is_accelerator:
+            torch.accelerator.reset_peak_memory_stats(self.device)
+
+    def peak_memory_bytes(self) -> int:
+        """Peak accelerator memory allocated, or the process's peak RSS on CPU."""
+        if self.is_accelerator:
+            return int(torch.accelerator.max_memory_allocated(self.device))
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(kib if sys.platform == "darwin" else kib * 1024)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def setup(require_distributed: bool = False) -> Dist:
+    """Pick the device from LOCAL_RANK and start the process group when launched by torchrun."""
+    if not _launched_by_torchrun():
+        if require_distributed:
+            raise UserError(
+                "--enable_fsdp needs a distributed launch; run it with "
+                "`torchrun --nnodes 1 --nproc_per_node N -m shardtune.finetuning ...`"
+            )
+        device = _device_for(0)
+        return Dist(0, 0, 1, 1, device, dist.get_default_backend_for_device(device) if dist.is_available() else "")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])  # not RANK: on node 2, rank 8 is GPU 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    device = _device_for(local_rank)
+    backend = dist.get_default_backend_for_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=int(os.environ.get("SHARDTUNE_DIST_TIMEOUT", 1800)))
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type != "cpu" else None)
+    return Dist(rank, local_rank, world, local_world, device, backend)
+
+
+def _device_for(local_rank: int) -> torch.device:
+    if os.environ.get("SHARDTUNE_DEVICE") == "cpu" or not torch.accelerator.is_available():
+        return torch.device("cpu")
+    acc = torch.accelerator.current_accelerator()
+    count = torch.accelerator.device_count()
+    if local_rank >= count:
+        raise UserError(
+            f"local rank {local_rank} has no {acc.type} device ({count} visible); "
+            f"use --nproc_per_node {count} or fewer"
+        )
+    torch.accelerator.set_device_index(local_rank)
+    return torch.device(acc.type, local_rank)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

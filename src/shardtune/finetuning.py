@@ -1,0 +1,208 @@
+"""Fine-tune a Llama-architecture model with PEFT and FSDP2: the shardtune recipe.
+
+    torchrun --nnodes 1 --nproc_per_node N -m shardtune.finetuning --enable_fsdp \
+        --model_name DIR --use_peft --peft_method lora --output_dir OUT
+
+Features and the flags that turn them on:
+  * FSDP2 sharding per decoder layer ........ --enable_fsdp, --sharding_strategy, --hsdp
+  * DDP (world size > 1 without FSDP) ....... torchrun without --enable_fsdp
+  * LoRA through peft ....................... --use_peft --peft_method lora, --lora_config.*
+  * bf16 mixed precision .................... --mixed_precision (default on GPUs with bf16)
+  * activation checkpointing ................ --fsdp_activation_checkpointing (with FSDP)
+  * gradient accumulation without reduce .... --batch_size_training / --micro_batch_size,
+                                              or --gradient_accumulation_steps
+  * gradient clipping (global norm) ......... --gradient_clipping --gradient_clipping_threshold
+  * packing with per-example attention ...... --batching_strategy packing --context_length
+  * validation each epoch ................... --run_validation --val_batch_size --max_eval_step
+  * step limit .............................. --max_train_step
+  * metrics as JSON lines ................... --save_metrics (output_dir/metrics.jsonl)
+
+Shape: setup (config -> data -> model+peft -> parallel) -> fit (epochs of train +
+validate) -> save.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import adapters, checkpoint, data, device, model as model_lib, parallel, train
+from .anyprecision import AnyPrecisionAdamW
+from .args import parse_args
+from .configs import Configs
+from .errors import UserError, exit_on_user_error
+from .logs import MetricsWriter, setup_logging
+
+log = logging.getLogger("shardtune.finetuning")
+
+
+@dataclass(frozen=True)
+class Batching:
+    micro: int  # per-forward batch per rank
+    accum: int  # micro-batches per optimizer step
+
+
+def resolve_batching(cfgs: Configs) -> Batching:
+    """micro_batch_size keeps the seed's meaning; gradient_accumulation_steps is the
+    modern alternative. See README 'Batch size and accumulation'."""
+    t = cfgs.train
+    bst, gas = t.batch_size_training, t.gradient_accumulation_steps
+    micro_set = cfgs.was_set(t, "micro_batch_size")
+    if bst < 1 or gas < 1 or t.micro_batch_size < 1:
+        raise UserError("batch_size_training, micro_batch_size and gradient_accumulation_steps must be >= 1")
+    if gas > 1:
+        if micro_set and t.micro_batch_size != bst:
+            raise UserError(
+                "set either --micro_batch_size (accumulation = batch_size_training / micro_batch_size) "
+                "or --gradient_accumulation_steps, not both"
+            )
+        return Batching(micro=bst, accum=gas)
+    micro = t.micro_batch_size if micro_set else bst
+    if micro > bst or bst % micro:
+        raise UserError(
+            f"batch_size_training ({bst}) must be a multiple of micro_batch_size ({micro}); "
+            "accumulation is batch_size_training / micro_batch_size"
+        )
+    return Batching(micro=micro, accum=bst // micro)
+
+
+def check_supported(cfgs: Configs) -> None:
+    """Fields whose behaviour has not landed yet fail loudly rather than being ignored."""
+    t, f = cfgs.train, cfgs.fsdp
+    if t.quantization:
+        raise UserError("--quantization is not implemented yet; remove it")
+    if f.optimizer.lower() not in ("adamw", "anyprecision"):
+        raise UserError(f"unknown --optimizer {f.optimizer!r}; choose AdamW or anyprecision")
+    if f.fsdp_cpu_offload:
+        raise UserError("--fsdp_cpu_offload is not implemented yet; remove it")
+    if t.batching_strategy not in ("packing", "padding"):
+        raise UserError(f"unknown --batching_strategy {t.batching_strategy!r}; choose packing or padding")
+    if t.enable_fsdp and t.one_gpu:
+        raise UserError("--one_gpu and --enable_fsdp contradict each other; drop one")
+    if not t.use_peft:
+        raise UserError("full fine-tuning (no --use_peft) is not implemented yet; add --use_peft")
+    if t.context_length < 2:
+        raise UserError("--context_length must be at least 2")
+
+
+def build_optimizer(params, cfgs: Configs) -> torch.optim.Optimizer:
+    t, f = cfgs.train, cfgs.fsdp
+    if f.optimizer.lower() == "anyprecision":
+        return AnyPrecisionAdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                                 momentum_dtype=torch.float32, variance_dtype=torch.float32,
+                                 use_kahan_summation=True)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, precision: parallel.Precision):
+    """Meta model -> PEFT -> shard/DDP -> materialise. Returns (train_model, peft_model)."""
+    t = cfgs.train
+    meta = model_lib.build_meta_model(spec)
+    peft_model = adapters.wrap(meta, cfgs)
+    new_params = adapters.init_new_params(peft_model, t.peft_method, t.seed)
+    if t.from_peft_checkpoint:
+        new_params.update(adapters.load_adapter_weights(peft_model, t.from_peft_checkpoint))
+    if t.enable_fsdp and cfgs.fsdp.fsdp_activation_checkpointing:
+        parallel.enable_activation_checkpointing(peft_model)
+    if t.enable_fsdp:
+        mesh = parallel.build_mesh(dist, cfgs.fsdp)
+        parallel.shard(peft_model, mesh, cfgs.fsdp, precision)
+        model_lib.materialize(peft_model, spec, dist.device, new_params)
+        return peft_model, peft_model
+    model_lib.materialize(peft_model, spec, dist.device, new_params)
+    if dist.world_size > 1:
+        return parallel.wrap_ddp(peft_model, dist), peft_model
+    return peft_model, peft_model
+
+
+def run(cfgs: Configs, dist: device.Dist) -> dict:
+    t = cfgs.train
+    batching = resolve_batching(cfgs)
+    spec = model_lib.load_spec(t.model_name)
+    tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
+    out_dir = checkpoint.check_writable(t.output_dir) if dist.is_main else Path(t.output_dir)
+    precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
+
+    train_split = data.build_split(cfgs, tokenizer, "train")
+    eval_split = data.build_split(cfgs, tokenizer, "validation") if t.run_validation else None
+    pad_id = tokenizer.pad_token_id
+    loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size,
+                                        dist.rank, t.seed, pad_id, t.num_workers_dataloader)
+    eval_dl = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank, pad_id,
+                                t.num_workers_dataloader) if eval_split else None)
+    log.info("global batch %d = micro batch %d x %d ranks x %d accumulation; %d steps per epoch (%d sequences past the last full batch are left to the next shuffle)",
+             sampler.global_batch, batching.micro, dist.world_size, batching.accum,
+             sampler.steps_per_epoch, sampler.dropped_per_epoch)
+
+    train_model, peft_model = setup_model(cfgs, dist, spec, precision)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_all = sum(p.numel() for p in peft_model.parameters())
+    log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
+    optimizer = build_optimizer(trainable, cfgs)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
+    metrics = MetricsWriter(Path(t.output_dir) / "metrics.jsonl" if t.save_metrics and dist.is_main else None)
+    loop_cfg = train.LoopConfig(
+        accum=batching.accum, world=dist.world_size, max_train_step=t.max_train_step,
+        max_eval_step=t.max_eval_step,
+        grad_clip=t.gradient_clipping_threshold if t.gradient_clipping else None,
+        log_every=max(1, t.log_every),
+        precision_dtype=precision.param_dtype if precision.is_mixed and not t.enable_fsdp else None,
+    )
+    state = train.LoopState()
+    results = []
+    for epoch in range(t.num_epochs):
+        if t.max_train_step and state.step >= t.max_train_step:
+            break
+        state.epoch, state.samples_seen = epoch, 0
+        sampler.set_epoch(epoch)
+        dist.reset_peak_memory()
+        start = time.perf_counter()
+        train_loss, tokens, step_losses = train.train_epoch(
+            train_model, loader, optimizer, dist, loop_cfg, state, metrics, scheduler.get_last_lr()[0])
+        dist.synchronize()
+        elapsed = time.perf_counter() - start
+        eval_loss = train.evaluate(train_model, eval_dl, dist, loop_cfg) if eval_dl else None
+        peaks = train.peak_memory_all_ranks(dist)
+        scheduler.step()
+        summary = {
+            "epoch": epoch + 1, "steps": len(step_losses), "train_loss": train_loss,
+            "train_perplexity": train.perplexity(train_loss), "eval_loss": eval_loss,
+            "eval_perplexity": train.perplexity(eval_loss) if eval_loss is not None else None,
+            "epoch_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+            "peak_memory_mib_per_rank": [round(p / 2**20, 1) for p in peaks],
+        }
+        results.append(summary)
+        metrics.write("epoch", **summary)
+        eval_txt = (f" eval loss {eval_loss:.4f} ppl {summary['eval_perplexity']:.2f}" if eval_loss is not None else "")
+        log.info("epoch %d: train loss %.4f ppl %.2f%s | %.1fs, %.0f tokens/s, peak memory per rank (MiB) %s",
+                 epoch + 1, train_loss, summary["train_perplexity"], eval_txt, elapsed,
+                 summary["tokens_per_s"], summary["peak_memory_mib_per_rank"])
+    if t.save_model:
+        checkpoint.save_adapter(peft_model, t.output_dir, dist)
+        log.info("saved the %s adapter to %s", t.peft_method, t.output_dir)
+    return {"epochs": results, "steps": state.step}
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    cfgs = parse_args(sys.argv[1:] if argv is None else argv)
+    check_supported(cfgs)
+    resolve_batching(cfgs)
+    if cfgs.train.dataset not in data.DATASETS:
+        raise UserError(f"unknown dataset {cfgs.train.dataset!r}; choose one of: {', '.join(sorted(data.DATASETS))}")
+    dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
+    setup_logging(dist.rank)
+    try:
+        run(cfgs, dist)
+    finally:
+        device.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

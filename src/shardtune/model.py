@@ -1,0 +1,150 @@
+"""Model stage: tokenizer, a meta-device model, and loading weights into (sharded) params.
+
+The model is built on the meta device, wrapped and sharded, and only then
+materialised: each rank allocates just its own shards and reads one tensor at a time
+from the safetensors files, so host RAM never holds the full model per rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local HF directory, or a hub id downloaded to the HF cache (online users)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json; --model_name must be a Hugging Face model directory")
+        return path
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1 or path.exists()
+    if looks_local:
+        raise UserError(f"model directory {name} does not exist; pass an existing Hugging Face model directory as --model_name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as err:
+        raise UserError(f"model {name!r} is not a local directory and could not be fetched from the hub ({type(err).__name__})") from None
+
+
+def load_tokenizer(name: str):
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a tokenizer from {name}: {str(err).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # Llama ships without a pad token
+    return tok
+
+
+class Checkpoint:
+    """Tensor-at-a-time reader over a model directory's safetensors files."""
+
+    def __init__(self, model_dir: Path) -> None:
+        index = model_dir / "model.safetensors.index.json"
+        single = model_dir / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: model_dir / v for k, v in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, "pt") as f:
+                self.files = {k: single for k in f.keys()}
+        else:
+            raise UserError(
+                f"{model_dir} has no model.safetensors; shardtune only reads safetensors "
+                "(pickle checkpoints can run code): convert with `save_pretrained(safe_serialization=True)`"
+            )
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(self.files[key], "pt") as f:
+            return f.get_tensor(key)
+
+
+def checkpoint_key(param_name: str, ckpt: Checkpoint) -> str | None:
+    """Map a (PEFT-wrapped) parameter name to the base checkpoint's key."""
+    name = param_name.replace(".base_layer.", ".")
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix) and name[len(prefix):] in ckpt:
+            return name[len(prefix):]
+    return name if name in ckpt else None
+
+
+@dataclass
+class ModelSpec:
+    model_dir: Path
+    config: object
+    dtype: torch.dtype = torch.float32
+
+
+def build_meta_model(spec: ModelSpec) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(spec.config, dtype=spec.dtype, attn_implementation="sdpa")
+    return model
+
+
+def load_spec(model_name: str) -> ModelSpec:
+    model_dir = resolve_model_dir(model_name)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {model_dir}/config.json: {str(err).splitlines()[0]}") from None
+    return ModelSpec(model_dir, config)
+
+
+@torch.no_grad()
+def materialize(model: torch.nn.Module, spec: ModelSpec, device: torch.device,
+                new_params: dict[str, torch.Tensor]) -> None:
+    """Allocate (sharded) storage on `device` and fill it from the checkpoint and the
+    adapter's initial values. Works for plain and FSDP2 (DTensor) parameters alike."""
+    model.to_empty(device=device)
+    ckpt = Checkpoint(spec.model_dir)
+    tied = getattr(spec.config, "tie_word_embeddings", False)
+    for name, param in model.named_parameters():
+        if name in new_params:
+            full = new_params[name]
+        else:
+            key = checkpoint_key(name, ckpt)
+            if key is None and tied and name.endswith("lm_head.weight"):
+                key = checkpoint_key(name.replace("lm_head.weight", "model.embed_tokens.weight"), ckpt)
+            if key is None:
+                raise UserError(f"{spec.model_dir}: checkpoint has no tensor for parameter {name}")
+            full = ckpt.get(key)
+        _copy_full(param, full)
+    _reinit_buffers(model, device)
+
+
+def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    if tuple(full.shape) != tuple(param.shape):
+        raise UserError(f"checkpoint tensor has shape {tuple(full.shape)}, model expects {tuple(param.shape)}")
+    full = full.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        # src_data_rank=None: every rank holds the full tensor, so slice locally, no comms
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full)
+
+
+def _reinit_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (RoPE's inv_freq) are not in the checkpoint; rebuild them."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            fresh = type(module)(module.config)
+            for bname, buf in fresh.named_buffers(recurse=False):
+                setattr(module, bname, buf.to(device))

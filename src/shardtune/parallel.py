@@ -1,0 +1,103 @@
+"""Parallel stage: device mesh, FSDP2 `fully_shard`, DDP, and the precision policy.
+
+llama-recipes' sharding strategies map onto FSDP2 as:
+  FULL_SHARD    -> reshard_after_forward=True  (1-D mesh)
+  SHARD_GRAD_OP -> reshard_after_forward=False (1-D mesh)
+  NO_SHARD      -> replicate: a (world, 1) mesh, every rank holds everything
+  HYBRID_SHARD  -> a (replicas, shard_group) mesh; shard inside a node, replicate across
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from .device import Dist
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """param_dtype: compute dtype of weights in forward/backward; master weights stay fp32."""
+
+    param_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.param_dtype != torch.float32
+
+
+def resolve_precision(cfgs, dist: Dist, log_choice: bool = True) -> Precision:
+    t, f = cfgs.train, cfgs.fsdp
+    if t.use_fp16 or f.use_fp16:
+        raise UserError("--use_fp16 is not implemented yet; leave it off (bf16 mixed precision is used on GPUs)")
+    if f.pure_bf16:
+        raise UserError("--pure_bf16 is not implemented yet; leave it off")
+    wants_mixed = t.mixed_precision and f.mixed_precision
+    explicit = cfgs.was_set(t, "mixed_precision") or cfgs.was_set(f, "mixed_precision")
+    if wants_mixed and (dist.supports_fast_bf16() or explicit):
+        return Precision(param_dtype=torch.bfloat16)
+    if wants_mixed and log_choice:
+        # llama-recipes' default mixed_precision=True only applies where bf16 is fast.
+        log.info("mixed_precision: %s has no fast bf16, training in fp32 (pass --mixed_precision True to force bf16)", dist.device.type)
+    return Precision()
+
+
+def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
+    strategy = "HYBRID_SHARD" if fsdp_cfg.hsdp else fsdp_cfg.sharding_strategy
+    world = dist.world_size
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown --sharding_strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    dev = dist.device.type
+    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
+    if strategy == "NO_SHARD":
+        return init_device_mesh(dev, (world, 1), mesh_dim_names=("replicate", "shard"))
+    shard = fsdp_cfg.sharding_group_size or dist.local_world_size
+    replicas = fsdp_cfg.replica_group_size or (world // shard if shard else 0)
+    if shard <= 0 or world % shard or replicas * shard != world:
+        raise UserError(
+            f"HYBRID_SHARD needs sharding_group_size x replica_group_size = world size {world}; "
+            f"got {shard} x {replicas}: pick a sharding_group_size that divides {world}"
+        )
+    return init_device_mesh(dev, (replicas, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks, found by the class names HF marks as unsplittable."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precision) -> torch.nn.Module:
+    """fully_shard each decoder layer, then the root (embeddings, norm, head, adapters)."""
+    reshard = fsdp_cfg.sharding_strategy != "SHARD_GRAD_OP"
+    mp = MixedPrecisionPolicy(param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    return model
+
+
+def wrap_ddp(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    ids = [dist.device.index] if dist.is_accelerator else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing of every decoder layer, through transformers' own
+    hook, so parameter names (and hence checkpoints) are unchanged."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable = getattr(target, "activation_checkpointing_enable", None) or target.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})

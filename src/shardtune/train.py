@@ -1,0 +1,175 @@
+"""Train stage: the explicit loop, evaluation, and the per-epoch summary.
+
+Loss normalisation: each micro-batch contributes sum(token CE) / (target tokens of the
+whole optimizer step, all ranks) * world_size. FSDP2 and DDP average gradients over
+ranks, so the world_size factor turns that average back into a sum, and the step's
+gradient is that of the mean token loss over the global batch, whatever the world
+size or accumulation split.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data.tokenize import IGNORE_INDEX
+from .device import Dist
+from .logs import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue: small on purpose, for checkpoints."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps done in the run
+    samples_seen: int = 0  # global samples consumed in the current epoch
+
+
+@dataclass
+class EpochResult:
+    train_loss: float
+    eval_loss: float | None
+    epoch_time_s: float
+    tokens_per_s: float
+    peak_memory_bytes: list[int]
+    step_losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LoopConfig:
+    accum: int
+    world: int
+    max_train_step: int
+    max_eval_step: int
+    grad_clip: float | None
+    log_every: int
+    precision_dtype: torch.dtype | None  # autocast dtype for non-FSDP mixed precision
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """Summed next-token cross-entropy over target tokens."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+
+
+def _all_reduce(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.distributed:
+        tdist.all_reduce(t)
+    return t
+
+
+def _no_sync(model: torch.nn.Module, sync: bool):
+    """Skip the gradient reduce on accumulating micro-steps."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not sync:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: LoopState,
+                metrics: MetricsWriter, lr_now: float) -> tuple[float, int, list[float]]:
+    """One epoch. Returns (token-weighted loss, global tokens processed, per-step losses)."""
+    model.train()
+    steps = len(loader) // cfg.accum  # before iter(): workers prefetch from the sampler
+    it = iter(loader)
+    if cfg.max_train_step:
+        steps = min(steps, max(cfg.max_train_step - state.step, 0))
+    autocast = (torch.autocast(dist.device.type, dtype=cfg.precision_dtype)
+                if cfg.precision_dtype else contextlib.nullcontext())
+    pending: list[torch.Tensor] = []  # per-step [local loss share, global targets]; reduced in batches
+    step_losses: list[float] = []
+    weighted, targets_total = 0.0, 0.0
+    tokens = torch.zeros((), dtype=torch.float64)
+    bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}", disable=not dist.is_main, dynamic_ncols=True)
+
+    def flush() -> None:
+        nonlocal weighted, targets_total
+        if not pending:
+            return
+        stacked = torch.stack(pending)
+        stacked[:, 1] /= cfg.world  # every rank carries the same global count
+        vals = _all_reduce(stacked, dist).tolist()
+        pending.clear()
+        first = state.step - len(vals) + 1
+        for k, (loss, n) in enumerate(vals):
+            step_losses.append(loss)
+            weighted += loss * n
+            targets_total += n
+            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, targets=int(n), lr=lr_now)
+        bar.set_postfix(loss=f"{vals[-1][0]:.4f}")
+
+    for _ in range(steps):
+        micro = [next(it) for _ in range(cfg.accum)]
+        n_local = sum(b["num_targets"] for b in micro)
+        n_global = _all_reduce(torch.tensor(float(n_local), device=dist.device), dist).clamp_min(1.0)
+        step_loss = torch.zeros((), device=dist.device)
+        for i, batch in enumerate(micro):
+            with _no_sync(model, i == cfg.accum - 1), autocast:
+                loss_sum = token_loss_sum(model, batch, dist.device)
+            (loss_sum * (cfg.world / n_global)).backward()
+            step_loss += loss_sum.detach()
+            tokens += batch["num_tokens"]
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.samples_seen += loader.batch_sampler.global_batch
+        pending.append(torch.stack([step_loss / n_global, n_global]))
+        bar.update(1)
+        if len(pending) >= cfg.log_every:
+            flush()
+    flush()
+    bar.close()
+    global_tokens = int(_all_reduce(tokens.to(dist.device), dist).item())
+    return (weighted / targets_total if targets_total else float("nan")), global_tokens, step_losses
+
+
+@torch.no_grad()
+def evaluate(model, loader, dist: Dist, cfg: LoopConfig) -> float:
+    """Token-weighted eval loss over the whole split (or max_eval_step batches)."""
+    model.eval()
+    autocast = (torch.autocast(dist.device.type, dtype=cfg.precision_dtype)
+                if cfg.precision_dtype else contextlib.nullcontext())
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for i, batch in enumerate(tqdm(loader, desc="eval", disable=not dist.is_main, dynamic_ncols=True)):
+        if cfg.max_eval_step and i >= cfg.max_eval_step:
+            break
+        with autocast:
+            loss_sum = token_loss_sum(model, batch, dist.device)
+        totals[0] += loss_sum.double()
+        totals[1] += batch["num_targets"]
+    _all_reduce(totals, dist)
+    loss_sum, n = totals.tolist()
+    return loss_sum / n if n else float("nan")
+
+
+def peak_memory_all_ranks(dist: Dist) -> list[int]:
+    mine = dist.peak_memory_bytes()
+    if not dist.distributed:
+        return [mine]
+    out = [0] * dist.world_size
+    tdist.all_gather_object(out, mine)
+    return out
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
