@@ -40,6 +40,14 @@ from .logs import MetricsWriter, setup_logging
 log = logging.getLogger("shardtune.finetuning")
 
 
+@dataclass
+class RunResult:
+    epochs: list[dict]
+    steps: int
+    train_model: torch.nn.Module  # what ran forward/backward (FSDP/DDP-wrapped)
+    peft_model: torch.nn.Module  # the unwrapped PEFT model
+
+
 @dataclass(frozen=True)
 class Batching:
     micro: int  # per-forward batch per rank
@@ -73,6 +81,10 @@ def resolve_batching(cfgs: Configs) -> Batching:
 def check_supported(cfgs: Configs) -> None:
     """Fields whose behaviour has not landed yet fail loudly rather than being ignored."""
     t, f = cfgs.train, cfgs.fsdp
+    if t.use_fp16 or f.use_fp16:
+        raise UserError("--use_fp16 is not implemented yet; leave it off (bf16 mixed precision is used on GPUs)")
+    if f.pure_bf16:
+        raise UserError("--pure_bf16 is not implemented yet; leave it off")
     if t.quantization:
         raise UserError("--quantization is not implemented yet; remove it")
     if f.optimizer.lower() not in ("adamw", "anyprecision"):
@@ -119,7 +131,7 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
     return peft_model, peft_model
 
 
-def run(cfgs: Configs, dist: device.Dist) -> dict:
+def run(cfgs: Configs, dist: device.Dist) -> RunResult:
     t = cfgs.train
     batching = resolve_batching(cfgs)
     spec = model_lib.load_spec(t.model_name)
@@ -185,7 +197,7 @@ def run(cfgs: Configs, dist: device.Dist) -> dict:
     if t.save_model:
         checkpoint.save_adapter(peft_model, t.output_dir, dist)
         log.info("saved the %s adapter to %s", t.peft_method, t.output_dir)
-    return {"epochs": results, "steps": state.step}
+    return RunResult(results, state.step, train_model, peft_model)
 
 
 @exit_on_user_error

@@ -38,10 +38,6 @@ class Precision:
 
 def resolve_precision(cfgs, dist: Dist, log_choice: bool = True) -> Precision:
     t, f = cfgs.train, cfgs.fsdp
-    if t.use_fp16 or f.use_fp16:
-        raise UserError("--use_fp16 is not implemented yet; leave it off (bf16 mixed precision is used on GPUs)")
-    if f.pure_bf16:
-        raise UserError("--pure_bf16 is not implemented yet; leave it off")
     wants_mixed = t.mixed_precision and f.mixed_precision
     explicit = cfgs.was_set(t, "mixed_precision") or cfgs.was_set(f, "mixed_precision")
     if wants_mixed and (dist.supports_fast_bf16() or explicit):

@@ -13,6 +13,8 @@ class Example(TypedDict):
 
 def tokenize_prompt_target(tokenizer, prompts: list[str], targets: list[str]) -> list[Example]:
     """llama-recipes' scheme: tok(bos + prompt) + tok(target + eos); prompt labels are ignored."""
+    if not prompts:
+        return []
     bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
     p_ids = tokenizer([bos + p for p in prompts], add_special_tokens=False)["input_ids"]
     t_ids = tokenizer([t + eos for t in targets], add_special_tokens=False)["input_ids"]

@@ -1,0 +1,81 @@
+"""CLI and YAML parsing, llama-recipes style, and the batch-size rule."""
+import pytest
+
+from shardtune.args import parse_args
+from shardtune.errors import UserError
+from shardtune.finetuning import resolve_batching
+
+
+def test_seed_command_flags():
+    c = parse_args(["--enable_fsdp", "--model_name", "/m", "--use_peft", "--peft_method", "lora",
+                    "--output_dir", "/o"])
+    assert c.train.enable_fsdp is True and c.train.use_peft is True
+    assert c.train.model_name == "/m" and c.train.output_dir == "/o" and c.train.peft_method == "lora"
+
+
+def test_bool_values_and_equals_form():
+    c = parse_args(["--run_validation", "False", "--use_peft=True", "--enable_fsdp", "true"])
+    assert c.train.run_validation is False and c.train.use_peft is True and c.train.enable_fsdp is True
+
+
+def test_qualified_and_bare_unique_names():
+    c = parse_args(["--samsum_dataset.data_path", "/d", "--lora_config.lora_dropout", "0", "--lora_alpha", "16"])
+    assert c.datasets["samsum_dataset"].data_path == "/d"
+    assert c.peft["lora_config"].lora_dropout == 0.0
+    assert c.peft["lora_config"].lora_alpha == 16
+
+
+def test_bare_shared_name_sets_every_config():
+    c = parse_args(["--mixed_precision", "False"])
+    assert c.train.mixed_precision is False and c.fsdp.mixed_precision is False
+    c = parse_args(["--fsdp_config.mixed_precision", "False"])
+    assert c.train.mixed_precision is True and c.fsdp.mixed_precision is False
+
+
+def test_list_and_quantization():
+    c = parse_args(["--target_modules", "q_proj,k_proj,v_proj", "--quantization"])
+    assert c.peft["lora_config"].target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert c.train.quantization == "8bit"
+    assert parse_args(["--quantization", "4bit"]).train.quantization == "4bit"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lrr", "1"], "did you mean --lr"),
+    (["--batch_size_trainin", "2"], "did you mean --batch_size_training"),
+    (["--lr", "fast"], "--lr expects a value of type float"),
+    (["--num_epochs", "1.5"], "--num_epochs expects a value of type int"),
+    (["--use_peft", "maybe"], None),  # 'maybe' is not a bool: the bare flag, then a stray argument
+    (["--enable_fsdp", "yes", "--model_name"], "--model_name needs a value"),
+])
+def test_bad_flags_are_one_line_errors(argv, needle):
+    with pytest.raises(UserError) as err:
+        parse_args(argv)
+    msg = str(err.value)
+    assert "\n" not in msg
+    if needle:
+        assert needle in msg
+
+
+def test_yaml_then_cli_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.5\nnum_epochs: 7\nlora_config:\n  r: 4\n")
+    c = parse_args(["--config", str(f), "--lr", "0.25"])
+    assert c.train.lr == 0.25 and c.train.num_epochs == 7 and c.peft["lora_config"].r == 4
+    f.write_text("lr: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        parse_args(["--config", str(f)])
+
+
+def test_batching_rule():
+    b = resolve_batching(parse_args([]))  # defaults: 4 and 4
+    assert (b.micro, b.accum) == (4, 1)
+    b = resolve_batching(parse_args(["--batch_size_training", "8"]))  # micro follows when not set
+    assert (b.micro, b.accum) == (8, 1)
+    b = resolve_batching(parse_args(["--batch_size_training", "8", "--micro_batch_size", "2"]))
+    assert (b.micro, b.accum) == (2, 4)
+    b = resolve_batching(parse_args(["--batch_size_training", "2", "--gradient_accumulation_steps", "3"]))
+    assert (b.micro, b.accum) == (2, 3)
+    with pytest.raises(UserError, match="not both"):
+        resolve_batching(parse_args(["--micro_batch_size", "1", "--gradient_accumulation_steps", "2"]))
+    with pytest.raises(UserError, match="multiple"):
+        resolve_batching(parse_args(["--batch_size_training", "6", "--micro_batch_size", "4"]))
