@@ -95,5 +95,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant checkpointing of every decoder layer, through transformers' own
     hook, so parameter names (and hence checkpoints) are unchanged."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    enable = getattr(target, "activation_checkpointing_enable", None) or target.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
