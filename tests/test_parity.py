@@ -1,0 +1,56 @@
+"""World-size and accumulation parity: the same global batch gives the same per-step
+loss and the same final adapter (fp32, lora_dropout 0, real processes)."""
+import pytest
+from safetensors.torch import load_file
+
+from conftest import SHIM, check, python, read_metrics, torchrun
+
+COMMON = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0",
+          "--samsum_dataset.train_split", "validation", "--run_validation", "False",
+          "--num_epochs", "1", "--max_train_step", "10", "--context_length", "256",
+          "--lr", "2e-3", "--weight_decay", "0.01", "--save_metrics", "--log_every", "5",
+          "--fsdp_activation_checkpointing", "False", "--gradient_clipping"]
+
+
+def _run(launcher, tmp_path, name, tiny_model, shared_data, extra):
+    out = tmp_path / name
+    args = COMMON + ["--model_name", str(tiny_model), "--output_dir", str(out),
+                     "--samsum_dataset.data_path", str(shared_data / "samsum")] + extra
+    check(launcher(args))
+    steps, _ = read_metrics(out)
+    return [s["loss"] for s in steps], load_file(out / "adapter_model.safetensors")
+
+
+def _assert_same(a, b):
+    losses_a, adapter_a = a
+    losses_b, adapter_b = b
+    assert len(losses_a) == len(losses_b) == 10
+    assert max(abs(x - y) for x, y in zip(losses_a, losses_b)) <= 1e-5, (losses_a, losses_b)
+    assert adapter_a.keys() == adapter_b.keys()
+    assert max((adapter_a[k] - adapter_b[k]).abs().max().item() for k in adapter_a) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_model, shared_data):
+    """Plain single process, no FSDP: global batch 4."""
+    return _run(lambda a: python(SHIM, a), tmp_path_factory.mktemp("p1"), "one", tiny_model, shared_data,
+                ["--batch_size_training", "4"])
+
+
+def test_two_fsdp_ranks_match_one_rank(one_rank, tmp_path, tiny_model, shared_data):
+    two = _run(lambda a: torchrun(2, SHIM, a), tmp_path, "two", tiny_model, shared_data,
+               ["--enable_fsdp", "--batch_size_training", "2"])
+    _assert_same(one_rank, two)
+    assert one_rank[0][0] != one_rank[0][-1]  # the run actually trained
+
+
+def test_accumulation_matches_one_big_batch(one_rank, tmp_path, tiny_model, shared_data):
+    accum = _run(lambda a: python(SHIM, a), tmp_path, "accum", tiny_model, shared_data,
+                 ["--batch_size_training", "4", "--micro_batch_size", "1"])
+    _assert_same(one_rank, accum)
+
+
+def test_ddp_two_ranks_with_accumulation_match(one_rank, tmp_path, tiny_model, shared_data):
+    ddp = _run(lambda a: torchrun(2, SHIM, a), tmp_path, "ddp", tiny_model, shared_data,
+               ["--batch_size_training", "2", "--gradient_accumulation_steps", "1", "--micro_batch_size", "1"])
+    _assert_same(one_rank, ddp)
