@@ -36,6 +36,9 @@ class train_config:
     dataset: str = "samsum_dataset"
     batching_strategy: str = "packing"  # packing | padding
     context_length: int = 4096
+    drop_last: bool = False  # drop the last, partly filled packed chunk of each split
+    on_bad_record: str = "error"  # error | skip
+    data_cache_dir: str = ""  # tokenization cache; "" = $SHARDTUNE_CACHE or ~/.cache/shardtune
     peft_method: str = "lora"  # lora | llama_adapter | prefix
     use_peft: bool = False
     from_peft_checkpoint: str = ""  # start from this adapter instead of a fresh init

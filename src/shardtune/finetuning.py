@@ -139,8 +139,8 @@ def run(cfgs: Configs, dist: device.Dist) -> RunResult:
     out_dir = checkpoint.check_writable(t.output_dir) if dist.is_main else Path(t.output_dir)
     precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
 
-    train_split = data.build_split(cfgs, tokenizer, "train")
-    eval_split = data.build_split(cfgs, tokenizer, "validation") if t.run_validation else None
+    train_split = data.build_split(cfgs, tokenizer, "train", dist)
+    eval_split = data.build_split(cfgs, tokenizer, "validation", dist) if t.run_validation else None
     pad_id = tokenizer.pad_token_id
     loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size,
                                         dist.rank, t.seed, pad_id, t.num_workers_dataloader)

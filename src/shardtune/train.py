@@ -58,10 +58,12 @@ class LoopConfig:
 
 def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
     """Summed next-token cross-entropy over target tokens."""
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
-    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    # Packed batches carry restarting position_ids and no attention_mask (transformers then
+    # isolates examples); a custom collator may send an attention_mask instead.
+    inputs = {k: batch[k].to(device, non_blocking=True)
+              for k in ("input_ids", "position_ids", "attention_mask") if batch.get(k) is not None}
     labels = batch["labels"].to(device, non_blocking=True)
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
         ignore_index=IGNORE_INDEX, reduction="sum",

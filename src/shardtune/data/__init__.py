@@ -41,7 +41,8 @@ class SplitData:
     source: str
 
 
-def build_split(cfgs, tokenizer, split: str) -> SplitData:
+def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:
+    """split is 'train' or 'validation'; dist (a device.Dist) lets rank 0 build shared work first."""
     name = cfgs.train.dataset
     if name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
