@@ -44,16 +44,88 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(f, out / f.name)
 
 
-def save_adapter(peft_model, output_dir: str, dist: Dist) -> Path | None:
+def save_adapter(peft_model, output_dir: str, dist: Dist, adapter_state=None) -> Path | None:
+    """adapter_state(full_state) -> peft's on-disk tensors, for methods where peft's own
+    save would run a sharded module (prefix tuning); otherwise peft's save_pretrained."""
     state = full_trainable_state(peft_model)  # every rank joins the gather
     out = Path(output_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".adapter-tmp-", dir=out))
         try:
-            peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if adapter_state is None:
+                peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            else:
+                _save_peft_files(peft_model, adapter_state(state), tmp)
             _publish(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     return out
+
+
+def _save_peft_files(peft_model, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    config.inference_mode = True  # as peft writes it
+    config.save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+
+
+def save_full_model(model: torch.nn.Module, tokenizer, output_dir: str, dist: Dist,
+                    sharded_dir: str | None = None, optimizer=None) -> Path:
+    """Full fine-tuning: a Hugging Face directory (config, safetensors, tokenizer) that
+    `from_pretrained` loads, gathered to rank 0; with sharded_dir, also a DCP checkpoint
+    written by every rank in parallel (plus the optimizer when given)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    hf_model = model.module if hasattr(model, "module") else model  # DDP wraps; FSDP2 does not
+    if sharded_dir:
+        _save_dcp(model, sharded_dir, dist, optimizer)
+    if dist.distributed:
+        state = get_model_state_dict(hf_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
+    out = Path(output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".model-tmp-", dir=out))
+        try:
+            hf_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            _publish(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    return out
+
+
+def _save_dcp(model, path: str, dist: Dist, optimizer=None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+    dcp.save(state, checkpoint_id=str(tmp))
+    dist.barrier()
+    if dist.is_main:  # swap in only once complete, so a crash never leaves a torn checkpoint
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()

@@ -79,24 +79,36 @@ def resolve_batching(cfgs: Configs) -> Batching:
 
 
 def check_supported(cfgs: Configs) -> None:
-    """Fields whose behaviour has not landed yet fail loudly rather than being ignored."""
+    """Reject unknown values and contradictory combinations before any heavy work."""
     t, f = cfgs.train, cfgs.fsdp
-    if t.use_fp16 or f.use_fp16:
-        raise UserError("--use_fp16 is not implemented yet; leave it off (bf16 mixed precision is used on GPUs)")
-    if f.pure_bf16:
-        raise UserError("--pure_bf16 is not implemented yet; leave it off")
-    if t.quantization:
-        raise UserError("--quantization is not implemented yet; remove it")
+    if t.quantization not in (None, "8bit", "4bit"):
+        raise UserError(f"unknown --quantization {t.quantization!r}; choose 8bit or 4bit")
+    if t.quantization and not t.use_peft:
+        raise UserError("--quantization needs --use_peft: quantized weights cannot be fine-tuned directly")
+    if t.quantization and t.enable_fsdp:
+        raise UserError("--quantization with --enable_fsdp is not supported yet; run QLoRA/8-bit LoRA "
+                        "in one process (without torchrun and --enable_fsdp)")
     if f.optimizer.lower() not in ("adamw", "anyprecision"):
         raise UserError(f"unknown --optimizer {f.optimizer!r}; choose AdamW or anyprecision")
-    if f.fsdp_cpu_offload:
-        raise UserError("--fsdp_cpu_offload is not implemented yet; remove it")
+    if (t.use_fp16 or f.use_fp16) and f.pure_bf16:
+        raise UserError("--use_fp16 and --pure_bf16 contradict each other; pick one")
+    if f.fsdp_cpu_offload and not t.enable_fsdp:
+        raise UserError("--fsdp_cpu_offload needs --enable_fsdp")
     if t.batching_strategy not in ("packing", "padding"):
         raise UserError(f"unknown --batching_strategy {t.batching_strategy!r}; choose packing or padding")
     if t.enable_fsdp and t.one_gpu:
         raise UserError("--one_gpu and --enable_fsdp contradict each other; drop one")
-    if not t.use_peft:
-        raise UserError("full fine-tuning (no --use_peft) is not implemented yet; add --use_peft")
+    if t.use_peft and t.freeze_layers:
+        raise UserError("--freeze_layers applies to full fine-tuning; drop it or drop --use_peft")
+    if t.use_peft and t.peft_method not in adapters.METHODS:
+        raise UserError(f"unknown --peft_method {t.peft_method!r}; choose lora, llama_adapter or prefix")
+    if t.from_peft_checkpoint and not t.use_peft:
+        raise UserError("--from_peft_checkpoint needs --use_peft")
+    if f.checkpoint_type not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+        raise UserError(f"unknown --checkpoint_type {f.checkpoint_type!r}; choose SHARDED_STATE_DICT or FULL_STATE_DICT")
+    if t.save_optimizer and (t.use_peft or not t.enable_fsdp or f.checkpoint_type != "SHARDED_STATE_DICT"):
+        raise UserError("--save_optimizer applies to full fine-tuning with --enable_fsdp and "
+                        "checkpoint_type SHARDED_STATE_DICT (it is saved in the DCP checkpoint)")
     if t.context_length < 2:
         raise UserError("--context_length must be at least 2")
 
@@ -104,40 +116,86 @@ def check_supported(cfgs: Configs) -> None:
 def build_optimizer(params, cfgs: Configs) -> torch.optim.Optimizer:
     t, f = cfgs.train, cfgs.fsdp
     if f.optimizer.lower() == "anyprecision":
+        # fp32 moments; Kahan compensation matters for bf16 weights (pure_bf16)
         return AnyPrecisionAdamW(params, lr=t.lr, weight_decay=t.weight_decay,
                                  momentum_dtype=torch.float32, variance_dtype=torch.float32,
                                  use_kahan_summation=True)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+def build_grad_scaler(cfgs: Configs, dist: device.Dist, precision: parallel.Precision):
+    if not precision.grad_scaler:
+        return None
+    if cfgs.train.enable_fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device=dist.device.type)  # syncs found-inf across shards
+    return torch.amp.GradScaler(dist.device.type)
+
+
+def freeze_first_layers(model: torch.nn.Module, n: int) -> None:
+    layers = parallel.decoder_layers(model)
+    if n > len(layers):
+        raise UserError(f"--num_freeze_layers {n} exceeds the model's {len(layers)} decoder layers")
+    for layer in layers[:n]:
+        layer.requires_grad_(False)
+
+
 def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, precision: parallel.Precision):
-    """Meta model -> PEFT -> shard/DDP -> materialise. Returns (train_model, peft_model)."""
+    """Meta model -> PEFT/freeze -> shard/DDP -> materialise. Returns (train_model, peft_model)."""
     t = cfgs.train
-    meta = model_lib.build_meta_model(spec)
-    peft_model = adapters.wrap(meta, cfgs)
-    new_params = adapters.init_new_params(peft_model, t.peft_method, t.seed)
-    if t.from_peft_checkpoint:
-        new_params.update(adapters.load_adapter_weights(peft_model, t.from_peft_checkpoint))
+    if t.quantization:
+        model = model_lib.load_quantized(spec, t.quantization, dist.device)
+        torch.manual_seed(t.seed)
+        peft_model = adapters.wrap(model, cfgs)
+        if t.from_peft_checkpoint:
+            values = adapters.load_adapter_weights(peft_model, t.peft_method, t.from_peft_checkpoint)
+            with torch.no_grad():
+                for name, p in peft_model.named_parameters():
+                    if name in values:
+                        p.copy_(values[name])
+        return peft_model, peft_model
+    spec.dtype = precision.storage
+    model = model_lib.build_meta_model(spec)
+    new_params: dict[str, torch.Tensor] = {}
+    if t.use_peft:
+        model = adapters.wrap(model, cfgs)
+        new_params = adapters.init_new_params(model, t.peft_method, t.seed)
+        if t.from_peft_checkpoint:
+            new_params.update(adapters.load_adapter_weights(model, t.peft_method, t.from_peft_checkpoint))
+    elif t.freeze_layers:
+        freeze_first_layers(model, t.num_freeze_layers)
     if t.enable_fsdp and cfgs.fsdp.fsdp_activation_checkpointing:
-        parallel.enable_activation_checkpointing(peft_model)
+        method = adapters.METHODS.get(t.peft_method) if t.use_peft else None
+        if getattr(method, "SUPPORTS_ACTIVATION_CHECKPOINTING", True):
+            parallel.enable_activation_checkpointing(model)
+        else:
+            log.warning("activation checkpointing is off for %s: its KV cache cannot be replayed", t.peft_method)
     if t.enable_fsdp:
         mesh = parallel.build_mesh(dist, cfgs.fsdp)
-        parallel.shard(peft_model, mesh, cfgs.fsdp, precision)
-        model_lib.materialize(peft_model, spec, dist.device, new_params)
-        return peft_model, peft_model
-    model_lib.materialize(peft_model, spec, dist.device, new_params)
+        parallel.shard(model, mesh, cfgs.fsdp, precision)
+        model_lib.materialize(model, spec, dist.device, new_params)
+        return model, model
+    model_lib.materialize(model, spec, dist.device, new_params)
     if dist.world_size > 1:
-        return parallel.wrap_ddp(peft_model, dist), peft_model
-    return peft_model, peft_model
+        return parallel.wrap_ddp(model, dist), model
+    return model, model
 
 
-def run(cfgs: Configs, dist: device.Dist) -> RunResult:
+def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
+    """before_step(model, state): optional hook after backward, before each optimizer step."""
     t = cfgs.train
     batching = resolve_batching(cfgs)
     spec = model_lib.load_spec(t.model_name)
     tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
     out_dir = checkpoint.check_writable(t.output_dir) if dist.is_main else Path(t.output_dir)
     precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
+    if precision.compute != torch.float32 and not dist.supports_fast_bf16():
+        log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
+    unpacked = t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
+    if unpacked and t.batching_strategy == "packing":
+        log.info("%s: the learned prefix is a KV cache, so examples are not packed; using batching_strategy=padding", t.peft_method)
+        t.batching_strategy = "padding"
 
     train_split = data.build_split(cfgs, tokenizer, "train", dist)
     eval_split = data.build_split(cfgs, tokenizer, "validation", dist) if t.run_validation else None
@@ -163,7 +221,11 @@ def run(cfgs: Configs, dist: device.Dist) -> RunResult:
         max_eval_step=t.max_eval_step,
         grad_clip=t.gradient_clipping_threshold if t.gradient_clipping else None,
         log_every=max(1, t.log_every),
-        precision_dtype=precision.param_dtype if precision.is_mixed and not t.enable_fsdp else None,
+        autocast_dtype=(precision.compute if precision.compute != precision.storage and not t.enable_fsdp
+                        else None),
+        grad_scaler=build_grad_scaler(cfgs, dist, precision),
+        mask_from_positions=unpacked,
+        before_step=before_step,
     )
     state = train.LoopState()
     results = []
@@ -194,9 +256,18 @@ def run(cfgs: Configs, dist: device.Dist) -> RunResult:
         log.info("epoch %d: train loss %.4f ppl %.2f%s | %.1fs, %.0f tokens/s, peak memory per rank (MiB) %s",
                  epoch + 1, train_loss, summary["train_perplexity"], eval_txt, elapsed,
                  summary["tokens_per_s"], summary["peak_memory_mib_per_rank"])
-    if t.save_model:
-        checkpoint.save_adapter(peft_model, t.output_dir, dist)
+    if t.save_model and t.use_peft:
+        checkpoint.save_adapter(peft_model, t.output_dir, dist,
+                                getattr(adapters.METHODS[t.peft_method], "adapter_state", None))
         log.info("saved the %s adapter to %s", t.peft_method, t.output_dir)
+    elif t.save_model:
+        sharded = None
+        if t.enable_fsdp and cfgs.fsdp.checkpoint_type == "SHARDED_STATE_DICT":
+            name = Path(t.model_name.rstrip("/")).name
+            sharded = str(Path(t.dist_checkpoint_root_folder) / f"{t.dist_checkpoint_folder}-{name}")
+        checkpoint.save_full_model(train_model, tokenizer, t.output_dir, dist, sharded,
+                                   optimizer if t.save_optimizer else None)
+        log.info("saved the fine-tuned model to %s%s", t.output_dir, f" and a DCP checkpoint to {sharded}" if sharded else "")
     return RunResult(results, state.step, train_model, peft_model)
 
 

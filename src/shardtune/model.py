@@ -77,12 +77,18 @@ class Checkpoint:
 
 
 def checkpoint_key(param_name: str, ckpt: Checkpoint) -> str | None:
-    """Map a (PEFT-wrapped) parameter name to the base checkpoint's key."""
+    """Map a (PEFT-wrapped) parameter name to the base checkpoint's key. PEFT adds a
+    prefix (base_model.model.) and wrapper segments: LoRA's .base_layer, the adaption
+    prompt's .model around the original attention."""
     name = param_name.replace(".base_layer.", ".")
-    for prefix in ("base_model.model.", "base_model."):
-        if name.startswith(prefix) and name[len(prefix):] in ckpt:
-            return name[len(prefix):]
-    return name if name in ckpt else None
+    for prefix in ("base_model.model.", "base_model.", ""):
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        for candidate in (rest, rest.replace(".self_attn.model.", ".self_attn.")):
+            if candidate in ckpt:
+                return candidate
+    return None
 
 
 @dataclass
@@ -148,3 +154,19 @@ def _reinit_buffers(model: torch.nn.Module, device: torch.device) -> None:
             fresh = type(module)(module.config)
             for bname, buf in fresh.named_buffers(recurse=False):
                 setattr(module, bname, buf.to(device))
+
+
+def load_quantized(spec: ModelSpec, quantization: str, device: torch.device) -> torch.nn.Module:
+    """8-bit or 4-bit (QLoRA, nf4) base weights through bitsandbytes, in one process."""
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--quantization needs bitsandbytes: pip install 'shardtune[quant]'") from None
+    if quantization == "8bit":
+        qconfig = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                     bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(spec.model_dir, quantization_config=qconfig,
+                                                dtype=torch.float32, device_map={"": device})

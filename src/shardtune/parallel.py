@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .device import Dist
@@ -26,22 +26,34 @@ STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
 @dataclass(frozen=True)
 class Precision:
-    """param_dtype: compute dtype of weights in forward/backward; master weights stay fp32."""
+    """storage: dtype the weights are held in (fp32 master weights unless pure_bf16);
+    compute: dtype of forward/backward; reduce: dtype of gradient reduction."""
 
-    param_dtype: torch.dtype = torch.float32
-    reduce_dtype: torch.dtype = torch.float32
+    storage: torch.dtype = torch.float32
+    compute: torch.dtype = torch.float32
+    reduce: torch.dtype = torch.float32
+    grad_scaler: bool = False  # fp16 needs loss scaling; bf16 does not
 
     @property
-    def is_mixed(self) -> bool:
-        return self.param_dtype != torch.float32
+    def name(self) -> str:
+        if self.storage == torch.bfloat16:
+            return "pure_bf16"
+        return {torch.float32: "fp32", torch.bfloat16: "bf16 mixed", torch.float16: "fp16 mixed"}[self.compute]
 
 
 def resolve_precision(cfgs, dist: Dist, log_choice: bool = True) -> Precision:
     t, f = cfgs.train, cfgs.fsdp
+    fp16 = t.use_fp16 or f.use_fp16
+    if fp16 and f.pure_bf16:
+        raise UserError("--use_fp16 and --pure_bf16 contradict each other; pick one")
+    if f.pure_bf16:
+        return Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    if fp16:
+        return Precision(torch.float32, torch.float16, torch.float32, grad_scaler=True)
     wants_mixed = t.mixed_precision and f.mixed_precision
     explicit = cfgs.was_set(t, "mixed_precision") or cfgs.was_set(f, "mixed_precision")
     if wants_mixed and (dist.supports_fast_bf16() or explicit):
-        return Precision(param_dtype=torch.bfloat16)
+        return Precision(compute=torch.bfloat16)
     if wants_mixed and log_choice:
         # llama-recipes' default mixed_precision=True only applies where bf16 is fast.
         log.info("mixed_precision: %s has no fast bf16, training in fp32 (pass --mixed_precision True to force bf16)", dist.device.type)
@@ -77,12 +89,19 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precision) -> torch.nn.Module:
-    """fully_shard each decoder layer, then the root (embeddings, norm, head, adapters)."""
+    """fully_shard each decoder layer, then the root (embeddings, norm, head, and root-level
+    adapters such as the prefix encoder)."""
     reshard = fsdp_cfg.sharding_strategy != "SHARD_GRAD_OP"
-    mp = MixedPrecisionPolicy(param_dtype=precision.param_dtype, reduce_dtype=precision.reduce_dtype)
+    kwargs = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=precision.reduce),
+    }
+    if fsdp_cfg.fsdp_cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -53,15 +54,28 @@ class LoopConfig:
     max_eval_step: int
     grad_clip: float | None
     log_every: int
-    precision_dtype: torch.dtype | None  # autocast dtype for non-FSDP mixed precision
+    autocast_dtype: torch.dtype | None = None  # mixed precision without FSDP
+    grad_scaler: object | None = None  # torch.amp.GradScaler / ShardedGradScaler for fp16
+    mask_from_positions: bool = False  # one example per row + attention_mask (prefix tuning)
+    before_step: Callable | None = None  # called after backward, before the optimizer step
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
+                   mask_from_positions: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy over target tokens."""
     # Packed batches carry restarting position_ids and no attention_mask (transformers then
     # isolates examples); a custom collator may send an attention_mask instead.
     inputs = {k: batch[k].to(device, non_blocking=True)
               for k in ("input_ids", "position_ids", "attention_mask") if batch.get(k) is not None}
+    if mask_from_positions:
+        # One example per row: real tokens are exactly where position == column. Send the
+        # mask a plain peft user would, and let the model place positions after the prefix.
+        pos = inputs.pop("position_ids")
+        inputs["attention_mask"] = (pos == torch.arange(pos.shape[1], device=device)).long()
     labels = batch["labels"].to(device, non_blocking=True)
     logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(
@@ -94,8 +108,8 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     it = iter(loader)
     if cfg.max_train_step:
         steps = min(steps, max(cfg.max_train_step - state.step, 0))
-    autocast = (torch.autocast(dist.device.type, dtype=cfg.precision_dtype)
-                if cfg.precision_dtype else contextlib.nullcontext())
+    autocast = _autocast(dist.device, cfg.autocast_dtype)
+    scaler = cfg.grad_scaler
     pending: list[torch.Tensor] = []  # per-step [local loss share, global targets]; reduced in batches
     step_losses: list[float] = []
     weighted, targets_total = 0.0, 0.0
@@ -125,14 +139,14 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         step_loss = torch.zeros((), device=dist.device)
         for i, batch in enumerate(micro):
             with _no_sync(model, i == cfg.accum - 1), autocast:
-                loss_sum = token_loss_sum(model, batch, dist.device)
-            (loss_sum * (cfg.world / n_global)).backward()
+                loss_sum = token_loss_sum(model, batch, dist.device, cfg.mask_from_positions)
+            loss = loss_sum * (cfg.world / n_global)
+            (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss_sum.detach()
             tokens += batch["num_tokens"]
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if cfg.before_step:
+            cfg.before_step(model, state)
+        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
         state.samples_seen += loader.batch_sampler.global_batch
         pending.append(torch.stack([step_loss / n_global, n_global]))
@@ -145,18 +159,32 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     return (weighted / targets_total if targets_total else float("nan")), global_tokens, step_losses
 
 
+def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> None:
+    """Clip (global norm over all shards) and step; with a scaler, a step whose gradients
+    hold inf/nan on any rank is skipped on every rank and the scale backs off."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 @torch.no_grad()
 def evaluate(model, loader, dist: Dist, cfg: LoopConfig) -> float:
     """Token-weighted eval loss over the whole split (or max_eval_step batches)."""
     model.eval()
-    autocast = (torch.autocast(dist.device.type, dtype=cfg.precision_dtype)
-                if cfg.precision_dtype else contextlib.nullcontext())
+    autocast = _autocast(dist.device, cfg.autocast_dtype)
     totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
     for i, batch in enumerate(tqdm(loader, desc="eval", disable=not dist.is_main, dynamic_ncols=True)):
         if cfg.max_eval_step and i >= cfg.max_eval_step:
             break
         with autocast:
-            loss_sum = token_loss_sum(model, batch, dist.device)
+            loss_sum = token_loss_sum(model, batch, dist.device, cfg.mask_from_positions)
         totals[0] += loss_sum.double()
         totals[1] += batch["num_targets"]
     _all_reduce(totals, dist)

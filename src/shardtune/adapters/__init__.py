@@ -11,17 +11,15 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from ..errors import UserError
-from . import lora
+from . import llama_adapter, lora, prefix
 
-METHODS = {"lora": lora}
+METHODS = {"lora": lora, "llama_adapter": llama_adapter, "prefix": prefix}
 
 
 def wrap(model: torch.nn.Module, cfgs) -> PeftModel:
     method = cfgs.train.peft_method
     if method not in ("lora", "llama_adapter", "prefix"):
         raise UserError(f"unknown --peft_method {method!r}; choose lora, llama_adapter or prefix")
-    if method not in METHODS:
-        raise UserError(f"--peft_method {method} is not implemented yet; use --peft_method lora")
     return get_peft_model(model, METHODS[method].peft_config(cfgs.peft_config, model.config))
 
 
@@ -33,7 +31,7 @@ def init_new_params(model: torch.nn.Module, method: str, seed: int) -> dict[str,
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_adapter_weights(peft_model, adapter_dir: str) -> dict[str, torch.Tensor]:
+def load_adapter_weights(peft_model, method: str, adapter_dir: str) -> dict[str, torch.Tensor]:
     """Trainable-parameter values from a saved PEFT adapter (safetensors only)."""
     from pathlib import Path
 
@@ -47,7 +45,7 @@ def load_adapter_weights(peft_model, adapter_dir: str) -> dict[str, torch.Tensor
     for name, p in peft_model.named_parameters():
         if not p.requires_grad:
             continue
-        key = name.replace(".default", "")  # peft stores keys without the adapter name
+        key = METHODS[method].saved_key(name)
         if key not in saved:
             raise UserError(f"{path} has no tensor {key}; it was saved for a different model or PEFT config")
         out[name] = saved[key].to(p.dtype)

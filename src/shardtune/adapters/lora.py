@@ -25,3 +25,7 @@ def init_weights(model: torch.nn.Module) -> None:
                 module.lora_A[name].to_empty(device="cpu")
                 module.lora_B[name].to_empty(device="cpu")
                 module.reset_lora_parameters(name, True)
+
+
+def saved_key(param_name: str) -> str:
+    return param_name.replace(".default", "")  # peft saves LoRA keys without the adapter name

@@ -1,84 +1,175 @@
-"""Reading raw records from JSON, JSON lines, CSV and parquet, with errors that name
-the file and the record, so a user can find and fix bad data."""
+"""Reading raw records from JSON, JSON lines, CSV, TSV and parquet, with errors that name
+the file and the record (0-based), so a user can find and fix bad data.
+
+A malformed record is handed to a `BadRecords` policy: `error` stops with a one-line
+message, `skip` leaves the record out and counts it. Record indices always refer to the
+position in the file, skipped or not.
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Optional
 
 from ..errors import UserError
 
+log = logging.getLogger(__name__)
+
 Record = dict
+# None marks a record that could not be parsed and was already reported (skip mode);
+# it keeps the positions of the records after it.
+Records = list[Optional[Record]]
+
+BAD_RECORD_MODES = ("error", "skip")
+# Bytes that are not UTF-8 are decoded with surrogateescape into lone surrogates
+# U+DC80..U+DCFF, so the record that holds them can be named instead of the whole file failing.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+_MAX_KEPT_MESSAGES = 20
+
+
+@dataclass
+class BadRecords:
+    """What to do with a malformed record: `error` raises at the first one, `skip` leaves
+    it out and counts it (the first messages are kept for the report)."""
+
+    mode: str = "error"
+    count: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in BAD_RECORD_MODES:
+            raise UserError(f"unknown --on_bad_record {self.mode!r}; choose error or skip")
+
+    def report(self, message: str) -> None:
+        if self.mode == "error":
+            raise UserError(f"{message}; fix the record, or pass --on_bad_record skip to leave bad records out")
+        self.count += 1
+        if len(self.messages) < _MAX_KEPT_MESSAGES:
+            self.messages.append(message)
+            log.warning("skipping bad record: %s", message)
 
 
 def _decode(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line}: bytes are not valid UTF-8; re-save the file as UTF-8") from None
+    return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
 
 
-def read_records(path: str | Path) -> list[Record]:
+def _undecodable(value) -> bool:
+    """True when a parsed value holds bytes that were not valid UTF-8."""
+    if isinstance(value, str):
+        return bool(_UNDECODABLE.search(value))
+    if isinstance(value, dict):
+        return any(_undecodable(k) or _undecodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_undecodable(v) for v in value)
+    return False
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def read_records(path: str | Path, bad: BadRecords | None = None) -> Records:
     """All records of one file; the format is taken from the suffix."""
+    bad = bad or BadRecords()
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; check the dataset path flags")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _read_json(path)
+        return _read_json(path, bad)
     if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path)
+        return _read_jsonl(path, _decode(path), bad)
     if suffix in (".csv", ".tsv"):
-        return _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+        return _read_csv(path, bad, delimiter="\t" if suffix == ".tsv" else ",")
     if suffix == ".parquet":
         return _read_parquet(path)
-    raise UserError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet")
+    raise UserError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv, .tsv or .parquet")
 
 
-def _read_json(path: Path) -> list[Record]:
+def _read_json(path: Path, bad: BadRecords) -> Records:
     text = _decode(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         # A .json file may also be JSON lines; try that before giving up.
         if text.lstrip().startswith("{") and "\n" in text.strip():
-            return _read_jsonl(path)
-        raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+            return _read_jsonl(path, text, bad)
+        # One syntax error makes the rest of an array unreadable, so this is never skippable.
+        undecodable = _UNDECODABLE.search(text, 0, err.pos + 1)
+        if undecodable:
+            line = _line_of(text, undecodable.start())
+            raise UserError(f"{path}: line {line}: bytes are not valid UTF-8; re-save the file as UTF-8") from None
+        raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}; "
+                        "fix the file (a JSON array cannot be read past an error)") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} wrappers
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
-    return data
+    out: Records = []
+    for i, rec in enumerate(data):
+        if _undecodable(rec):
+            bad.report(f"{path}: record {i}: bytes are not valid UTF-8")
+            rec = None
+        out.append(rec)
+    return out
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    out = []
-    for lineno, line in enumerate(_decode(path).splitlines(), start=1):
+def _read_jsonl(path: Path, text: str, bad: BadRecords) -> Records:
+    out: Records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
+            continue
+        where = f"{path}: record {len(out)} (line {lineno})"
+        if _UNDECODABLE.search(line):
+            bad.report(f"{where}: bytes are not valid UTF-8")
+            out.append(None)
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}: record {len(out)} (line {lineno}): invalid JSON: {err.msg}") from None
+            bad.report(f"{where}: invalid JSON: {err.msg}")
+            out.append(None)
     return out
 
 
-def _read_csv(path: Path, delimiter: str) -> list[Record]:
-    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
+def _read_csv(path: Path, bad: BadRecords, delimiter: str) -> Records:
+    # strict: a stray or unclosed quote is an error, not a silently merged field
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter, strict=True)
     try:
-        rows = list(reader)
+        header = next(reader)
+    except StopIteration:
+        return []
     except csv.Error as err:
-        raise UserError(f"{path}: record {reader.line_num - 1}: invalid CSV: {err}") from None
-    for i, row in enumerate(rows):
-        if None in row or any(v is None for v in row.values()):
-            raise UserError(f"{path}: record {i}: wrong number of columns (header: {reader.fieldnames})")
-    return rows
+        raise UserError(f"{path}: invalid CSV header: {err}") from None
+    out: Records = []
+    while True:
+        where = f"{path}: record {len(out)} (line {reader.line_num + 1})"
+        try:
+            row = next(reader)
+        except StopIteration:
+            return out
+        except csv.Error as err:
+            bad.report(f"{where}: invalid CSV: {err}")
+            out.append(None)
+            continue
+        if not row:  # a blank line is no record
+            continue
+        if len(row) != len(header):
+            bad.report(f"{where}: wrong number of columns ({len(row)} for header {header})")
+            out.append(None)
+        elif any(_UNDECODABLE.search(v) for v in row):
+            bad.report(f"{where}: bytes are not valid UTF-8")
+            out.append(None)
+        else:
+            out.append(dict(zip(header, row)))
 
 
-def _read_parquet(path: Path) -> list[Record]:
+def _read_parquet(path: Path) -> Records:
     import pyarrow.parquet as pq  # pulled in by `datasets`
 
     try:
@@ -87,15 +178,36 @@ def _read_parquet(path: Path) -> list[Record]:
         raise UserError(f"{path}: cannot read parquet: {err}") from None
 
 
-def check_fields(records: Iterable[Record], required: tuple[str, ...], source: str) -> None:
-    """Every record must be an object with string values for `required`."""
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise UserError(f"{source}: record {i}: expected an object with fields {list(required)}")
-        for name in required:
-            if name not in rec:
-                raise UserError(f"{source}: record {i}: missing field {name!r}")
-            if not isinstance(rec[name], str):
-                raise UserError(
-                    f"{source}: record {i}: field {name!r} must be a string, got {type(rec[name]).__name__}"
-                )
+def valid_records(records: Records, required: tuple[str, ...], source: str, bad: BadRecords | None = None,
+                  optional: tuple[str, ...] = (), start: int = 0) -> list[Record]:
+    """The records that are objects with string values for `required` (and for `optional`
+    when present). `start` is the file position of records[0], for messages."""
+    bad = bad or BadRecords()
+    out = []
+    for i, rec in enumerate(records, start=start):
+        if rec is None:
+            continue  # unreadable, already reported
+        problem = _field_problem(rec, required, optional)
+        if problem:
+            bad.report(f"{source}: record {i}: {problem}")
+        else:
+            out.append(rec)
+    return out
+
+
+def _field_problem(rec, required: tuple[str, ...], optional: tuple[str, ...]) -> str | None:
+    if not isinstance(rec, dict):
+        return f"expected an object with fields {list(required)}, got {type(rec).__name__}"
+    for name in required:
+        if name not in rec:
+            return f"missing field {name!r}"
+    for name in required + tuple(n for n in optional if n in rec):
+        if not isinstance(rec[name], str):
+            got = "null" if rec[name] is None else type(rec[name]).__name__
+            return f"field {name!r} must be a string, got {got}"
+    return None
+
+
+def check_fields(records: Records, required: tuple[str, ...], source: str) -> None:
+    """Raise at the first record that lacks a string field of `required`."""
+    valid_records(records, required, source, BadRecords("error"))
