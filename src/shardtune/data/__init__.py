@@ -1,74 +1,202 @@
-"""Data stage: dataset name -> tokenized examples -> packed chunks -> per-rank loaders."""
+"""Data stage: dataset name -> source -> tokenized examples (cached) -> chunks -> per-rank loaders.
+
+Under torchrun, rank 0 prepares each split (or loads it from the cache) and writes the
+cache; the other ranks wait for it and then load the cached file, so tokenization runs
+once per machine. Splits that are not cached (a hub id, a custom dataset file, or
+--data_cache_dir none) are prepared by every rank, deterministically.
+"""
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
-from typing import Callable
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from . import samsum
-from .packing import PackStats, collate, pack
+from . import alpaca, cache, custom, grammar, samsum
+from .packing import ChunkDataset, ExampleDataset, PackStats, collate, fit, pack
+from .records import BadRecords
 from .sampler import EvalSampler, GlobalBatchSampler
+from .source import Source
 
 log = logging.getLogger(__name__)
 
-# dataset name -> get_split(dataset_config, tokenizer, split) -> (examples, source)
-DATASETS: dict[str, Callable] = {
-    "samsum_dataset": samsum.get_split,
+# dataset name -> source(dataset_config, split) -> Source
+DATASETS: dict[str, Callable[..., Source]] = {
+    "samsum_dataset": samsum.source,
+    "grammar_dataset": grammar.source,
+    "alpaca_dataset": alpaca.source,
+    "custom_dataset": custom.source,
 }
+BATCHING_STRATEGIES = ("packing", "padding")
 
-
-class ChunkDataset(Dataset):
-    def __init__(self, chunks: list[dict]) -> None:
-        self.chunks = chunks
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i: int) -> dict:
-        if i < 0:  # EvalSampler's filler: same shape as a real chunk, no loss
-            return {**self.chunks[0], "dummy": True}
-        return self.chunks[i]
+__all__ = ["DATASETS", "ChunkDataset", "SplitData", "build_split", "train_loader", "eval_loader"]
 
 
 @dataclass
 class SplitData:
-    dataset: ChunkDataset
+    dataset: Dataset  # ChunkDataset, or ExampleDataset for a custom collator
     stats: PackStats
     source: str
+    # per-sample lengths for length-grouped batches (batching_strategy=padding), else None
+    lengths: Optional[list[int]] = None
+    # a custom dataset's collator, wrapped to add num_targets/num_tokens; None = the default
+    collate_fn: Optional[Callable] = None
+
+
+def _check_flags(t) -> None:
+    if t.batching_strategy not in BATCHING_STRATEGIES:
+        raise UserError(f"unknown --batching_strategy {t.batching_strategy!r}; choose packing or padding")
+    BadRecords(t.on_bad_record)  # validates the mode
+    if t.context_length < 2:
+        raise UserError("--context_length must be at least 2")
+
+
+def _resolve(cfgs, split: str) -> Source:
+    name = cfgs.train.dataset
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    ds_cfg = cfgs.dataset
+    return DATASETS[name](ds_cfg, getattr(ds_cfg, "train_split" if split == "train" else "test_split"))
+
+
+def _cache_path(cfgs, tokenizer, src: Source) -> Optional[Path]:
+    root = cache.cache_root(cfgs.train.data_cache_dir)
+    if root is None or src.fingerprint is None:
+        return None
+    t = cfgs.train
+    key = cache.cache_key({
+        "dataset": t.dataset, "data": src.fingerprint, "template": src.template,
+        "tokenizer": cache.tokenizer_fingerprint(tokenizer), "context_length": t.context_length,
+        "batching_strategy": t.batching_strategy, "drop_last": t.drop_last, "on_bad_record": t.on_bad_record,
+    })
+    return root / f"{t.dataset}-{key[:32]}.safetensors"
+
+
+def _prepare(src: Source, tokenizer, t, split: str) -> tuple[ChunkDataset, PackStats]:
+    start = time.perf_counter()
+    bad = BadRecords(t.on_bad_record)
+    examples = src.read(tokenizer, bad)
+    chunks, stats = pack(examples, t.context_length, packing=t.batching_strategy == "packing", drop_last=t.drop_last)
+    stats.bad_records, stats.notes, stats.tokenized = bad.count, bad.messages, len(examples)
+    log.info("%s split: tokenized %d examples in %.1fs", split, len(examples), time.perf_counter() - start)
+    return ChunkDataset.from_chunks(chunks), stats
+
+
+def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Optional[Path]) -> tuple[ChunkDataset, PackStats]:
+    hit = cache.load(path) if path else None
+    if hit:
+        dataset, meta = hit
+        stats = PackStats(**{**meta["stats"], "from_cache": True, "tokenized": 0})
+        log.info("%s split: loaded from the cache %s; nothing tokenized", split, path)
+        return dataset, stats
+    dataset, stats = _prepare(src, tokenizer, t, split)
+    if path and cache.save(path, dataset, {"stats": asdict(stats), "source": src.name}):
+        log.info("%s split: cached to %s", split, path)
+    return dataset, stats
+
+
+def _broadcast_status(message: Optional[str]) -> Optional[str]:
+    """Rank 0 tells the others whether it prepared the split (None) or failed (why)."""
+    import torch.distributed as tdist
+
+    box = [message]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _coordinated(dist, path: Optional[Path], split: str, build: Callable[[], tuple]) -> tuple:
+    """Rank 0 builds (and caches) first; the others then load its cache file. Every rank
+    builds for itself when nothing is cached, or when the cache directory is node-local
+    and this node has no copy."""
+    if dist is None or not dist.distributed or dist.world_size < 2 or path is None:
+        return build()
+    if dist.is_main:
+        try:
+            result = build()
+        except BaseException as err:
+            _broadcast_status(f"rank 0 could not prepare the {split} split ({type(err).__name__}); see its error")
+            raise
+        _broadcast_status(None)
+        return result
+    failure = _broadcast_status(None)
+    if failure:
+        raise UserError(failure)
+    return build()
 
 
 def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:
     """split is 'train' or 'validation'; dist (a device.Dist) lets rank 0 build shared work first."""
-    name = cfgs.train.dataset
-    if name not in DATASETS:
-        known = ", ".join(sorted(DATASETS))
-        raise UserError(f"unknown dataset {name!r}; choose one of: {known}")
-    ds_cfg = cfgs.dataset
-    split_name = getattr(ds_cfg, "train_split" if split == "train" else "test_split")
-    examples, source = DATASETS[name](ds_cfg, tokenizer, split_name)
-    packing = cfgs.train.batching_strategy == "packing"
-    chunks, stats = pack(examples, cfgs.train.context_length, packing=packing)
-    if not chunks:
-        raise UserError(
-            f"{source}: the {split} split has no usable examples ({stats.examples} read, "
-            f"{stats.skipped_no_target} with no target tokens within context_length {cfgs.train.context_length})"
-        )
-    log.info(
-        "%s split from %s: %d examples, %d tokens (%d target), %d truncated to %d, %d skipped, %d %s",
-        split, source, stats.examples, stats.tokens, stats.target_tokens, stats.truncated,
-        cfgs.train.context_length, stats.skipped_no_target, stats.chunks,
-        "packed chunks" if packing else "sequences",
+    t = cfgs.train
+    _check_flags(t)
+    src = _resolve(cfgs, split)
+    if src.collator_factory is not None:
+        return _custom_collated(src, tokenizer, t, split)
+    path = _cache_path(cfgs, tokenizer, src)
+    dataset, stats = _coordinated(dist, path, split, lambda: _load_or_prepare(src, tokenizer, t, split, path))
+    _check_not_empty(stats, src.name, split, t.context_length)
+    _log_summary(split, src.name, stats, t, dataset)
+    lengths = dataset.lengths() if t.batching_strategy == "padding" else None
+    return SplitData(dataset, stats, src.name, lengths)
+
+
+def _custom_collated(src: Source, tokenizer, t, split: str) -> SplitData:
+    """A custom file with get_data_collator: one example per row, batched by its collator."""
+    bad = BadRecords(t.on_bad_record)
+    examples = src.read(tokenizer, bad)
+    items, stats = fit(examples, t.context_length)
+    stats.bad_records, stats.notes, stats.tokenized = bad.count, bad.messages, len(examples)
+    _check_not_empty(stats, src.name, split, t.context_length)
+    if t.batching_strategy == "packing":
+        log.info("%s split: the custom get_data_collator builds the batches, so examples are not packed", split)
+    _log_summary(split, src.name, stats, t, None)
+    dataset = ExampleDataset(items)
+    lengths = dataset.lengths() if t.batching_strategy == "padding" else None
+    return SplitData(dataset, stats, src.name, lengths, custom.wrap_collator(src.collator_factory(tokenizer)))
+
+
+def _check_not_empty(stats: PackStats, source: str, split: str, context_length: int) -> None:
+    if stats.chunks:
+        return
+    bad = f", {stats.bad_records} bad records skipped (first: {stats.notes[0]})" if stats.bad_records else ""
+    raise UserError(
+        f"{source}: the {split} split has no usable examples ({stats.examples} read{bad}, "
+        f"{stats.skipped_no_target} with no target tokens within context_length {context_length}); "
+        "check the data, or raise --context_length if the prompts are longer than it"
     )
-    return SplitData(ChunkDataset(chunks), stats, source)
+
+
+def _log_summary(split: str, source: str, stats: PackStats, t, dataset: Optional[Dataset]) -> None:
+    packing = t.batching_strategy == "packing" and isinstance(dataset, ChunkDataset)
+    log.info(
+        "%s split from %s: %d examples, %d tokens (%d target), %d truncated to %d, %d skipped with no target "
+        "left, %d bad records skipped, %d %s",
+        split, source, stats.examples, stats.tokens, stats.target_tokens, stats.truncated, t.context_length,
+        stats.skipped_no_target, stats.bad_records, stats.chunks, "packed chunks" if packing else "sequences",
+    )
+    if packing:
+        if stats.dropped_last:
+            log.info("%s split: the last, partly filled chunk (%d examples) was dropped (--drop_last)",
+                     split, stats.dropped_last)
+        else:
+            log.info("%s split: the last chunk holds %d of %d tokens and is kept (--drop_last drops it)",
+                     split, dataset.lengths()[-1], t.context_length)
+    if stats.bad_records:
+        log.warning("%s split: %d bad records were skipped (--on_bad_record skip); first: %s",
+                    split, stats.bad_records, stats.notes[0])
+
+
+def _collate_fn(split: SplitData, pad_id: int) -> Callable:
+    return split.collate_fn or functools.partial(collate, pad_id=pad_id)
 
 
 def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int, seed: int,
                  pad_id: int, num_workers: int) -> tuple[DataLoader, GlobalBatchSampler]:
-    sampler = GlobalBatchSampler(len(split.dataset), micro, world, rank, accum, seed)
+    sampler = GlobalBatchSampler(len(split.dataset), micro, world, rank, accum, seed, lengths=split.lengths)
     if sampler.steps_per_epoch == 0:
         raise UserError(
             f"{split.source}: {len(split.dataset)} training sequences cannot fill one global batch of "
@@ -76,11 +204,11 @@ def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int
             "lower --batch_size_training or use more data"
         )
     loader = DataLoader(split.dataset, batch_sampler=sampler, num_workers=num_workers,
-                        collate_fn=functools.partial(collate, pad_id=pad_id))
+                        collate_fn=_collate_fn(split, pad_id))
     return loader, sampler
 
 
 def eval_loader(split: SplitData, batch: int, world: int, rank: int, pad_id: int, num_workers: int) -> DataLoader:
     sampler = EvalSampler(len(split.dataset), batch, world, rank)
     return DataLoader(split.dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=functools.partial(collate, pad_id=pad_id))
+                      collate_fn=_collate_fn(split, pad_id))

@@ -2,26 +2,33 @@
 
 Unlike llama-recipes' ConcatDataset, an example never attends to its neighbours:
 position_ids restart at 0 for every example, and transformers turns restarting
-position_ids (with no attention_mask) into a block-diagonal causal mask. Examples are
-never split across chunks; an example longer than context_length is truncated.
+position_ids (with no attention_mask) into a block-diagonal causal mask. The first label
+of every example is -100, so the jump from one example into the next is never trained.
+Examples are never split across chunks; an example longer than context_length is
+truncated. The last, partly filled chunk of a split is kept unless drop_last is set.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import Dataset
 
 from .tokenize import IGNORE_INDEX, Example
 
 
 @dataclass
 class PackStats:
-    examples: int = 0
-    tokens: int = 0
+    examples: int = 0  # examples read and tokenized (bad records excluded)
+    tokens: int = 0  # tokens in the chunks
     truncated: int = 0
     skipped_no_target: int = 0  # nothing left to learn after truncation
     chunks: int = 0
     target_tokens: int = 0
+    bad_records: int = 0  # left out by --on_bad_record skip
+    dropped_last: int = 0  # examples in the last chunk dropped by --drop_last
+    tokenized: int = 0  # examples tokenized by this run (0 when the cache answered)
+    from_cache: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -38,8 +45,10 @@ def _segment(ex: Example, context_length: int, stats: PackStats) -> tuple[list[i
     return ids, labels
 
 
-def pack(examples: list[Example], context_length: int, packing: bool = True) -> tuple[list[dict], PackStats]:
-    """Chunks of whole examples. With packing=False every example is its own chunk."""
+def pack(examples: list[Example], context_length: int, packing: bool = True,
+         drop_last: bool = False) -> tuple[list[dict], PackStats]:
+    """Chunks of whole examples. With packing=False every example is its own chunk, and
+    drop_last has no effect (there is no partly filled chunk)."""
     stats = PackStats(examples=len(examples))
     chunks: list[dict] = []
     cur_ids: list[int] = []
@@ -68,8 +77,93 @@ def pack(examples: list[Example], context_length: int, packing: bool = True) -> 
         cur_labels += labels
         cur_pos += range(len(ids))
     flush()
+    if packing and drop_last and chunks and len(chunks[-1]["input_ids"]) < context_length:
+        _drop_last_chunk(chunks, stats)
     stats.chunks = len(chunks)
     return chunks, stats
+
+
+def _drop_last_chunk(chunks: list[dict], stats: PackStats) -> None:
+    last = chunks.pop()
+    stats.dropped_last = int((last["position_ids"] == 0).sum())
+    stats.tokens -= len(last["input_ids"])
+    stats.target_tokens -= int((last["labels"][1:] != IGNORE_INDEX).sum())
+
+
+def fit(examples: list[Example], context_length: int) -> tuple[list[dict], PackStats]:
+    """Truncate and filter like pack(), one plain example per item (for a user's collator)."""
+    stats = PackStats(examples=len(examples))
+    out = []
+    for ex in examples:
+        seg = _segment(ex, context_length, stats)
+        if seg is not None:
+            ids, labels = seg
+            stats.tokens += len(ids)
+            stats.target_tokens += sum(l != IGNORE_INDEX for l in labels[1:])
+            out.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+    stats.chunks = len(out)
+    return out, stats
+
+
+class ChunkDataset(Dataset):
+    """Chunks stored flat (one tensor per field plus offsets): compact, cheap to cache,
+    and shared copy-on-write with DataLoader workers."""
+
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                 offsets: torch.Tensor) -> None:
+        self.input_ids, self.labels, self.position_ids = input_ids, labels, position_ids
+        self.offsets = offsets  # chunk i is [offsets[i], offsets[i + 1])
+
+    @classmethod
+    def from_chunks(cls, chunks: list[dict]) -> "ChunkDataset":
+        lengths = torch.tensor([0] + [len(c["input_ids"]) for c in chunks], dtype=torch.long)
+
+        def cat(key: str) -> torch.Tensor:
+            return torch.cat([c[key] for c in chunks]).to(torch.int32) if chunks else torch.zeros(0, dtype=torch.int32)
+
+        return cls(cat("input_ids"), cat("labels"), cat("position_ids"), torch.cumsum(lengths, 0))
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "labels": self.labels, "position_ids": self.position_ids,
+                "offsets": self.offsets}
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def _chunk(self, i: int) -> dict:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"input_ids": self.input_ids[a:b].long(), "labels": self.labels[a:b].long(),
+                "position_ids": self.position_ids[a:b].long()}
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:  # EvalSampler's filler: same shape as a real chunk, no loss
+            return {**self._chunk(0), "dummy": True}
+        return self._chunk(i)
+
+    def lengths(self) -> list[int]:
+        return (self.offsets[1:] - self.offsets[:-1]).tolist()
+
+    @property
+    def chunks(self) -> list[dict]:
+        return [self._chunk(i) for i in range(len(self))]
+
+
+class ExampleDataset(Dataset):
+    """Plain examples (lists) for a user's collator; index -1 is the eval filler."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            return {**self.items[0], "dummy": True}
+        return self.items[i]
+
+    def lengths(self) -> list[int]:
+        return [len(it["input_ids"]) for it in self.items]
 
 
 def collate(chunks: list[dict], pad_id: int) -> dict:

@@ -207,7 +207,3 @@ def _field_problem(rec, required: tuple[str, ...], optional: tuple[str, ...]) ->
             return f"field {name!r} must be a string, got {got}"
     return None
 
-
-def check_fields(records: Records, required: tuple[str, ...], source: str) -> None:
-    """Raise at the first record that lacks a string field of `required`."""
-    valid_records(records, required, source, BadRecords("error"))

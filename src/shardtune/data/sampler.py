@@ -1,21 +1,36 @@
 """Samplers whose only state is a global sample position.
 
 Every optimizer step consumes one global batch of micro_batch * world * accum
-consecutive samples from a seeded permutation; rank r takes its micro-batch slice of
+consecutive samples from a seeded order; rank r takes its micro-batch slice of
 each micro-step. The samples a step sees therefore do not depend on the world size
 or on the accumulation split, which is what makes losses comparable across both and
 lets a run resume at a different world size from the position alone.
+
+With `lengths` (batching_strategy=padding) the order is length-grouped, in the spirit of
+llama-recipes' LengthBasedBatchSampler: the epoch's permutation is cut into buckets of
+BUCKET_BATCHES global batches, each bucket is sorted by length and cut into global
+batches, and the order of all global batches is shuffled with the epoch seed. Inside a
+global batch samples are sorted by length, so each micro-step pads little. Which samples
+form a global batch depends only on (seed, epoch, lengths, global batch size), never on
+how the global batch is split over ranks and accumulation.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
+
+BUCKET_BATCHES = 64  # global batches per length-sorting bucket: grouping vs randomness
 
 
 class GlobalBatchSampler:
     def __init__(self, num_samples: int, micro_batch: int, world: int, rank: int, accum: int,
-                 seed: int, shuffle: bool = True) -> None:
+                 seed: int, shuffle: bool = True, lengths: Optional[Sequence[int]] = None) -> None:
         self.num_samples, self.micro, self.world, self.rank = num_samples, micro_batch, world, rank
         self.accum, self.seed, self.shuffle = accum, seed, shuffle
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"{len(lengths)} lengths for {num_samples} samples")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long) if lengths is not None else None
         self.epoch = 0
         self.start = 0  # global samples of this epoch to skip (resume)
 
@@ -40,7 +55,23 @@ class GlobalBatchSampler:
         if not self.shuffle:
             return torch.arange(self.num_samples)
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.num_samples, generator=g)
+        perm = torch.randperm(self.num_samples, generator=g)
+        if self.lengths is None:
+            return perm
+        return self._length_grouped(perm, g)
+
+    def _length_grouped(self, perm: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        gb = self.global_batch
+        used = self.steps_per_epoch * gb
+        bucket = gb * BUCKET_BATCHES
+        batches = []
+        for a in range(0, used, bucket):
+            idx = perm[a:min(a + bucket, used)]
+            # stable: equal lengths keep their shuffled order
+            idx = idx[torch.sort(self.lengths[idx], stable=True).indices]
+            batches += list(idx.view(-1, gb))
+        order = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return torch.cat(order + [perm[used:]])  # the remainder waits for the next shuffle
 
     def __iter__(self):
         # Iteration keeps no state on self: DataLoader workers prefetch ahead of what

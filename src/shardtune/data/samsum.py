@@ -1,4 +1,8 @@
-"""SAMSum dialogue summarization with llama-recipes' exact prompt template."""
+"""SAMSum dialogue summarization with llama-recipes' exact prompt template.
+
+data_path: "sample" (bundled), a directory of train/val/test files (.json, .jsonl, .csv
+or .parquet), a single file, or a hub id (online, via datasets.load_dataset).
+"""
 from __future__ import annotations
 
 import json
@@ -6,39 +10,69 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import UserError
-from .records import check_fields, read_records
+from .records import BadRecords, read_records, valid_records
+from .source import Source, file_digest
 from .tokenize import Example, tokenize_prompt_target
 
 PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
 FIELDS = ("dialogue", "summary")
 # The corpus names its validation file val.json; hub copies call the split "validation".
 _SPLIT_FILES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
-_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
 
 def _split_key(split: str) -> str:
     return _SPLIT_FILES.get(split, split)
 
 
-def load_records(data_path: str, split: str) -> tuple[list[dict], str]:
-    """Records of one split and a name for error messages."""
-    if data_path == "sample":
-        raw = resources.files("shardtune").joinpath("sample_data/samsum_sample.json").read_text(encoding="utf-8")
-        key = "validation" if _split_key(split) == "val" else split
-        return json.loads(raw)[key], f"bundled sample ({key})"
-    path = Path(data_path)
+def _sample_file():
+    return resources.files("shardtune").joinpath("sample_data/samsum_sample.json")
+
+
+def _data_file(data_path: str, split: str) -> Path | None:
+    """The local file of a split, or None for a hub id."""
+    path = Path(data_path).expanduser()
     if path.is_dir():
         stem = _split_key(split)
         for suffix in _SUFFIXES:
             f = path / f"{stem}{suffix}"
             if f.is_file():
-                return read_records(f), str(f)
+                return f
         raise UserError(f"no {stem}.json/.jsonl/.csv/.parquet in {path}; point --samsum_dataset.data_path at the SAMSum directory")
     if path.suffix.lower() in _SUFFIXES or path.exists() or data_path.startswith((".", "/", "~")):
         if not path.exists():
             raise UserError(f"data path {data_path} does not exist; check --samsum_dataset.data_path")
-        return read_records(path), str(path)
-    return _load_hub(data_path, split), data_path
+        return path
+    return None
+
+
+def _tokenize(records: list[dict], tokenizer) -> list[Example]:
+    prompts = [PROMPT.format(dialog=r["dialogue"]) for r in records]
+    return tokenize_prompt_target(tokenizer, prompts, [r["summary"] for r in records])
+
+
+def source(dataset_config, split: str) -> Source:
+    data_path = dataset_config.data_path
+    if data_path == "sample":
+        key = "validation" if _split_key(split) == "val" else split
+        name = f"bundled sample ({key})"
+
+        def read_sample(tokenizer, bad: BadRecords) -> list[Example]:
+            splits = json.loads(_sample_file().read_text(encoding="utf-8"))
+            if key not in splits:
+                raise UserError(f"the bundled sample has no {key!r} split; choose train, validation or test")
+            return _tokenize(valid_records(splits[key], FIELDS, name, bad), tokenizer)
+
+        return Source(name, f"sample:{key}:{file_digest(_sample_file())}", PROMPT, read_sample)
+    path = _data_file(data_path, split)
+    if path is None:
+        return Source(data_path, None, PROMPT, lambda tok, bad: _tokenize(
+            valid_records(_load_hub(data_path, split), FIELDS, f"{data_path} ({split})", bad), tok))
+
+    def read_file(tokenizer, bad: BadRecords) -> list[Example]:
+        return _tokenize(valid_records(read_records(path, bad), FIELDS, str(path), bad), tokenizer)
+
+    return Source(str(path), f"file:{file_digest(path)}", PROMPT, read_file)
 
 
 def _load_hub(name: str, split: str) -> list[dict]:
@@ -53,9 +87,6 @@ def _load_hub(name: str, split: str) -> list[dict]:
         ) from None
 
 
-def get_split(dataset_config, tokenizer, split: str) -> tuple[list[Example], str]:
-    records, source = load_records(dataset_config.data_path, split)
-    check_fields(records, FIELDS, source)
-    prompts = [PROMPT.format(dialog=r["dialogue"]) for r in records]
-    targets = [r["summary"] for r in records]
-    return tokenize_prompt_target(tokenizer, prompts, targets), source
+def get_split(dataset_config, tokenizer, split: str, bad: BadRecords | None = None) -> tuple[list[Example], str]:
+    src = source(dataset_config, split)
+    return src.read(tokenizer, bad or BadRecords()), src.name

@@ -1,0 +1,137 @@
+"""custom_dataset: the llama-recipes contract for a user's own dataset file.
+
+`--custom_dataset.file path/to/file.py[:function]` names a Python file. It is executed as
+code (only because the user named it), and `get_custom_dataset(dataset_config, tokenizer,
+split)` (or the named function) is called. It returns a list, a Hugging Face Dataset or a
+torch Dataset of dicts with `input_ids` and `labels` (-100 = not trained), optionally
+`attention_mask` (positions with mask 0 are padding and are dropped). If the file also
+defines `get_data_collator(tokenizer)`, its collator builds the batches.
+
+Custom splits are not cached: shardtune cannot see what the user's code reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..errors import UserError
+from .records import BadRecords
+from .source import Source
+from .tokenize import IGNORE_INDEX, Example
+
+DEFAULT_FUNCTION = "get_custom_dataset"
+COLLATOR_FUNCTION = "get_data_collator"
+
+
+def parse_file_spec(spec: str) -> tuple[Path, str]:
+    """`file.py` or `file.py:function` -> (path, function name)."""
+    path, sep, func = spec.rpartition(":")
+    if not sep:
+        path, func = spec, ""
+    path = Path(path).expanduser()
+    if path.suffix != ".py":
+        raise UserError(f"--custom_dataset.file {spec!r} must be a .py file, optionally followed by :function_name")
+    if not path.is_file():
+        raise UserError(f"custom dataset file {path} does not exist; check --custom_dataset.file")
+    return path, func or DEFAULT_FUNCTION
+
+
+def load_module(path: Path) -> ModuleType:
+    """Execute the user's file as a module (it is code: this runs it)."""
+    name = "shardtune_custom_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _as_list(value: Any, field: str) -> list:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"field {field!r} must be a list of ints")
+    return list(value)
+
+
+def to_example(item: Any, vocab_size: int) -> Example:
+    """One returned item as an Example; raises TypeError/ValueError describing what is wrong."""
+    if not isinstance(item, dict):
+        raise TypeError(f"expected a dict with input_ids and labels, got {type(item).__name__}")
+    for name in ("input_ids", "labels"):
+        if name not in item:
+            raise KeyError(f"missing field {name!r}")
+    ids, labels = _as_list(item["input_ids"], "input_ids"), _as_list(item["labels"], "labels")
+    if len(ids) != len(labels):
+        raise ValueError(f"input_ids has {len(ids)} tokens but labels has {len(labels)}")
+    if item.get("attention_mask") is not None:
+        mask = _as_list(item["attention_mask"], "attention_mask")
+        if len(mask) != len(ids):
+            raise ValueError(f"attention_mask has {len(mask)} entries for {len(ids)} tokens")
+        keep = [i for i, m in enumerate(mask) if m]
+        ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"input_ids holds ids outside the tokenizer's vocabulary [0, {vocab_size})")
+    if any(l != IGNORE_INDEX and not 0 <= l < vocab_size for l in labels):
+        raise ValueError(f"labels must be token ids or {IGNORE_INDEX}")
+    return {"input_ids": ids, "labels": labels}
+
+
+def _items(result: Any, where: str) -> Iterable:
+    if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__") and not hasattr(result, "__getitem__"):
+        raise UserError(f"{where} returned {type(result).__name__}; return a list, a datasets.Dataset or a torch Dataset of dicts")
+    if hasattr(result, "__len__") and hasattr(result, "__getitem__"):
+        return (result[i] for i in range(len(result)))  # map-style: torch Datasets need not define __iter__
+    return iter(result)
+
+
+def examples_from(result: Any, where: str, vocab_size: int, bad: BadRecords) -> list[Example]:
+    out = []
+    for i, item in enumerate(_items(result, where)):
+        try:
+            out.append(to_example(item, vocab_size))
+        except (TypeError, ValueError, KeyError) as err:
+            msg = err.args[0] if err.args else str(err)
+            bad.report(f"{where}: record {i}: {msg}")
+    return out
+
+
+def source(dataset_config, split: str) -> Source:
+    path, func_name = parse_file_spec(dataset_config.file)
+    module = load_module(path)
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UserError(f"{path} has no function {func_name}(dataset_config, tokenizer, split); define it or name it as {path}:function")
+    where = f"{path}:{func_name} ({split})"
+
+    def read(tokenizer, bad: BadRecords) -> list[Example]:
+        return examples_from(func(dataset_config, tokenizer, split), where, len(tokenizer), bad)
+
+    factory = getattr(module, COLLATOR_FUNCTION, None)
+    return Source(where, None, f"custom:{path}:{func_name}", read, factory if callable(factory) else None)
+
+
+def wrap_collator(user_collate: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
+    """Adapt a user's collator to what the training loop reads: it adds num_targets and
+    num_tokens, and gives eval filler items (see ChunkDataset) all -100 labels."""
+
+    def collate(items: list[dict]) -> dict:
+        real_tokens = sum(len(it["input_ids"]) for it in items if not it.get("dummy"))
+        cleaned = []
+        for it in items:
+            plain = {k: v for k, v in it.items() if k != "dummy"}
+            if it.get("dummy"):
+                plain["labels"] = [IGNORE_INDEX] * len(plain["labels"])
+            cleaned.append(plain)
+        batch = {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in dict(user_collate(cleaned)).items()}
+        if "input_ids" not in batch or "labels" not in batch:
+            raise UserError("the custom get_data_collator must return a batch with input_ids and labels")
+        batch["num_targets"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch["num_tokens"] = real_tokens
+        return batch
+
+    return collate

@@ -1,0 +1,41 @@
+"""grammar_dataset: grammatical error correction from llama-recipes' CSV files.
+
+Each CSV has the columns `input,target` (what `shardtune prepare grammar` writes from
+JFLEG and C4_200M). train_split and test_split are the CSV paths.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from .records import BadRecords, read_records, valid_records
+from .source import Source, file_digest
+from .tokenize import Example, tokenize_prompt_target
+
+PROMPT = "Correct this to standard English: {input}\n---\nCorrected: "
+FIELDS = ("input", "target")
+
+
+def _csv_path(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(
+            f"grammar CSV {path} does not exist; build it with `shardtune prepare grammar --jfleg DIR --out DIR` "
+            "and pass --grammar_dataset.train_split DIR/grammar_train.csv --grammar_dataset.test_split DIR/grammar_validation.csv"
+        )
+    return p
+
+
+def tokenize(records: list[dict], tokenizer) -> list[Example]:
+    prompts = [PROMPT.format(input=r["input"]) for r in records]
+    return tokenize_prompt_target(tokenizer, prompts, [r["target"] for r in records])
+
+
+def source(dataset_config, split: str) -> Source:
+    """`split` is the CSV path (the config's train_split or test_split)."""
+    path = _csv_path(split)
+
+    def read(tokenizer, bad: BadRecords) -> list[Example]:
+        return tokenize(valid_records(read_records(path, bad), FIELDS, str(path), bad), tokenizer)
+
+    return Source(str(path), f"file:{file_digest(path)}", PROMPT, read)

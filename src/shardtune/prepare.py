@@ -1,0 +1,141 @@
+"""`shardtune prepare grammar --jfleg DIR [--c4 FILE] --out DIR`: the grammar_dataset CSVs.
+
+Follows llama-recipes' grammar_dataset_process notebook:
+  * train = JFLEG dev: each source sentence paired with each of its 4 references
+    (one row per pair, source-major), then the optional C4_200M pairs;
+  * validation = JFLEG test: each source sentence paired with its first reference (ref0),
+    one row per sentence;
+  * sentence spacing is normalised (tokenised " ," -> ",", " n't" -> "n't", ...), with
+    the notebook's wrong mappings (" :" -> "!", " ;" -> "!", " v" -> "n't") left out;
+  * rows with an empty input or target are left out (the notebook did the same).
+Output: OUT/grammar_train.csv and OUT/grammar_validation.csv with the header input,target.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .data.records import BadRecords, read_records, valid_records
+from .errors import UserError
+
+TRAIN_CSV, VALIDATION_CSV = "grammar_train.csv", "grammar_validation.csv"
+NUM_REFS = 4
+
+# Ordered (pattern, replacement) pairs for tokenised English.
+_SPACING = tuple((re.compile(p), r) for p, r in (
+    (r" n't\b", "n't"),  # do n't -> don't
+    (r" '(s|re|m|ll|ve|d)\b", r"'\1"),  # it 's -> it's
+    (r"(?<=\S) ' (?=\S)", "' "),  # twenty years ' time -> years' time
+    (r"(?<!\S)\d(?: \d)+(?!\S)", lambda m: m.group(0).replace(" ", "")),  # 2 0 0 6 -> 2006
+    (r" ([.,!?:;%)])", r"\1"),  # space before closing punctuation
+    (r"\( ", "("),
+))
+
+
+def normalize_spacing(text: str) -> str:
+    for pattern, repl in _SPACING:
+        text = pattern.sub(repl, text)
+    return text.strip()
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; --jfleg must be the JFLEG directory (with dev/ and test/)")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: bytes are not valid UTF-8; re-save the file as UTF-8") from None
+
+
+def _split_dir(jfleg: Path, name: str) -> Path:
+    """JFLEG's layout is DIR/dev/dev.src; a flat DIR/dev.src is accepted too."""
+    return jfleg / name if (jfleg / name / f"{name}.src").is_file() else jfleg
+
+
+def jfleg_pairs(jfleg: Path, name: str, refs: int) -> list[tuple[str, str]]:
+    """(source, reference) pairs of one JFLEG split, source-major, using refs 0..refs-1."""
+    d = _split_dir(jfleg, name)
+    sources = _lines(d / f"{name}.src")
+    references = []
+    for j in range(refs):
+        ref = _lines(d / f"{name}.ref{j}")
+        if len(ref) != len(sources):
+            raise UserError(f"{d / f'{name}.ref{j}'} has {len(ref)} lines but {name}.src has {len(sources)}; the files must be parallel")
+        references.append(ref)
+    return [(src, references[j][i]) for i, src in enumerate(sources) for j in range(refs)]
+
+
+def c4_pairs(path: Path) -> list[tuple[str, str]]:
+    """C4_200M pairs: JSON lines with src/trg (or input/output), or a TSV of incorrect<TAB>correct."""
+    if path.suffix.lower() in (".tsv", ".txt"):
+        return _c4_tsv(path)
+    records = read_records(path, BadRecords("error"))
+    keys = ("input", "output") if records and isinstance(records[0], dict) and "src" not in records[0] else ("src", "trg")
+    return [(r[keys[0]], r[keys[1]]) for r in valid_records(records, keys, str(path), BadRecords("error"))]
+
+
+def _c4_tsv(path: Path) -> list[tuple[str, str]]:
+    text = "\n".join(_lines(path))
+    pairs = []
+    for i, row in enumerate(csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)):
+        if i == 0 and [c.strip().lower() for c in row] in (["input", "output"], ["src", "trg"]):
+            continue  # a header row
+        if len(row) != 2:
+            raise UserError(f"{path}: line {i + 1}: expected 2 tab-separated columns (incorrect, correct), found {len(row)}")
+        pairs.append((row[0], row[1]))
+    return pairs
+
+
+def write_csv(path: Path, pairs: list[tuple[str, str]]) -> int:
+    """Normalise and write the pairs atomically; returns the number of rows written."""
+    rows = [(normalize_spacing(a), normalize_spacing(b)) for a, b in pairs]
+    rows = [r for r in rows if r[0] and r[1]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["input", "target"])
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return len(rows)
+
+
+def prepare_grammar(jfleg: Path, out: Path, c4: Path | None = None) -> dict[str, int]:
+    if not jfleg.is_dir():
+        raise UserError(f"--jfleg {jfleg} is not a directory; point it at the JFLEG checkout (with dev/ and test/)")
+    train = jfleg_pairs(jfleg, "dev", NUM_REFS)
+    jfleg_rows = len(train)
+    if c4 is not None:
+        if not c4.is_file():
+            raise UserError(f"--c4 {c4} does not exist")
+        train += c4_pairs(c4)
+    counts = {"train": write_csv(out / TRAIN_CSV, train),
+              "validation": write_csv(out / VALIDATION_CSV, jfleg_pairs(jfleg, "test", 1))}
+    counts["jfleg_train_pairs"], counts["c4_pairs"] = jfleg_rows, len(train) - jfleg_rows
+    return counts
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="shardtune prepare", description="build dataset files in llama-recipes' formats")
+    sub = p.add_subparsers(dest="dataset", required=True)
+    g = sub.add_parser("grammar", help="grammar_dataset CSVs from JFLEG (+ optional C4_200M pairs)")
+    g.add_argument("--jfleg", required=True, type=Path, help="JFLEG directory with dev/ and test/")
+    g.add_argument("--c4", type=Path, help="C4_200M pairs to append to train: JSON lines (src/trg) or TSV")
+    g.add_argument("--out", required=True, type=Path, help="output directory")
+    a = p.parse_args(argv)
+    counts = prepare_grammar(a.jfleg, a.out, a.c4)
+    print(f"wrote {a.out / TRAIN_CSV} ({counts['train']} rows: {counts['jfleg_train_pairs']} JFLEG dev pairs, "
+          f"{counts['c4_pairs']} C4 pairs) and {a.out / VALIDATION_CSV} ({counts['validation']} rows)")
+    print(f"train with: --dataset grammar_dataset --grammar_dataset.train_split {a.out / TRAIN_CSV} "
+          f"--grammar_dataset.test_split {a.out / VALIDATION_CSV}")
+    return 0
