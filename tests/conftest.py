@@ -56,9 +56,10 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
+    """Tiny Llama, briefly pretrained on the bundled text so that fine-tuning has signal."""
     from shardtune.tiny import build_tiny
 
-    return build_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+    return build_tiny(str(tmp_path_factory.mktemp("tiny") / "model"), pretrain_steps=200)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The `shardtune` console script: finetune, tiny, generate."""
+"""The `shardtune` console script: finetune, tiny, generate, prepare."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,8 @@ commands:
   tiny OUT_DIR              build a random-init tiny Llama with a tokenizer trained on bundled text
   generate --model_name DIR [--peft_model DIR] [--dialogue TEXT]
                             summarise one dialogue with a base model and an adapter
+  prepare grammar --jfleg DIR [--c4 FILE] --out DIR
+                            build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M)
 """
 
 
@@ -28,9 +30,11 @@ def _tiny(argv: list[str]) -> int:
     p.add_argument("--intermediate_size", type=int, default=176)
     p.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain_steps", type=int, default=0,
+                   help="language-model steps on the bundled text before saving (0 = random init)")
     a = p.parse_args(argv)
     out = build_tiny(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.num_kv_heads,
-                     a.intermediate_size, a.tokenizer, a.seed)
+                     a.intermediate_size, a.tokenizer, a.seed, a.pretrain_steps)
     print(f"tiny Llama written to {out}")
     return 0
 
@@ -66,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         return _tiny(rest)
     if cmd == "generate":
         return _generate(rest)
-    print(f"shardtune: error: unknown command {cmd!r}; choose finetune, tiny or generate", file=sys.stderr)
+    if cmd == "prepare":
+        from .prepare import main as prepare
+
+        return prepare(rest)
+    print(f"shardtune: error: unknown command {cmd!r}; choose finetune, tiny, generate or prepare", file=sys.stderr)
     return 2
 
 

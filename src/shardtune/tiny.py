@@ -1,4 +1,5 @@
 """`shardtune tiny OUT_DIR`: a random-init Llama in HF format, for demos and tests.
+With --pretrain_steps N it first learns N steps of the bundled text (the demo does).
 
 The tokenizer is a byte-level BPE trained on the sample dialogues bundled with
 shardtune, so nothing is downloaded. Llama's special-token ids are kept
@@ -19,12 +20,12 @@ from .errors import UserError
 SPECIAL = ["<unk>", "<s>", "</s>"]
 
 
-def bundled_text() -> list[str]:
-    raw = resources.files("shardtune").joinpath("sample_data/samsum_sample.json").read_text(encoding="utf-8")
+def bundled_text(splits: tuple[str, ...] = ("train", "validation", "test"), summaries: bool = True) -> list[str]:
+    raw = json.loads(resources.files("shardtune").joinpath("sample_data/samsum_sample.json").read_text(encoding="utf-8"))
     texts = []
-    for records in json.loads(raw).values():
-        for r in records:
-            texts += [r["dialogue"], r["summary"]]
+    for split in splits:
+        for r in raw[split]:
+            texts += [r["dialogue"], r["summary"]] if summaries else [r["dialogue"]]
     return texts
 
 
@@ -43,6 +44,29 @@ def train_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def pretrain(model: LlamaForCausalLM, tok, steps: int, seq_len: int = 128, batch: int = 8,
+             lr: float = 3e-3, seed: int = 0) -> float:
+    """A few hundred steps of plain language modelling on the bundled text, so that
+    demos and tests fine-tune a model with some signal instead of pure noise."""
+    eos = tok.eos_token or ""
+    # train-split dialogues only: summaries and held-out text stay unseen for the fine-tune
+    text = "".join(t + eos for t in bundled_text(("train",), summaries=False))
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=g)
+        x = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss)
+
+
 def build_tiny(
     out_dir: str,
     hidden_size: int = 64,
@@ -52,6 +76,7 @@ def build_tiny(
     intermediate_size: int = 176,
     tokenizer: str | None = None,
     seed: int = 0,
+    pretrain_steps: int = 0,
 ) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -74,6 +99,8 @@ def build_tiny(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if pretrain_steps:
+        pretrain(model, tok, pretrain_steps, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
