@@ -119,7 +119,7 @@ def _coordinated(dist, path: Optional[Path], split: str, build: Callable[[], tup
         try:
             result = build()
         except BaseException as err:
-            _broadcast_status(f"rank 0 could not prepare the {split} split ({type(err).__name__}); see its error")
+            _broadcast_status(f"rank 0 could not prepare the {split} split ({type(err).__name__}); see rank 0's error")
             raise
         _broadcast_status(None)
         return result
