@@ -94,6 +94,8 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError("--use_fp16 and --pure_bf16 contradict each other; pick one")
     if f.fsdp_cpu_offload and not t.enable_fsdp:
         raise UserError("--fsdp_cpu_offload needs --enable_fsdp")
+    if f.sharding_strategy not in parallel.STRATEGIES:
+        raise UserError(f"unknown --sharding_strategy {f.sharding_strategy!r}; choose one of {', '.join(parallel.STRATEGIES)}")
     if t.batching_strategy not in ("packing", "padding"):
         raise UserError(f"unknown --batching_strategy {t.batching_strategy!r}; choose packing or padding")
     if t.enable_fsdp and t.one_gpu:
@@ -173,8 +175,8 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
             log.warning("activation checkpointing is off for %s: its KV cache cannot be replayed", t.peft_method)
     if t.enable_fsdp:
         mesh = parallel.build_mesh(dist, cfgs.fsdp)
-        parallel.shard(model, mesh, cfgs.fsdp, precision)
-        model_lib.materialize(model, spec, dist.device, new_params)
+        parallel.shard(model, mesh, cfgs.fsdp, precision, pin_memory=dist.is_accelerator)
+        model_lib.materialize(model, spec, dist.device, new_params, offloaded=cfgs.fsdp.fsdp_cpu_offload)
         return model, model
     model_lib.materialize(model, spec, dist.device, new_params)
     if dist.world_size > 1:
@@ -190,7 +192,7 @@ def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
     tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
     out_dir = checkpoint.check_writable(t.output_dir) if dist.is_main else Path(t.output_dir)
     precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
-    if precision.compute != torch.float32 and not dist.supports_fast_bf16():
+    if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
         log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
     unpacked = t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
     if unpacked and t.batching_strategy == "packing":

@@ -115,10 +115,11 @@ def load_spec(model_name: str) -> ModelSpec:
 
 @torch.no_grad()
 def materialize(model: torch.nn.Module, spec: ModelSpec, device: torch.device,
-                new_params: dict[str, torch.Tensor]) -> None:
+                new_params: dict[str, torch.Tensor], offloaded: bool = False) -> None:
     """Allocate (sharded) storage on `device` and fill it from the checkpoint and the
-    adapter's initial values. Works for plain and FSDP2 (DTensor) parameters alike."""
-    model.to_empty(device=device)
+    adapter's initial values. Works for plain and FSDP2 (DTensor) parameters alike.
+    With FSDP2 CPU offload the sharded parameters live in host memory."""
+    model.to_empty(device="cpu" if offloaded else device)
     ckpt = Checkpoint(spec.model_dir)
     tied = getattr(spec.config, "tie_word_embeddings", False)
     for name, param in model.named_parameters():

@@ -88,7 +88,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precision) -> torch.nn.Module:
+def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precision,
+          pin_memory: bool = True) -> torch.nn.Module:
     """fully_shard each decoder layer, then the root (embeddings, norm, head, and root-level
     adapters such as the prefix encoder)."""
     reshard = fsdp_cfg.sharding_strategy != "SHARD_GRAD_OP"
@@ -98,7 +99,8 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precisi
         "mp_policy": MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=precision.reduce),
     }
     if fsdp_cfg.fsdp_cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory makes the copies async, but needs an accelerator
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=pin_memory)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
