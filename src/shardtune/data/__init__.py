@@ -91,9 +91,13 @@ def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Optional[Path]
     hit = cache.load(path) if path else None
     if hit:
         dataset, meta = hit
-        stats = PackStats(**{**meta["stats"], "from_cache": True, "tokenized": 0})
-        log.info("%s split: loaded from the cache %s; nothing tokenized", split, path)
-        return dataset, stats
+        try:
+            stats = PackStats(**{**meta["stats"], "from_cache": True, "tokenized": 0})
+        except (KeyError, TypeError):  # written by another shardtune version
+            stats = None
+        if stats is not None:
+            log.info("%s split: loaded from the cache %s; nothing tokenized", split, path)
+            return dataset, stats
     dataset, stats = _prepare(src, tokenizer, t, split)
     if path and cache.save(path, dataset, {"stats": asdict(stats), "source": src.name}):
         log.info("%s split: cached to %s", split, path)

@@ -51,7 +51,7 @@ def load_module(path: Path) -> ModuleType:
 
 
 def _as_list(value: Any, field: str) -> list:
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # torch or numpy
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise TypeError(f"field {field!r} must be a list of ints")
