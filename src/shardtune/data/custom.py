@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterable
@@ -46,6 +48,7 @@ def load_module(path: Path) -> ModuleType:
     name = "shardtune_custom_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as importlib's recipe does: dataclasses and pickle look modules up here
     spec.loader.exec_module(module)
     return module
 
@@ -60,7 +63,7 @@ def _as_list(value: Any, field: str) -> list:
 
 def to_example(item: Any, vocab_size: int) -> Example:
     """One returned item as an Example; raises TypeError/ValueError describing what is wrong."""
-    if not isinstance(item, dict):
+    if not isinstance(item, Mapping):  # dict, BatchEncoding, ...
         raise TypeError(f"expected a dict with input_ids and labels, got {type(item).__name__}")
     for name in ("input_ids", "labels"):
         if name not in item:
