@@ -174,10 +174,20 @@ def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def _eval_mode(model: torch.nn.Module) -> None:
+    model.eval()
+    # bitsandbytes repacks 4-bit weights into an inference-only CPU layout the first time
+    # a module runs in eval mode without grad, and training afterwards silently stops
+    # updating; keep its layers in training layout (they have no dropout of their own).
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit":
+            m.training = True
+
+
 @torch.no_grad()
 def evaluate(model, loader, dist: Dist, cfg: LoopConfig) -> float:
     """Token-weighted eval loss over the whole split (or max_eval_step batches)."""
-    model.eval()
+    _eval_mode(model)
     autocast = _autocast(dist.device, cfg.autocast_dtype)
     totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
     for i, batch in enumerate(tqdm(loader, desc="eval", disable=not dist.is_main, dynamic_ncols=True)):
