@@ -47,6 +47,12 @@ def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
     return [l for l in lines if l["event"] == "step"], [l for l in lines if l["event"] == "epoch"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tokenization caches of test runs stay out of the user's ~/.cache."""
+    os.environ["SHARDTUNE_CACHE"] = str(tmp_path_factory.mktemp("shardtune-cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "samsum" / "train.json").is_file():

@@ -72,7 +72,7 @@ def test_enable_fsdp_without_torchrun(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--use_fp16"], "not implemented yet"),
+    (["--use_peft", "--peft_method", "adalora"], "unknown --peft_method 'adalora'"),
     (["--lr", "abc"], "expects a value of type float"),
     (["--enable_fsdpp"], "did you mean --enable_fsdp"),
 ])
