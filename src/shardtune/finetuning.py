@@ -190,7 +190,8 @@ def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
     batching = resolve_batching(cfgs)
     spec = model_lib.load_spec(t.model_name)
     tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
-    out_dir = checkpoint.check_writable(t.output_dir) if dist.is_main else Path(t.output_dir)
+    if dist.is_main:
+        checkpoint.check_writable(t.output_dir)  # fail before any heavy work
     precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
     if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
         log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
