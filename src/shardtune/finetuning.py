@@ -90,8 +90,6 @@ def check_supported(cfgs: Configs) -> None:
                         "in one process (without torchrun and --enable_fsdp)")
     if f.optimizer.lower() not in ("adamw", "anyprecision"):
         raise UserError(f"unknown --optimizer {f.optimizer!r}; choose AdamW or anyprecision")
-    if (t.use_fp16 or f.use_fp16) and f.pure_bf16:
-        raise UserError("--use_fp16 and --pure_bf16 contradict each other; pick one")
     if f.fsdp_cpu_offload and not t.enable_fsdp:
         raise UserError("--fsdp_cpu_offload needs --enable_fsdp")
     if f.sharding_strategy not in parallel.STRATEGIES:
