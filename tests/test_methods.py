@@ -46,3 +46,26 @@ def test_method_trains_and_reloads(method, world, tmp_path, tiny_model):
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), out)
         logits = model.eval()(input_ids=probe["probe"]).logits
     assert (logits - probe["logits"]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_tied_embeddings_stay_tied_in_full_finetuning(world, tmp_path, tmp_path_factory):
+    """Llama 3.2-style tied input/output embeddings: training must update one shared
+    matrix, so the saved model (which HF re-ties on load) reproduces the trained logits."""
+    from shardtune.tiny import build_tiny
+
+    tied = build_tiny(str(tmp_path / "tied"), intermediate_size=128, tie_word_embeddings=True)
+    out, probe_file = tmp_path / "out", tmp_path / "probe.safetensors"
+    args = [str(probe_file), "--model_name", str(tied), "--output_dir", str(out), "--batch_size_training",
+            str(4 // world), "--context_length", "128", "--num_epochs", "1", "--max_train_step", "4",
+            "--lr", "1e-2", "--run_validation", "False", "--checkpoint_type", "FULL_STATE_DICT"]
+    if world == 1:
+        check(python(WORKER, args))
+    else:
+        check(torchrun(world, WORKER, args + ["--enable_fsdp"]))
+    probe = load_file(probe_file)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    with torch.no_grad():
+        logits = model(input_ids=probe["probe"]).logits
+    assert (logits - probe["logits"]).abs().max().item() <= 1e-5

@@ -119,21 +119,35 @@ def materialize(model: torch.nn.Module, spec: ModelSpec, device: torch.device,
     """Allocate (sharded) storage on `device` and fill it from the checkpoint and the
     adapter's initial values. Works for plain and FSDP2 (DTensor) parameters alike.
     With FSDP2 CPU offload the sharded parameters live in host memory."""
+    ties = _tied_parameters(model)
     model.to_empty(device="cpu" if offloaded else device)
+    for module, attr, source, source_attr in ties:  # to_empty gives each owner its own copy
+        setattr(module, attr, getattr(source, source_attr))
     ckpt = Checkpoint(spec.model_dir)
-    tied = getattr(spec.config, "tie_word_embeddings", False)
     for name, param in model.named_parameters():
         if name in new_params:
             full = new_params[name]
         else:
-            key = checkpoint_key(name, ckpt)
-            if key is None and tied and name.endswith("lm_head.weight"):
-                key = checkpoint_key(name.replace("lm_head.weight", "model.embed_tokens.weight"), ckpt)
+            key = checkpoint_key(name, ckpt)  # tied parameters are listed once, under their first name
             if key is None:
                 raise UserError(f"{spec.model_dir}: checkpoint has no tensor for parameter {name}")
             full = ckpt.get(key)
         _copy_full(param, full)
     _reinit_buffers(model, device)
+
+
+def _tied_parameters(model: torch.nn.Module) -> list[tuple]:
+    """(module, attr, source module, source attr) for every parameter shared with an
+    earlier owner, e.g. lm_head.weight tied to embed_tokens.weight."""
+    first: dict[int, tuple] = {}
+    ties = []
+    for module in model.modules():
+        for attr, p in module.named_parameters(recurse=False):
+            if id(p) in first:
+                ties.append((module, attr, *first[id(p)]))
+            else:
+                first[id(p)] = (module, attr)
+    return ties
 
 
 def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:

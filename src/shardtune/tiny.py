@@ -77,6 +77,7 @@ def build_tiny(
     tokenizer: str | None = None,
     seed: int = 0,
     pretrain_steps: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -95,7 +96,7 @@ def build_tiny(
         max_position_embeddings=4096,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
