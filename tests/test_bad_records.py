@@ -159,4 +159,5 @@ def test_skip_mode_trains_on_the_rest(tmp_path, tiny_model):
     proc = check(python(SHIM, args + ["--on_bad_record", "skip"]))
     assert "train split from" in proc.stdout and "10 examples" in proc.stdout
     assert "2 bad records skipped" in proc.stdout and "train split: 2 bad records were skipped" in proc.stdout
+    assert "bad records skipped (--on_bad_record skip): train 2" in proc.stdout  # repeated at the end
     assert "saved the lora adapter" in proc.stdout

@@ -269,6 +269,9 @@ def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
         checkpoint.save_full_model(train_model, tokenizer, t.output_dir, dist, sharded,
                                    optimizer if t.save_optimizer else None)
         log.info("saved the fine-tuned model to %s%s", t.output_dir, f" and a DCP checkpoint to {sharded}" if sharded else "")
+    skipped = {n: s.stats.bad_records for n, s in (("train", train_split), ("validation", eval_split)) if s}
+    if any(skipped.values()):  # --on_bad_record skip: repeat the count where it is seen
+        log.warning("bad records skipped (--on_bad_record skip): %s", ", ".join(f"{n} {c}" for n, c in skipped.items()))
     return RunResult(results, state.step, train_model, peft_model)
 
 
