@@ -9,7 +9,9 @@ COMMON = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "
           "--samsum_dataset.train_split", "validation", "--run_validation", "False",
           "--num_epochs", "1", "--max_train_step", "10", "--context_length", "256",
           "--lr", "2e-3", "--weight_decay", "0.01", "--save_metrics", "--log_every", "5",
-          "--fsdp_activation_checkpointing", "False", "--gradient_clipping"]
+          "--fsdp_activation_checkpointing", "False",
+          # a threshold every step exceeds: parity then also checks the global norm across shards
+          "--gradient_clipping", "--gradient_clipping_threshold", "0.01"]
 
 
 def _run(launcher, tmp_path, name, tiny_model, shared_data, extra):
@@ -18,6 +20,7 @@ def _run(launcher, tmp_path, name, tiny_model, shared_data, extra):
                      "--samsum_dataset.data_path", str(shared_data / "samsum")] + extra
     check(launcher(args))
     steps, _ = read_metrics(out)
+    assert all(s["grad_norm"] > 0.01 for s in steps)  # clipping was active every step
     return [s["loss"] for s in steps], load_file(out / "adapter_model.safetensors")
 
 

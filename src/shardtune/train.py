@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from .data.tokenize import IGNORE_INDEX
@@ -110,7 +111,8 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         steps = min(steps, max(cfg.max_train_step - state.step, 0))
     autocast = _autocast(dist.device, cfg.autocast_dtype)
     scaler = cfg.grad_scaler
-    pending: list[torch.Tensor] = []  # per-step [local loss share, global targets]; reduced in batches
+    # per step: [local loss share, global targets, grad norm]; reduced every log_every steps
+    pending: list[torch.Tensor] = []
     step_losses: list[float] = []
     weighted, targets_total = 0.0, 0.0
     tokens = torch.zeros((), dtype=torch.float64)
@@ -121,15 +123,16 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         if not pending:
             return
         stacked = torch.stack(pending)
-        stacked[:, 1] /= cfg.world  # every rank carries the same global count
+        stacked[:, 1:] /= cfg.world  # every rank carries the same global count and norm
         vals = _all_reduce(stacked, dist).tolist()
         pending.clear()
         first = state.step - len(vals) + 1
-        for k, (loss, n) in enumerate(vals):
+        for k, (loss, n, norm) in enumerate(vals):
             step_losses.append(loss)
             weighted += loss * n
             targets_total += n
-            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, targets=int(n), lr=lr_now)
+            extra = {"grad_norm": norm} if cfg.grad_clip else {}
+            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, targets=int(n), lr=lr_now, **extra)
         bar.set_postfix(loss=f"{vals[-1][0]:.4f}")
 
     for _ in range(steps):
@@ -146,10 +149,10 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
             tokens += batch["num_tokens"]
         if cfg.before_step:
             cfg.before_step(model, state)
-        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
         state.samples_seen += loader.batch_sampler.global_batch
-        pending.append(torch.stack([step_loss / n_global, n_global]))
+        pending.append(torch.stack([step_loss / n_global, n_global, norm.to(n_global)]))
         bar.update(1)
         if len(pending) >= cfg.log_every:
             flush()
@@ -159,19 +162,24 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     return (weighted / targets_total if targets_total else float("nan")), global_tokens, step_losses
 
 
-def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> None:
+def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> torch.Tensor:
     """Clip (global norm over all shards) and step; with a scaler, a step whose gradients
-    hold inf/nan on any rank is skipped on every rank and the scale backs off."""
+    hold inf/nan on any rank is skipped on every rank and the scale backs off. Returns the
+    pre-clip global gradient norm (NaN without clipping), still on the device."""
     if scaler:
         scaler.unscale_(optimizer)
+    norm = torch.tensor(float("nan"))
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def _eval_mode(model: torch.nn.Module) -> None:
