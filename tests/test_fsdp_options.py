@@ -123,3 +123,25 @@ def test_hybrid_group_must_divide_world(tmp_path, tiny_model):
     # torchrun prints its own launcher traceback on any child failure; ours print one line
     assert "src/shardtune" not in proc.stderr and "[rank0]: Traceback" not in proc.stderr
     assert "shardtune: error: HYBRID_SHARD needs sharding_group_size" in proc.stderr
+
+
+def test_full_finetune_sharded_checkpoint_matches_hf_output(tmp_path, tiny_model):
+    """SHARDED_STATE_DICT writes a DCP checkpoint (with the optimizer) next to the HF
+    directory; both hold the same trained weights."""
+    import torch.distributed.checkpoint as dcp
+
+    out, root = tmp_path / "out", tmp_path / "dcp"
+    check(torchrun(2, SHIM, _args(tiny_model, out, "--enable_fsdp", "--max_train_step", "2",
+                                  "--batch_size_training", "2", "--save_optimizer",
+                                  "--dist_checkpoint_root_folder", str(root))))
+    ckpt = root / f"fine-tuned-{tiny_model.name}"
+    assert (ckpt / ".metadata").is_file() and not (root / f"{ckpt.name}.tmp").exists()
+    hf = load_file(out / "model.safetensors")
+    state = {"model": {k: torch.empty_like(v) for k, v in hf.items()}}
+    dcp.load(state, checkpoint_id=str(ckpt))  # one process, no process group
+    for k, v in hf.items():
+        assert torch.equal(state["model"][k], v), k
+    assert not torch.equal(hf["model.layers.0.self_attn.q_proj.weight"],
+                           load_file(tiny_model / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    assert any(k.startswith("optimizer.") for k in meta.state_dict_metadata)

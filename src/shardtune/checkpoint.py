@@ -1,7 +1,8 @@
-"""Checkpoint stage: write the trained adapter in PEFT format.
+"""Checkpoint stage: the trained adapter in PEFT format, or the fully fine-tuned model
+in Hugging Face format (plus an optional DCP checkpoint).
 
-Files are written to a temporary sibling directory and moved into place one by
-one with os.replace, so a crash mid-save never leaves a half-written adapter over a
+Files are written completely into a temporary directory inside output_dir, then each is
+moved into place with os.replace: a crash mid-save never leaves a truncated file over a
 previous good one.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(f, out / f.name)
 
 
-def save_adapter(peft_model, output_dir: str, dist: Dist, adapter_state=None) -> Path | None:
+def save_adapter(peft_model, output_dir: str, dist: Dist, adapter_state=None) -> Path:
     """adapter_state(full_state) -> peft's on-disk tensors, for methods where peft's own
     save would run a sharded module (prefix tuning); otherwise peft's save_pretrained."""
     state = full_trainable_state(peft_model)  # every rank joins the gather
@@ -124,6 +125,7 @@ def _save_dcp(model, path: str, dist: Dist, optimizer=None) -> None:
     dist.barrier()
     if dist.is_main:  # swap in only once complete, so a crash never leaves a torn checkpoint
         old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # left by an earlier interrupted swap
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
