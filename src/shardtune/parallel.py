@@ -62,9 +62,7 @@ def resolve_precision(cfgs, dist: Dist, log_choice: bool = True) -> Precision:
 
 def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
     strategy = "HYBRID_SHARD" if fsdp_cfg.hsdp else fsdp_cfg.sharding_strategy
-    world = dist.world_size
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown --sharding_strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    world = dist.world_size  # the strategy name was validated by finetuning.check_supported
     dev = dist.device.type
     if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
         return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
