@@ -79,3 +79,14 @@ def test_batching_rule():
         resolve_batching(parse_args(["--micro_batch_size", "1", "--gradient_accumulation_steps", "2"]))
     with pytest.raises(UserError, match="multiple"):
         resolve_batching(parse_args(["--batch_size_training", "6", "--micro_batch_size", "4"]))
+
+
+def test_help_lists_every_field():
+    from shardtune.args import usage
+    from shardtune.configs import ALL_CONFIGS, field_names
+
+    text = usage()
+    for cls in ALL_CONFIGS:
+        assert f"{cls.__name__}:" in text
+        for name in field_names(cls):
+            assert f"--{name} " in text, name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+import dataclasses
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,20 @@ def load_yaml(cfgs: Configs, path: str) -> None:
                 _set(cfgs, f"{key}.{sub}", v)
         else:
             _set(cfgs, str(key), value)
+
+
+def usage() -> str:
+    """Every flag with its default, derived from the config dataclasses."""
+    lines = ["usage: llama_finetuning.py [--field value | --flag] ... [--config FILE.yaml]",
+             "Qualified names (--lora_config.r 16) work for every config; see README.md for meanings."]
+    for cls in ALL_CONFIGS:
+        lines.append(f"\n{cls.__name__}:")
+        lines += [f"  --{f.name} {_default(f)!r}" for f in fields(cls)]
+    return "\n".join(lines)
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def parse_args(argv: list[str]) -> Configs:

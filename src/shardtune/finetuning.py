@@ -32,7 +32,7 @@ import torch
 
 from . import adapters, checkpoint, data, device, model as model_lib, parallel, train
 from .anyprecision import AnyPrecisionAdamW
-from .args import parse_args
+from .args import parse_args, usage
 from .configs import Configs
 from .errors import UserError, exit_on_user_error
 from .logs import MetricsWriter, setup_logging
@@ -277,7 +277,11 @@ def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    cfgs = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+    cfgs = parse_args(argv)
     check_supported(cfgs)
     resolve_batching(cfgs)
     if cfgs.train.dataset not in data.DATASETS:
