@@ -18,8 +18,8 @@ METHODS = {"lora": lora, "llama_adapter": llama_adapter, "prefix": prefix}
 
 def wrap(model: torch.nn.Module, cfgs) -> PeftModel:
     method = cfgs.train.peft_method
-    if method not in ("lora", "llama_adapter", "prefix"):
-        raise UserError(f"unknown --peft_method {method!r}; choose lora, llama_adapter or prefix")
+    if method not in METHODS:
+        raise UserError(f"unknown --peft_method {method!r}; choose {', '.join(METHODS)}")
     return get_peft_model(model, METHODS[method].peft_config(cfgs.peft_config, model.config))
 
 
