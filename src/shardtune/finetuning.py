@@ -81,6 +81,7 @@ def resolve_batching(cfgs: Configs) -> Batching:
 def check_supported(cfgs: Configs) -> None:
     """Reject unknown values and contradictory combinations before any heavy work."""
     t, f = cfgs.train, cfgs.fsdp
+    data.check_flags(t)
     if t.quantization not in (None, "8bit", "4bit"):
         raise UserError(f"unknown --quantization {t.quantization!r}; choose 8bit or 4bit")
     if t.quantization and not t.use_peft:
@@ -94,8 +95,6 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError("--fsdp_cpu_offload needs --enable_fsdp")
     if f.sharding_strategy not in parallel.STRATEGIES:
         raise UserError(f"unknown --sharding_strategy {f.sharding_strategy!r}; choose one of {', '.join(parallel.STRATEGIES)}")
-    if t.batching_strategy not in ("packing", "padding"):
-        raise UserError(f"unknown --batching_strategy {t.batching_strategy!r}; choose packing or padding")
     if t.enable_fsdp and t.one_gpu:
         raise UserError("--one_gpu and --enable_fsdp contradict each other; drop one")
     if t.use_peft and t.freeze_layers:
@@ -109,8 +108,6 @@ def check_supported(cfgs: Configs) -> None:
     if t.save_optimizer and (t.use_peft or not t.enable_fsdp or f.checkpoint_type != "SHARDED_STATE_DICT"):
         raise UserError("--save_optimizer applies to full fine-tuning with --enable_fsdp and "
                         "checkpoint_type SHARDED_STATE_DICT (it is saved in the DCP checkpoint)")
-    if t.context_length < 2:
-        raise UserError("--context_length must be at least 2")
 
 
 def build_optimizer(params, cfgs: Configs) -> torch.optim.Optimizer:
@@ -233,7 +230,7 @@ def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
     for epoch in range(t.num_epochs):
         if t.max_train_step and state.step >= t.max_train_step:
             break
-        state.epoch, state.samples_seen = epoch, 0
+        state.epoch = epoch
         sampler.set_epoch(epoch)
         dist.reset_peak_memory()
         start = time.perf_counter()
@@ -284,8 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = parse_args(argv)
     check_supported(cfgs)
     resolve_batching(cfgs)
-    if cfgs.train.dataset not in data.DATASETS:
-        raise UserError(f"unknown dataset {cfgs.train.dataset!r}; choose one of: {', '.join(sorted(data.DATASETS))}")
     dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
     setup_logging(dist.rank)
     try:

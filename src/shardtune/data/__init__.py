@@ -48,7 +48,10 @@ class SplitData:
     collate_fn: Optional[Callable] = None
 
 
-def _check_flags(t) -> None:
+def check_flags(t) -> None:
+    """Validate the data flags of a train_config; cheap, so callers run it before heavy work."""
+    if t.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {t.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
     if t.batching_strategy not in BATCHING_STRATEGIES:
         raise UserError(f"unknown --batching_strategy {t.batching_strategy!r}; choose packing or padding")
     BadRecords(t.on_bad_record)  # validates the mode
@@ -57,11 +60,8 @@ def _check_flags(t) -> None:
 
 
 def _resolve(cfgs, split: str) -> Source:
-    name = cfgs.train.dataset
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     ds_cfg = cfgs.dataset
-    return DATASETS[name](ds_cfg, getattr(ds_cfg, "train_split" if split == "train" else "test_split"))
+    return DATASETS[cfgs.train.dataset](ds_cfg, getattr(ds_cfg, "train_split" if split == "train" else "test_split"))
 
 
 def _cache_path(cfgs, tokenizer, src: Source) -> Optional[Path]:
@@ -136,7 +136,7 @@ def _coordinated(dist, path: Optional[Path], split: str, build: Callable[[], tup
 def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:
     """split is 'train' or 'validation'; dist (a device.Dist) lets rank 0 build shared work first."""
     t = cfgs.train
-    _check_flags(t)
+    check_flags(t)
     src = _resolve(cfgs, split)
     if src.collator_factory is not None:
         return _custom_collated(src, tokenizer, t, split)
