@@ -34,7 +34,6 @@ class LoopState:
 
     epoch: int = 0
     step: int = 0  # optimizer steps done in the run
-    samples_seen: int = 0  # global samples consumed in the current epoch
 
 
 @dataclass
@@ -151,7 +150,7 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
             cfg.before_step(model, state)
         norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
-        state.samples_seen += loader.batch_sampler.global_batch
+        norm = torch.full_like(n_global, float("nan")) if norm is None else norm  # no host copy
         pending.append(torch.stack([step_loss / n_global, n_global, norm.to(n_global)]))
         bar.update(1)
         if len(pending) >= cfg.log_every:
@@ -162,13 +161,13 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     return (weighted / targets_total if targets_total else float("nan")), global_tokens, step_losses
 
 
-def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> torch.Tensor:
+def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> torch.Tensor | None:
     """Clip (global norm over all shards) and step; with a scaler, a step whose gradients
     hold inf/nan on any rank is skipped on every rank and the scale backs off. Returns the
-    pre-clip global gradient norm (NaN without clipping), still on the device."""
+    pre-clip global gradient norm (None without clipping), still on the device."""
     if scaler:
         scaler.unscale_(optimizer)
-    norm = torch.tensor(float("nan"))
+    norm = None
     if grad_clip:
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
         if isinstance(norm, DTensor):
