@@ -2,12 +2,10 @@
 and peft (exactly what a user would do) and generate a summary for one dialogue."""
 from __future__ import annotations
 
-import json
-from importlib import resources
 
 import torch
 
-from .data.samsum import PROMPT
+from .data.samsum import PROMPT, bundled_sample
 from .errors import UserError
 from .model import load_tokenizer, resolve_model_dir
 
@@ -27,8 +25,7 @@ def load_for_inference(model_name: str, peft_model: str | None):
 
 
 def sample_dialogue() -> str:
-    raw = resources.files("shardtune").joinpath("sample_data/samsum_sample.json").read_text(encoding="utf-8")
-    return json.loads(raw)["test"][0]["dialogue"]
+    return bundled_sample()["test"][0]["dialogue"]
 
 
 @torch.no_grad()

@@ -7,21 +7,20 @@ shardtune, so nothing is downloaded. Llama's special-token ids are kept
 """
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from .data.samsum import bundled_sample
 from .errors import UserError
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
 
 
 def bundled_text(splits: tuple[str, ...] = ("train", "validation", "test"), summaries: bool = True) -> list[str]:
-    raw = json.loads(resources.files("shardtune").joinpath("sample_data/samsum_sample.json").read_text(encoding="utf-8"))
+    raw = bundled_sample()
     texts = []
     for split in splits:
         for r in raw[split]:

@@ -29,6 +29,11 @@ def _sample_file():
     return resources.files("shardtune").joinpath("sample_data/samsum_sample.json")
 
 
+def bundled_sample() -> dict[str, list[dict]]:
+    """The sample shipped with shardtune: {"train"|"validation"|"test": [records]}."""
+    return json.loads(_sample_file().read_text(encoding="utf-8"))
+
+
 def _data_file(data_path: str, split: str) -> Path | None:
     """The local file of a split, or None for a hub id."""
     path = Path(data_path).expanduser()
@@ -58,7 +63,7 @@ def source(dataset_config, split: str) -> Source:
         name = f"bundled sample ({key})"
 
         def read_sample(tokenizer, bad: BadRecords) -> list[Example]:
-            splits = json.loads(_sample_file().read_text(encoding="utf-8"))
+            splits = bundled_sample()
             if key not in splits:
                 raise UserError(f"the bundled sample has no {key!r} split; choose train, validation or test")
             return _tokenize(valid_records(splits[key], FIELDS, name, bad), tokenizer)
