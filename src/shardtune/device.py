@@ -13,6 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: torch.distributed.fsdp has
+# `group=dist.group.WORLD` defaults that capture the live group when imported after
+# init_process_group (transformers imports it lazily). That hidden reference keeps gloo's
+# worker threads alive past destroy_process_group, and one still releasing a tensor at
+# interpreter exit aborts the process ("terminate called without an active exception").
+import torch.distributed.fsdp  # noqa: F401
 
 from .errors import UserError
 
