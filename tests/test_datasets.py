@@ -190,7 +190,9 @@ def test_custom_collator_batches_carry_counts(tmp_path, llama2_tok):
     cfgs = _custom_cfgs(f, "--context_length", "64")
     split = build_split(cfgs, llama2_tok, "train")
     assert split.collate_fn is not None
-    loader, _ = train_loader(split, 3, 1, 1, 0, 0, llama2_tok.pad_token_id, 0)
+    # one spawned worker: the collator pickles as (file, tokenizer) and is rebuilt there
+    loader, _ = train_loader(split, 3, 1, 1, 0, 0, llama2_tok.pad_token_id, 1)
+    assert loader.multiprocessing_context.get_start_method() != "fork"  # forking a threaded process can hang
     (batch,) = list(loader)
     assert batch["input_ids"].shape[1] % 8 == 0  # the user's collator built it
     assert batch["num_targets"] == sum(sum(l != -100 for l in it["labels"][1:]) for it in split.dataset.items)

@@ -10,9 +10,6 @@ from torch.distributed.tensor import DTensor
 from shardtune import device, finetuning
 from shardtune.args import parse_args
 
-out_file, argv = sys.argv[1], sys.argv[2:]
-cfgs = parse_args(argv)
-dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
 record: dict[str, torch.Tensor] = {}
 
 
@@ -30,9 +27,13 @@ def before_step(model, state):
         (g.to_local() if isinstance(g, DTensor) else g).view(-1)[0] = float("inf")
 
 
-result = finetuning.run(cfgs, dist, before_step=before_step)
-trainable = [p for p in result.peft_model.parameters() if p.requires_grad]
-for i, p in enumerate(trainable):
-    record[f"final_{i}"] = local(p)
-save_file(record, f"{out_file}.rank{dist.rank}")
-device.teardown()
+if __name__ == "__main__":  # spawned DataLoader workers import this file too
+    out_file, argv = sys.argv[1], sys.argv[2:]
+    cfgs = parse_args(argv)
+    dist = device.setup(require_distributed=cfgs.train.enable_fsdp)  # read by before_step
+    result = finetuning.run(cfgs, dist, before_step=before_step)
+    trainable = [p for p in result.peft_model.parameters() if p.requires_grad]
+    for i, p in enumerate(trainable):
+        record[f"final_{i}"] = local(p)
+    save_file(record, f"{out_file}.rank{dist.rank}")
+    device.teardown()

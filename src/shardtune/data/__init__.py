@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,6 +149,11 @@ def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:
     return SplitData(dataset, stats, src.name, lengths)
 
 
+def _checked_collator(collator: custom.CustomCollator) -> custom.CustomCollator:
+    collator.user_collate()  # the user's get_data_collator fails here, before training
+    return collator
+
+
 def _custom_collated(src: Source, tokenizer, t, split: str) -> SplitData:
     """A custom file with get_data_collator: one example per row, batched by its collator."""
     bad = BadRecords(t.on_bad_record)
@@ -160,7 +166,7 @@ def _custom_collated(src: Source, tokenizer, t, split: str) -> SplitData:
     _log_summary(split, src.name, stats, t, None)
     dataset = ExampleDataset(items)
     lengths = dataset.lengths() if t.batching_strategy == "padding" else None
-    return SplitData(dataset, stats, src.name, lengths, custom.wrap_collator(src.collator_factory(tokenizer)))
+    return SplitData(dataset, stats, src.name, lengths, _checked_collator(src.collator_factory(tokenizer)))
 
 
 def _check_not_empty(stats: PackStats, source: str, split: str, context_length: int) -> None:
@@ -207,12 +213,25 @@ def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int
             f"{sampler.global_batch} (micro batch {micro} x {world} ranks x {accum} accumulation); "
             "lower --batch_size_training or use more data"
         )
-    loader = DataLoader(split.dataset, batch_sampler=sampler, num_workers=num_workers,
-                        collate_fn=_collate_fn(split, pad_id))
-    return loader, sampler
+    return _loader(split, sampler, pad_id, num_workers), sampler
 
 
 def eval_loader(split: SplitData, batch: int, world: int, rank: int, pad_id: int, num_workers: int) -> DataLoader:
     sampler = EvalSampler(len(split.dataset), batch, world, rank)
-    return DataLoader(split.dataset, batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=_collate_fn(split, pad_id))
+    return _loader(split, sampler, pad_id, num_workers)
+
+
+def _loader(split: SplitData, batch_sampler, pad_id: int, num_workers: int) -> DataLoader:
+    return DataLoader(split.dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      collate_fn=_collate_fn(split, pad_id), **_worker_options(num_workers))
+
+
+def _worker_options(num_workers: int) -> dict:
+    # Workers are not forked from this process: by now it runs communication threads (gloo
+    # or NCCL, tqdm), and a fork taken while one of them holds a lock leaves the worker
+    # deadlocked and training hung. A fork server (a fresh single-threaded process) or spawn
+    # starts them instead; persistent, so that start cost is paid once per run.
+    if num_workers == 0:
+        return {}
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return {"multiprocessing_context": method, "persistent_workers": True}

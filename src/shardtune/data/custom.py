@@ -11,13 +11,14 @@ Custom splits are not cached: shardtune cannot see what the user's code reads.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -43,9 +44,13 @@ def parse_file_spec(spec: str) -> tuple[Path, str]:
     return path, func or DEFAULT_FUNCTION
 
 
+def _module_name(path: Path) -> str:
+    return "shardtune_custom_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+
+
 def load_module(path: Path) -> ModuleType:
     """Execute the user's file as a module (it is code: this runs it)."""
-    name = "shardtune_custom_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # as importlib's recipe does: dataclasses and pickle look modules up here
@@ -114,15 +119,31 @@ def source(dataset_config, split: str) -> Source:
     def read(tokenizer, bad: BadRecords) -> list[Example]:
         return examples_from(func(dataset_config, tokenizer, split), where, len(tokenizer), bad)
 
-    factory = getattr(module, COLLATOR_FUNCTION, None)
-    return Source(where, None, f"custom:{path}:{func_name}", read, factory if callable(factory) else None)
+    has_collator = callable(getattr(module, COLLATOR_FUNCTION, None))
+    return Source(where, None, f"custom:{path}:{func_name}", read,
+                  functools.partial(CustomCollator, path) if has_collator else None)
 
 
-def wrap_collator(user_collate: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
-    """Adapt a user's collator to what the training loop reads: it adds num_targets and
-    num_tokens, and gives eval filler items (see ChunkDataset) all -100 labels."""
+class CustomCollator:
+    """The user's get_data_collator(tokenizer), adapted to what the training loop reads: it
+    adds num_targets and num_tokens, and gives eval filler items (see ChunkDataset) all -100
+    labels. DataLoader workers are spawned, so this pickles as (file, tokenizer) and a worker
+    rebuilds the user's collator by running the user's file again."""
 
-    def collate(items: list[dict]) -> dict:
+    def __init__(self, path: Path, tokenizer) -> None:
+        self.path, self.tokenizer = path, tokenizer
+        self._user: Optional[Callable[[list[dict]], dict]] = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "tokenizer": self.tokenizer, "_user": None}
+
+    def user_collate(self) -> Callable[[list[dict]], dict]:
+        if self._user is None:
+            module = sys.modules.get(_module_name(self.path)) or load_module(self.path)
+            self._user = getattr(module, COLLATOR_FUNCTION)(self.tokenizer)
+        return self._user
+
+    def __call__(self, items: list[dict]) -> dict:
         real_tokens = sum(len(it["input_ids"]) for it in items if not it.get("dummy"))
         cleaned = []
         for it in items:
@@ -130,11 +151,10 @@ def wrap_collator(user_collate: Callable[[list[dict]], dict]) -> Callable[[list[
             if it.get("dummy"):
                 plain["labels"] = [IGNORE_INDEX] * len(plain["labels"])
             cleaned.append(plain)
-        batch = {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in dict(user_collate(cleaned)).items()}
+        batch = {k: torch.as_tensor(v) if isinstance(v, list) else v
+                 for k, v in dict(self.user_collate()(cleaned)).items()}
         if "input_ids" not in batch or "labels" not in batch:
             raise UserError("the custom get_data_collator must return a batch with input_ids and labels")
         batch["num_targets"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         batch["num_tokens"] = real_tokens
         return batch
-
-    return collate

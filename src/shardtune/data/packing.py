@@ -107,7 +107,7 @@ def fit(examples: list[Example], context_length: int) -> tuple[list[dict], PackS
 
 class ChunkDataset(Dataset):
     """Chunks stored flat (one tensor per field plus offsets): compact, cheap to cache,
-    and shared copy-on-write with DataLoader workers."""
+    and handed to DataLoader workers through shared memory."""
 
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
                  offsets: torch.Tensor) -> None:

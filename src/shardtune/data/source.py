@@ -22,7 +22,7 @@ class Source:
     fingerprint: Optional[str]
     template: str  # prompt template(s); part of the cache key
     read: ReadFn
-    # A custom dataset's get_data_collator(tokenizer), when its file defines one.
+    # tokenizer -> the batch collator, when a custom dataset's file defines get_data_collator.
     collator_factory: Optional[Callable[[Any], Callable]] = None
 
 
