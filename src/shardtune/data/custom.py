@@ -127,7 +127,7 @@ def source(dataset_config, split: str) -> Source:
 class CustomCollator:
     """The user's get_data_collator(tokenizer), adapted to what the training loop reads: it
     adds num_targets and num_tokens, and gives eval filler items (see ChunkDataset) all -100
-    labels. DataLoader workers are spawned, so this pickles as (file, tokenizer) and a worker
+    labels. DataLoader workers start as fresh processes, so this pickles as (file, tokenizer) and a worker
     rebuilds the user's collator by running the user's file again."""
 
     def __init__(self, path: Path, tokenizer) -> None:
