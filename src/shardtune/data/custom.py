@@ -127,8 +127,8 @@ def source(dataset_config, split: str) -> Source:
 class CustomCollator:
     """The user's get_data_collator(tokenizer), adapted to what the training loop reads: it
     adds num_targets and num_tokens, and gives eval filler items (see ChunkDataset) all -100
-    labels. DataLoader workers start as fresh processes, so this pickles as (file, tokenizer) and a worker
-    rebuilds the user's collator by running the user's file again."""
+    labels. DataLoader workers start as fresh processes, so this pickles as (file, tokenizer)
+    and a worker rebuilds the user's collator by running the user's file again."""
 
     def __init__(self, path: Path, tokenizer) -> None:
         self.path, self.tokenizer = path, tokenizer
