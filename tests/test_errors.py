@@ -23,41 +23,41 @@ def _bad_samsum_dir(tmp_path, train_text):
 BASE = ["--use_peft", "--peft_method", "lora", "--max_train_step", "1"]
 
 
+def _train_on(tmp_path, tiny_model, samsum_dir):
+    return python(SHIM, BASE + ["--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o"),
+                                "--samsum_dataset.data_path", str(samsum_dir)])
+
+
 def test_missing_model_dir(tmp_path):
     proc = python(SHIM, BASE + ["--model_name", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")])
     _assert_one_line_error(proc, "does not exist")
 
 
 def test_missing_data_file(tmp_path, tiny_model):
-    proc = python(SHIM, BASE + ["--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o"),
-                                "--samsum_dataset.data_path", str(tmp_path / "missing")])
+    proc = _train_on(tmp_path, tiny_model, tmp_path / "missing")
     _assert_one_line_error(proc, "does not exist")
     d = tmp_path / "only_train"
     d.mkdir()
     (d / "train.json").write_text('[{"id": "1", "dialogue": "A: hi", "summary": "A says hi."}]')
-    proc = python(SHIM, BASE + ["--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o"),
-                                "--samsum_dataset.data_path", str(d)])
+    proc = _train_on(tmp_path, tiny_model, d)
     _assert_one_line_error(proc, "no val.json")
 
 
 def test_empty_split(tmp_path, tiny_model):
     d = _bad_samsum_dir(tmp_path, "[]")
-    proc = python(SHIM, BASE + ["--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o"),
-                                "--samsum_dataset.data_path", str(d)])
+    proc = _train_on(tmp_path, tiny_model, d)
     _assert_one_line_error(proc, "the train split has no usable examples")
 
 
 def test_malformed_json(tmp_path, tiny_model):
     d = _bad_samsum_dir(tmp_path, '[{"id": "1", "dialogue": "A: hi", "summary": "ok"},\n {"id": "2", "dialogue": ')
-    proc = python(SHIM, BASE + ["--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o"),
-                                "--samsum_dataset.data_path", str(d)])
+    proc = _train_on(tmp_path, tiny_model, d)
     _assert_one_line_error(proc, "train.json: invalid JSON at line 2")
 
 
 def test_missing_field_names_file_and_record(tmp_path, tiny_model):
     d = _bad_samsum_dir(tmp_path, '[{"id": "1", "dialogue": "A: hi", "summary": "ok"}, {"id": "2", "dialogue": "B: yo"}]')
-    proc = python(SHIM, BASE + ["--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o"),
-                                "--samsum_dataset.data_path", str(d)])
+    proc = _train_on(tmp_path, tiny_model, d)
     _assert_one_line_error(proc, "train.json: record 1: missing field 'summary'")
 
 
