@@ -79,3 +79,30 @@ def test_enable_fsdp_without_torchrun(tmp_path, tiny_model):
 def test_flag_errors(tmp_path, flags, needle):
     proc = python(SHIM, BASE + ["--model_name", str(tmp_path)] + flags)
     _assert_one_line_error(proc, needle)
+
+
+def test_error_line_is_one_write(monkeypatch):
+    """Ranks share an unbuffered stderr: a line written in two pieces (text, then newline)
+    can interleave with another rank's line, as it did in CI."""
+    from shardtune.errors import UserError, exit_on_user_error
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+
+        def flush(self):
+            pass
+
+    stderr = Recorder()
+    monkeypatch.setattr("sys.stderr", stderr)
+    monkeypatch.setenv("RANK", "1")
+
+    @exit_on_user_error
+    def fails():
+        raise UserError("bad value; fix it")
+
+    assert fails() == 2
+    assert stderr.writes == ["shardtune: error: [rank 1] bad value; fix it\n"]

@@ -11,6 +11,13 @@ class UserError(Exception):
     """Something the user can fix. The message says what is wrong and what to do."""
 
 
+def _say(line: str) -> None:
+    # One write per line: print() writes the text and the newline separately, and on an
+    # unbuffered stderr that several ranks share, their error lines would interleave.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -19,10 +26,10 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as err:
             rank = os.environ.get("RANK")
             where = f"[rank {rank}] " if rank not in (None, "0") else ""
-            print(f"shardtune: error: {where}{err}", file=sys.stderr, flush=True)
+            _say(f"shardtune: error: {where}{err}")
             return 2
         except KeyboardInterrupt:
-            print("shardtune: interrupted", file=sys.stderr)
+            _say("shardtune: interrupted")
             return 130
 
     return wrapper
