@@ -50,7 +50,11 @@ class train_config:
     save_model: bool = True
     dist_checkpoint_root_folder: str = "PATH/to/save/FSDP/model"
     dist_checkpoint_folder: str = "fine-tuned"
-    save_optimizer: bool = False
+    save_optimizer: bool = False  # kept for llama-recipes; step checkpoints always hold the optimizer
+    save_steps: int = 0  # a step checkpoint every N optimizer steps; 0 = only at epoch ends
+    save_total_limit: int = 2  # newest step checkpoints kept (plus best/); 0 = keep all
+    resume: str = ""  # auto = newest complete checkpoint (or a fresh start); or a step_NNNNNN path
+    overwrite_output_dir: bool = False  # replace a previous run's outputs and checkpoints
     save_metrics: bool = False
     log_every: int = 10  # optimizer steps between progress-bar loss updates
 

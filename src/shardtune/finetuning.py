@@ -6,9 +6,14 @@
 Features and the flags that turn them on:
   * FSDP2 sharding per decoder layer ........ --enable_fsdp, --sharding_strategy, --hsdp
   * DDP (world size > 1 without FSDP) ....... torchrun without --enable_fsdp
-  * LoRA through peft ....................... --use_peft --peft_method lora, --lora_config.*
-  * bf16 mixed precision .................... --mixed_precision (default on GPUs with bf16)
+  * PEFT through peft ....................... --use_peft --peft_method lora|llama_adapter|prefix,
+                                              --lora_config.* / --llama_adapter_config.* / --prefix_config.*
+  * full fine-tuning, first layers frozen ... (no --use_peft), --freeze_layers --num_freeze_layers
+  * 8-bit / 4-bit (QLoRA) base weights ...... --quantization 8bit|4bit (one process)
+  * precisions .............................. --mixed_precision (bf16), --use_fp16 (grad scaler),
+                                              --pure_bf16, --optimizer anyprecision (Kahan sums)
   * activation checkpointing ................ --fsdp_activation_checkpointing (with FSDP)
+  * CPU offload of shards ................... --fsdp_cpu_offload
   * gradient accumulation without reduce .... --batch_size_training / --micro_batch_size,
                                               or --gradient_accumulation_steps
   * gradient clipping (global norm) ......... --gradient_clipping --gradient_clipping_threshold
@@ -16,36 +21,40 @@ Features and the flags that turn them on:
   * validation each epoch ................... --run_validation --val_batch_size --max_eval_step
   * step limit .............................. --max_train_step
   * metrics as JSON lines ................... --save_metrics (output_dir/metrics.jsonl)
+  * step checkpoints (DCP, atomic) .......... --save_steps N, --save_total_limit K, best/ by eval loss
+  * exact resume, also at another world size  --resume auto|PATH
+  * preemption (SIGTERM, SIGUSR1) ........... always on: finish the step, checkpoint, exit 0
+  * non-finite loss / grad norm guard ....... always on: stop, keep the last good checkpoint
+  * output_dir protection ................... --overwrite_output_dir
 
-Shape: setup (config -> data -> model+peft -> parallel) -> fit (epochs of train +
-validate) -> save.
+Shape: setup (config -> data -> model+peft -> parallel -> optimizer -> resume) -> fit
+(epochs of train + validate, step checkpoints, signals) -> save (final outputs).
 """
 from __future__ import annotations
 
+import copy
+import faulthandler
+import hashlib
 import logging
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from . import adapters, checkpoint, data, device, model as model_lib, parallel, train
 from .anyprecision import AnyPrecisionAdamW
 from .args import parse_args, usage
+from .checkpoint import manifest, state as ckpt_state
 from .configs import Configs
 from .errors import UserError, exit_on_user_error
 from .logs import MetricsWriter, setup_logging
+from .preempt import StopRequest
 
 log = logging.getLogger("shardtune.finetuning")
-
-
-@dataclass
-class RunResult:
-    epochs: list[dict]
-    steps: int
-    train_model: torch.nn.Module  # what ran forward/backward (FSDP/DDP-wrapped)
-    peft_model: torch.nn.Module  # the unwrapped PEFT model
 
 
 @dataclass(frozen=True)
@@ -105,9 +114,130 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError("--from_peft_checkpoint needs --use_peft")
     if f.checkpoint_type not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
         raise UserError(f"unknown --checkpoint_type {f.checkpoint_type!r}; choose SHARDED_STATE_DICT or FULL_STATE_DICT")
-    if t.save_optimizer and (t.use_peft or not t.enable_fsdp or f.checkpoint_type != "SHARDED_STATE_DICT"):
-        raise UserError("--save_optimizer applies to full fine-tuning with --enable_fsdp and "
-                        "checkpoint_type SHARDED_STATE_DICT (it is saved in the DCP checkpoint)")
+    if t.save_steps < 0 or t.save_total_limit < 0:
+        raise UserError("--save_steps and --save_total_limit must be >= 0 (0 = off / keep all)")
+
+
+
+
+@dataclass
+class Recipe:
+    """Everything setup builds and fit trains; `state` is what a checkpoint carries."""
+
+    cfgs: Configs  # resolved: derived choices made, the caller's object untouched
+    dist: device.Dist
+    batching: Batching
+    spec: model_lib.ModelSpec
+    tokenizer: object
+    train_split: data.SplitData
+    eval_split: Optional[data.SplitData]
+    loader: torch.utils.data.DataLoader
+    sampler: data.GlobalBatchSampler
+    eval_loader: Optional[torch.utils.data.DataLoader]
+    train_model: torch.nn.Module  # what runs forward/backward (FSDP/DDP-wrapped)
+    peft_model: torch.nn.Module  # the unwrapped (PEFT) model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loop_cfg: train.LoopConfig
+    state: train.LoopState
+    metrics: MetricsWriter
+    run_dir: Path  # this run's step checkpoints
+    epochs: list[dict] = field(default_factory=list)
+    last_checkpoint: Optional[Path] = None
+
+
+@dataclass
+class RunResult:
+    epochs: list[dict]
+    steps: int
+    train_model: torch.nn.Module
+    peft_model: torch.nn.Module
+    stopped_by: Optional[str] = None  # the signal that stopped the run, if one did
+
+
+# ---- setup ----------------------------------------------------------------------------
+
+def resolve(cfgs: Configs) -> Configs:
+    """A copy with the derived choices made, so nothing downstream mutates the caller's."""
+    cfgs = copy.deepcopy(cfgs)
+    t = cfgs.train
+    unpacked = t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
+    if unpacked and t.batching_strategy == "packing":
+        log.info("%s: the learned prefix is a KV cache, so examples are not packed; using batching_strategy=padding", t.peft_method)
+        t.batching_strategy = "padding"
+    return cfgs
+
+
+def checkpoint_dir(cfgs: Configs) -> Path:
+    """llama-recipes' ROOT/FOLDER-MODELNAME; ROOT defaults to output_dir/checkpoints while
+    dist_checkpoint_root_folder keeps its placeholder default."""
+    t = cfgs.train
+    root = (Path(t.dist_checkpoint_root_folder) if cfgs.was_set(t, "dist_checkpoint_root_folder")
+            else Path(t.output_dir) / "checkpoints")
+    return root / f"{t.dist_checkpoint_folder}-{Path(t.model_name.rstrip('/')).name}"
+
+
+def find_resume(cfgs: Configs, run_dir: Path) -> Optional[ckpt_state.Checkpoint]:
+    resume = cfgs.train.resume
+    if not resume:
+        return None
+    if resume == "auto":
+        steps = ckpt_state.complete_steps(run_dir)
+        return ckpt_state.open_checkpoint(steps[-1]) if steps else None
+    return ckpt_state.open_checkpoint(Path(resume))
+
+
+def model_fingerprint(spec: model_lib.ModelSpec) -> str:
+    return hashlib.sha256(spec.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+
+
+def check_resumable(ckpt: ckpt_state.Checkpoint, cfgs: Configs, spec: model_lib.ModelSpec) -> None:
+    t, saved = cfgs.train, ckpt.info
+    if saved["model"]["config_sha256"] != model_fingerprint(spec):
+        raise UserError(f"{ckpt.path} was trained from another model ({saved['model']['path']}); "
+                        "pass the same --model_name to resume it")
+    method = t.peft_method if t.use_peft else None
+    if saved["peft_method"] != method:
+        raise UserError(f"{ckpt.path} holds a {saved['peft_method'] or 'full fine-tuning'} run; resume it with "
+                        "the same --use_peft/--peft_method")
+
+
+def batching_for(cfgs: Configs, world: int, ckpt: Optional[ckpt_state.Checkpoint]) -> Batching:
+    """The configured split, or, when resuming, one that keeps the checkpoint's global batch
+    (the data position is in global samples): micro batch x accumulation adapt to the world."""
+    batching = resolve_batching(cfgs)
+    if ckpt is None:
+        return batching
+    saved = int(ckpt.info["global_batch"])
+    if batching.micro * batching.accum * world == saved:
+        return batching
+    if saved % world:
+        valid = [w for w in range(1, saved + 1) if saved % w == 0]
+        raise UserError(f"{ckpt.path} was trained with global batch {saved}, which {world} ranks cannot split; "
+                        f"resume with a world size in {valid}")
+    share = saved // world
+    micro = max(m for m in range(1, min(batching.micro, share) + 1) if share % m == 0)
+    log.info("resuming global batch %d on %d ranks: micro batch %d x %d accumulation", saved, world, micro, share // micro)
+    return Batching(micro=micro, accum=share // micro)
+
+
+def prepare_dirs(cfgs: Configs, dist: device.Dist, run_dir: Path) -> None:
+    """Claim output_dir and the checkpoint folder before any heavy work: never mix with,
+    or delete, another run's files unless --overwrite_output_dir says so."""
+    t = cfgs.train
+    if dist.is_main:
+        checkpoint.claim_output_dir(t.output_dir, resume=bool(t.resume), overwrite=t.overwrite_output_dir)
+        checkpoint.check_writable(str(run_dir), "--dist_checkpoint_root_folder")
+        manifest.clean_stale(run_dir)
+        existing = ckpt_state.complete_steps(run_dir)
+        if existing and not t.resume:
+            if not t.overwrite_output_dir:
+                raise UserError(f"{run_dir} already holds checkpoints of a run (newest {existing[-1].name}); pass "
+                                "--resume auto to continue it, --overwrite_output_dir to discard them, or another "
+                                "--dist_checkpoint_folder")
+            for path in existing + [run_dir / ckpt_state.BEST]:
+                manifest.remove(path)
+    dist.barrier()
 
 
 def build_optimizer(params, cfgs: Configs) -> torch.optim.Optimizer:
@@ -179,29 +309,31 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
     return model, model
 
 
-def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
-    """before_step(model, state): optional hook after backward, before each optimizer step."""
+
+
+def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> Recipe:
+    """Config -> data -> model (+PEFT, sharded) -> optimizer -> resumed state."""
+    cfgs = resolve(cfgs)
     t = cfgs.train
-    batching = resolve_batching(cfgs)
+    run_dir = checkpoint_dir(cfgs)
+    ckpt = find_resume(cfgs, run_dir)
+    batching = batching_for(cfgs, dist.world_size, ckpt)
     spec = model_lib.load_spec(t.model_name)
+    if ckpt:
+        check_resumable(ckpt, cfgs, spec)
     tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
-    if dist.is_main:
-        checkpoint.check_writable(t.output_dir)  # fail before any heavy work
+    prepare_dirs(cfgs, dist, run_dir)
     precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
     if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
         log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
-    unpacked = t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
-    if unpacked and t.batching_strategy == "packing":
-        log.info("%s: the learned prefix is a KV cache, so examples are not packed; using batching_strategy=padding", t.peft_method)
-        t.batching_strategy = "padding"
 
     train_split = data.build_split(cfgs, tokenizer, "train", dist)
     eval_split = data.build_split(cfgs, tokenizer, "validation", dist) if t.run_validation else None
     pad_id = tokenizer.pad_token_id
     loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size,
                                         dist.rank, t.seed, pad_id, t.num_workers_dataloader)
-    eval_dl = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank, pad_id,
-                                t.num_workers_dataloader) if eval_split else None)
+    eval_loader = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank, pad_id,
+                                    t.num_workers_dataloader) if eval_split else None)
     log.info("global batch %d = micro batch %d x %d ranks x %d accumulation; %d steps per epoch (%d sequences past the last full batch are left to the next shuffle)",
              sampler.global_batch, batching.micro, dist.world_size, batching.accum,
              sampler.steps_per_epoch, sampler.dropped_per_epoch)
@@ -213,7 +345,7 @@ def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
     log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
     optimizer = build_optimizer(trainable, cfgs)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
-    metrics = MetricsWriter(Path(t.output_dir) / "metrics.jsonl" if t.save_metrics and dist.is_main else None)
+    unpacked = t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
     loop_cfg = train.LoopConfig(
         accum=batching.accum, world=dist.world_size, max_train_step=t.max_train_step,
         max_eval_step=t.max_eval_step,
@@ -222,54 +354,184 @@ def run(cfgs: Configs, dist: device.Dist, before_step=None) -> RunResult:
         autocast_dtype=(precision.compute if precision.compute != precision.storage and not t.enable_fsdp
                         else None),
         grad_scaler=build_grad_scaler(cfgs, dist, precision),
-        mask_from_positions=unpacked,
-        before_step=before_step,
+        mask_from_positions=unpacked, global_batch=sampler.global_batch, before_step=before_step,
     )
-    state = train.LoopState()
-    results = []
-    for epoch in range(t.num_epochs):
-        if t.max_train_step and state.step >= t.max_train_step:
-            break
-        state.epoch = epoch
-        sampler.set_epoch(epoch)
-        dist.reset_peak_memory()
-        start = time.perf_counter()
-        train_loss, tokens, step_losses = train.train_epoch(
-            train_model, loader, optimizer, dist, loop_cfg, state, metrics, scheduler.get_last_lr()[0])
-        dist.synchronize()
-        elapsed = time.perf_counter() - start
-        eval_loss = train.evaluate(train_model, eval_dl, dist, loop_cfg) if eval_dl else None
-        peaks = train.peak_memory_all_ranks(dist)
-        scheduler.step()
-        summary = {
-            "epoch": epoch + 1, "steps": len(step_losses), "train_loss": train_loss,
-            "train_perplexity": train.perplexity(train_loss), "eval_loss": eval_loss,
-            "eval_perplexity": train.perplexity(eval_loss) if eval_loss is not None else None,
-            "epoch_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
-            "peak_memory_mib_per_rank": [round(p / 2**20, 1) for p in peaks],
-        }
-        results.append(summary)
-        metrics.write("epoch", **summary)
-        eval_txt = (f" eval loss {eval_loss:.4f} ppl {summary['eval_perplexity']:.2f}" if eval_loss is not None else "")
-        log.info("epoch %d: train loss %.4f ppl %.2f%s | %.1fs, %.0f tokens/s, peak memory per rank (MiB) %s",
-                 epoch + 1, train_loss, summary["train_perplexity"], eval_txt, elapsed,
-                 summary["tokens_per_s"], summary["peak_memory_mib_per_rank"])
-    if t.save_model and t.use_peft:
-        checkpoint.save_adapter(peft_model, t.output_dir, dist,
+    metrics = MetricsWriter(Path(t.output_dir) / "metrics.jsonl" if t.save_metrics and dist.is_main else None)
+    recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loader,
+                    train_model, peft_model, optimizer, scheduler, loop_cfg, train.LoopState(), metrics, run_dir)
+    if ckpt:
+        restore(recipe, ckpt)
+    elif t.resume == "auto":
+        log.info("--resume auto: no complete checkpoint in %s; starting fresh", run_dir)
+        metrics.rewind(0, 0)  # a first attempt that died before its first checkpoint
+    return recipe
+
+
+def restore(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
+    """Parameters and optimizer (resharded to this world), scheduler, scaler, loop state,
+    then the RNG last, so nothing after it draws a number before the first step."""
+    info = ckpt.info
+    ckpt_state.load(ckpt, recipe.train_model, recipe.optimizer)
+    recipe.scheduler.load_state_dict(info["scheduler"])
+    for group, lr in zip(recipe.optimizer.param_groups, info["lrs"]):
+        group["lr"] = lr
+    if recipe.loop_cfg.grad_scaler is not None and info["grad_scaler"]:
+        recipe.loop_cfg.grad_scaler.load_state_dict(info["grad_scaler"])
+    recipe.state = train.LoopState(**info["loop"])
+    recipe.metrics.rewind(recipe.state.step, recipe.state.epoch)
+    same_world = ckpt_state.restore_rng(ckpt, recipe.dist)
+    recipe.last_checkpoint = ckpt.path
+    log.info("resumed from %s: step %d, epoch %d, %d samples into it%s", ckpt.path, recipe.state.step,
+             recipe.state.epoch + 1, recipe.state.samples_in_epoch,
+             "" if same_world else f" (saved at world size {info['world_size']}, now {recipe.dist.world_size})")
+
+
+# ---- fit ------------------------------------------------------------------------------
+
+def fit(recipe: Recipe) -> Optional[str]:
+    """Epochs of train + validate with step checkpoints. Returns the name of the signal
+    that stopped the run (after its checkpoint), or None when training completed."""
+    t = recipe.cfgs.train
+    with StopRequest() as stop:
+        recipe.loop_cfg.after_step = lambda state, sync: after_step(recipe, stop, sync)
+        for epoch in range(recipe.state.epoch, t.num_epochs):
+            if t.max_train_step and recipe.state.step >= t.max_train_step:
+                break
+            recipe.state.epoch = epoch
+            if not fit_epoch(recipe):
+                return stop.signal_name or "a signal on another rank"
+    return None
+
+
+def after_step(recipe: Recipe, stop: StopRequest, sync: Callable[[], None]) -> bool:
+    """Runs after every optimizer step: step checkpoints, and the stop on a signal."""
+    t, state = recipe.cfgs.train, recipe.state
+    stopping = stop.agreed(recipe.dist)
+    if stopping or (t.save_steps and state.step % t.save_steps == 0):
+        sync()  # log the pending steps; a non-finite one stops the run before the save
+        save_checkpoint(recipe)
+    if stopping:
+        log.warning("stopping after step %d on %s: checkpoint %s; continue with --resume auto",
+                    state.step, stop.signal_name or "a signal on another rank", recipe.last_checkpoint)
+    return stopping
+
+
+def fit_epoch(recipe: Recipe) -> bool:
+    """One epoch from the data position in `state`; False when a signal stopped it."""
+    r, t, state = recipe, recipe.cfgs.train, recipe.state
+    r.sampler.set_epoch(state.epoch, start=state.samples_in_epoch)
+    r.dist.reset_peak_memory()
+    start = time.perf_counter()
+    if train.train_epoch(r.train_model, r.loader, r.optimizer, r.dist, r.loop_cfg, state, r.metrics,
+                         r.scheduler.get_last_lr()[0]):
+        return False
+    r.dist.synchronize()
+    elapsed = time.perf_counter() - start
+    eval_loss = train.evaluate(r.train_model, r.eval_loader, r.dist, r.loop_cfg) if r.eval_loader else None
+    peaks = train.peak_memory_all_ranks(r.dist)
+    summary = {
+        "epoch": state.epoch + 1, "steps": state.samples_in_epoch // r.sampler.global_batch,
+        "train_loss": state.epoch_loss, "train_perplexity": train.perplexity(state.epoch_loss),
+        "eval_loss": eval_loss,
+        "eval_perplexity": train.perplexity(eval_loss) if eval_loss is not None else None,
+        "epoch_time_s": elapsed, "tokens_per_s": state.epoch_tokens / elapsed if elapsed else 0.0,
+        "peak_memory_mib_per_rank": [round(p / 2**20, 1) for p in peaks],
+    }
+    r.epochs.append(summary)
+    r.metrics.write("epoch", **summary)
+    eval_txt = (f" eval loss {eval_loss:.4f} ppl {summary['eval_perplexity']:.2f}" if eval_loss is not None else "")
+    log.info("epoch %d: train loss %.4f ppl %.2f%s | %.1fs, %.0f tokens/s, peak memory per rank (MiB) %s",
+             state.epoch + 1, state.epoch_loss, summary["train_perplexity"], eval_txt, elapsed,
+             summary["tokens_per_s"], summary["peak_memory_mib_per_rank"])
+    if state.samples_in_epoch >= r.sampler.steps_per_epoch * r.sampler.global_batch:
+        # a whole epoch (not one cut short by max_train_step, which a resume may continue)
+        r.scheduler.step()
+        state.end_epoch()
+    if t.save_model:
+        save_checkpoint(recipe, eval_loss)
+    return True
+
+
+def checkpoint_info(recipe: Recipe) -> dict:
+    t, r = recipe.cfgs.train, recipe
+    scaler = r.loop_cfg.grad_scaler
+    return {
+        "loop": asdict(r.state),
+        "scheduler": r.scheduler.state_dict(),
+        "lrs": [group["lr"] for group in r.optimizer.param_groups],
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "world_size": r.dist.world_size, "global_batch": r.sampler.global_batch,
+        "micro_batch": r.batching.micro, "accumulation": r.batching.accum,
+        "model": {"path": str(r.spec.model_dir), "config_sha256": model_fingerprint(r.spec)},
+        "peft_method": t.peft_method if t.use_peft else None,
+        "config": {type(c).__name__: asdict(c) for c in r.cfgs.all()},
+    }
+
+
+def save_checkpoint(recipe: Recipe, eval_loss: Optional[float] = None) -> Path:
+    """A step checkpoint (collective); with an eval loss, best/ follows the lowest one."""
+    r, t, state = recipe, recipe.cfgs.train, recipe.state
+    require_finite(recipe)
+    best = eval_loss is not None and (state.best_eval_loss is None or eval_loss < state.best_eval_loss)
+    if best:
+        state.best_eval_loss, state.best_step = eval_loss, state.step
+    path = ckpt_state.save(r.run_dir, state.step, r.train_model, r.optimizer, checkpoint_info(r), r.dist)
+    if r.dist.is_main:
+        if best:
+            ckpt_state.point_best(r.run_dir, path)
+        ckpt_state.prune(r.run_dir, t.save_total_limit)
+    r.last_checkpoint = path
+    log.info("checkpoint step %d written to %s", state.step, path)
+    return path
+
+
+def require_finite(recipe: Recipe) -> None:
+    """Weights made non-finite by the last update are never saved."""
+    params = [p for p in recipe.train_model.parameters() if p.requires_grad]
+    if not train.all_finite(params, recipe.dist):
+        raise train.NonFiniteError(f"step {recipe.state.step}: the weights are no longer finite; training "
+                                   "stopped and nothing from this state was saved")
+
+
+# ---- save -----------------------------------------------------------------------------
+
+def save(recipe: Recipe) -> None:
+    """The final adapter (PEFT format) or Hugging Face model in output_dir."""
+    r, t = recipe, recipe.cfgs.train
+    if not t.save_model:
+        return
+    require_finite(recipe)
+    if t.use_peft:
+        checkpoint.save_adapter(r.peft_model, t.output_dir, r.dist,
                                 getattr(adapters.METHODS[t.peft_method], "adapter_state", None))
         log.info("saved the %s adapter to %s", t.peft_method, t.output_dir)
-    elif t.save_model:
-        sharded = None
-        if t.enable_fsdp and cfgs.fsdp.checkpoint_type == "SHARDED_STATE_DICT":
-            name = Path(t.model_name.rstrip("/")).name
-            sharded = str(Path(t.dist_checkpoint_root_folder) / f"{t.dist_checkpoint_folder}-{name}")
-        checkpoint.save_full_model(train_model, tokenizer, t.output_dir, dist, sharded,
-                                   optimizer if t.save_optimizer else None)
-        log.info("saved the fine-tuned model to %s%s", t.output_dir, f" and a DCP checkpoint to {sharded}" if sharded else "")
-    skipped = {n: s.stats.bad_records for n, s in (("train", train_split), ("validation", eval_split)) if s}
+    else:
+        checkpoint.save_full_model(r.train_model, r.tokenizer, t.output_dir, r.dist)
+        log.info("saved the fine-tuned model to %s", t.output_dir)
+
+
+def report_skipped(recipe: Recipe) -> None:
+    splits = (("train", recipe.train_split), ("validation", recipe.eval_split))
+    skipped = {name: split.stats.bad_records for name, split in splits if split}
     if any(skipped.values()):  # --on_bad_record skip: repeat the count where it is seen
         log.warning("bad records skipped (--on_bad_record skip): %s", ", ".join(f"{n} {c}" for n, c in skipped.items()))
-    return RunResult(results, state.step, train_model, peft_model)
+
+
+def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> RunResult:
+    """The whole recipe, as `main` runs it. before_step(model, state): optional hook after
+    backward, before each optimizer step (tests inject faults through it)."""
+    check_supported(cfgs)
+    recipe = setup(cfgs, dist, before_step)
+    try:
+        stopped_by = fit(recipe)
+    except train.NonFiniteError as err:
+        newest = ckpt_state.complete_steps(recipe.run_dir) if dist.is_main else []
+        keep = f"; the last good checkpoint is {newest[-1]}" if newest else "; no checkpoint was written"
+        raise train.NonFiniteError(f"{err}{keep}") from None
+    if stopped_by is None:
+        save(recipe)
+    report_skipped(recipe)
+    return RunResult(recipe.epochs, recipe.state.step, recipe.train_model, recipe.peft_model, stopped_by)
 
 
 @exit_on_user_error
@@ -281,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = parse_args(argv)
     check_supported(cfgs)
     resolve_batching(cfgs)
+    faulthandler.enable()  # a crash prints every thread's stack
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID`: where is a hung rank?
     dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
     setup_logging(dist.rank)
     try:

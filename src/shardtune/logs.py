@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,3 +44,23 @@ class MetricsWriter:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"event": event, "run_id": self.run_id, **fields}) + "\n")
+
+    def rewind(self, step: int, epochs_done: int) -> None:
+        """On resume: drop what a killed run logged past its checkpoint, so each step and
+        epoch appears once, as the resumed run trains it."""
+        if self.path is None or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line torn by the kill
+                continue
+            if rec.get("event") == "step" and rec.get("step", 0) > step:
+                continue
+            if rec.get("event") == "epoch" and rec.get("epoch", 0) > epochs_done:
+                continue
+            kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)

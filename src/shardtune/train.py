@@ -12,8 +12,8 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as tdist
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .data.tokenize import IGNORE_INDEX
 from .device import Dist
+from .errors import UserError
 from .logs import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -30,20 +31,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoopState:
-    """Everything the loop needs to continue: small on purpose, for checkpoints."""
+    """Everything the loop needs to continue: small and JSON-serialisable, for checkpoints."""
 
-    epoch: int = 0
+    epoch: int = 0  # the epoch in progress, 0-based
     step: int = 0  # optimizer steps done in the run
+    samples_in_epoch: int = 0  # global samples of this epoch already trained on: the data position
+    epoch_loss_sum: float = 0.0  # this epoch's sum of step loss x step target tokens
+    epoch_targets: float = 0.0
+    epoch_tokens: int = 0  # tokens processed this epoch, all ranks
+    best_eval_loss: Optional[float] = None
+    best_step: Optional[int] = None
+
+    @property
+    def epoch_loss(self) -> float:
+        return self.epoch_loss_sum / self.epoch_targets if self.epoch_targets else float("nan")
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.samples_in_epoch, self.epoch_loss_sum, self.epoch_targets, self.epoch_tokens = 0, 0.0, 0.0, 0
 
 
-@dataclass
-class EpochResult:
-    train_loss: float
-    eval_loss: float | None
-    epoch_time_s: float
-    tokens_per_s: float
-    peak_memory_bytes: list[int]
-    step_losses: list[float] = field(default_factory=list)
+class NonFiniteError(UserError):
+    """A non-finite loss or gradient norm: the run stops before anything is saved from it."""
 
 
 @dataclass
@@ -57,7 +66,11 @@ class LoopConfig:
     autocast_dtype: torch.dtype | None = None  # mixed precision without FSDP
     grad_scaler: object | None = None  # torch.amp.GradScaler / ShardedGradScaler for fp16
     mask_from_positions: bool = False  # one example per row + attention_mask (prefix tuning)
+    global_batch: int = 0  # samples per optimizer step, all ranks: advances the data position
     before_step: Callable | None = None  # called after backward, before the optimizer step
+    # after_step(state, sync) -> stop?: called after each optimizer step; sync() logs the
+    # pending steps (and runs the non-finite guard) before anything is saved
+    after_step: Callable[[LoopState, Callable[[], None]], bool] | None = None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -101,8 +114,9 @@ def _no_sync(model: torch.nn.Module, sync: bool):
 
 
 def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: LoopState,
-                metrics: MetricsWriter, lr_now: float) -> tuple[float, int, list[float]]:
-    """One epoch. Returns (token-weighted loss, global tokens processed, per-step losses)."""
+                metrics: MetricsWriter, lr_now: float) -> bool:
+    """Train from the sampler's position to the end of the epoch (or max_train_step),
+    keeping the running totals in `state`. Returns True when cfg.after_step asked to stop."""
     model.train()
     steps = len(loader) // cfg.accum  # before iter(): workers prefetch from the sampler
     it = iter(loader)
@@ -110,34 +124,34 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         steps = min(steps, max(cfg.max_train_step - state.step, 0))
     autocast = _autocast(dist.device, cfg.autocast_dtype)
     scaler = cfg.grad_scaler
-    # per step: [local loss share, global targets, grad norm]; reduced every log_every steps
+    # per step: [local loss share, global targets, grad norm, local tokens]; reduced every
+    # log_every steps, so the loop never waits on the host between those
     pending: list[torch.Tensor] = []
-    step_losses: list[float] = []
-    weighted, targets_total = 0.0, 0.0
-    tokens = torch.zeros((), dtype=torch.float64)
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}", disable=not dist.is_main, dynamic_ncols=True)
 
     def flush() -> None:
-        nonlocal weighted, targets_total
         if not pending:
             return
         stacked = torch.stack(pending)
-        stacked[:, 1:] /= cfg.world  # every rank carries the same global count and norm
+        stacked[:, 1:3] /= cfg.world  # every rank carries the same global count and norm
         vals = _all_reduce(stacked, dist).tolist()
         pending.clear()
         first = state.step - len(vals) + 1
-        for k, (loss, n, norm) in enumerate(vals):
-            step_losses.append(loss)
-            weighted += loss * n
-            targets_total += n
+        for k, (loss, n, norm, tokens) in enumerate(vals):
+            _check_finite(first + k, loss, norm, cfg)
+            state.epoch_loss_sum += loss * n
+            state.epoch_targets += n
+            state.epoch_tokens += int(tokens)
             extra = {"grad_norm": norm} if cfg.grad_clip else {}
             metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, targets=int(n), lr=lr_now, **extra)
         bar.set_postfix(loss=f"{vals[-1][0]:.4f}")
 
+    stopped = False
     for _ in range(steps):
         micro = [next(it) for _ in range(cfg.accum)]
         n_local = sum(b["num_targets"] for b in micro)
         n_global = _all_reduce(torch.tensor(float(n_local), device=dist.device), dist).clamp_min(1.0)
+        tokens_local = torch.tensor(float(sum(b["num_tokens"] for b in micro)), device=dist.device)
         step_loss = torch.zeros((), device=dist.device)
         for i, batch in enumerate(micro):
             with _no_sync(model, i == cfg.accum - 1), autocast:
@@ -145,20 +159,45 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
             loss = loss_sum * (cfg.world / n_global)
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss_sum.detach()
-            tokens += batch["num_tokens"]
         if cfg.before_step:
             cfg.before_step(model, state)
         norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
+        state.samples_in_epoch += cfg.global_batch
         norm = torch.full_like(n_global, float("nan")) if norm is None else norm  # no host copy
-        pending.append(torch.stack([step_loss / n_global, n_global, norm.to(n_global)]))
+        pending.append(torch.stack([step_loss / n_global, n_global, norm.to(n_global), tokens_local]))
         bar.update(1)
         if len(pending) >= cfg.log_every:
             flush()
+        if cfg.after_step and cfg.after_step(state, flush):
+            stopped = True
+            break
     flush()
     bar.close()
-    global_tokens = int(_all_reduce(tokens.to(dist.device), dist).item())
-    return (weighted / targets_total if targets_total else float("nan")), global_tokens, step_losses
+    return stopped
+
+
+def _check_finite(step: int, loss: float, norm: float, cfg: LoopConfig) -> None:
+    """Every rank sees the same reduced values, so every rank stops at the same step.
+    With fp16's grad scaler an inf step is skipped and the scale backs off instead."""
+    if cfg.grad_scaler is not None:
+        return
+    if not math.isfinite(loss):
+        what = f"the loss is {loss}"
+    elif cfg.grad_clip and not math.isfinite(norm):
+        what = f"the gradient norm is {norm}"
+    else:
+        return
+    raise NonFiniteError(f"step {step}: {what}; training stopped and nothing from this state was saved")
+
+
+def all_finite(params, dist: Dist) -> bool:
+    """True when every (local shard of every) parameter is finite on every rank."""
+    bad = torch.zeros((), device=dist.device)
+    for p in params:
+        local = p.to_local() if isinstance(p, DTensor) else p
+        bad += (~torch.isfinite(local.detach())).any()
+    return _all_reduce(bad, dist).item() == 0
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
@@ -222,8 +223,11 @@ def eval_loader(split: SplitData, batch: int, world: int, rank: int, pad_id: int
 
 
 def _loader(split: SplitData, batch_sampler, pad_id: int, num_workers: int) -> DataLoader:
+    # Its own generator: creating an iterator then draws no number from the global RNG,
+    # whose state a checkpoint restores for dropout (exact resume).
     return DataLoader(split.dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      collate_fn=_collate_fn(split, pad_id), **_worker_options(num_workers))
+                      collate_fn=_collate_fn(split, pad_id), generator=torch.Generator().manual_seed(0),
+                      **_worker_options(num_workers))
 
 
 def _worker_options(num_workers: int) -> dict:
