@@ -125,23 +125,25 @@ def test_hybrid_group_must_divide_world(tmp_path, tiny_model):
     assert "shardtune: error: HYBRID_SHARD needs sharding_group_size" in proc.stderr
 
 
-def test_full_finetune_sharded_checkpoint_matches_hf_output(tmp_path, tiny_model):
-    """SHARDED_STATE_DICT writes a DCP checkpoint (with the optimizer) next to the HF
-    directory; both hold the same trained weights."""
+def test_full_finetune_step_checkpoint_matches_hf_output(tmp_path, tiny_model):
+    """The epoch-end step checkpoint (DCP, with the optimizer) under
+    dist_checkpoint_root_folder holds the same trained weights as the HF directory."""
     import torch.distributed.checkpoint as dcp
+
+    from shardtune.checkpoint import state as ckpt_state
+    from shardtune.checkpoint.convert import read_trainable
 
     out, root = tmp_path / "out", tmp_path / "dcp"
     check(torchrun(2, SHIM, _args(tiny_model, out, "--enable_fsdp", "--max_train_step", "2",
-                                  "--batch_size_training", "2", "--save_optimizer",
-                                  "--dist_checkpoint_root_folder", str(root))))
-    ckpt = root / f"fine-tuned-{tiny_model.name}"
-    assert (ckpt / ".metadata").is_file() and not (root / f"{ckpt.name}.tmp").exists()
+                                  "--batch_size_training", "2", "--dist_checkpoint_root_folder", str(root))))
+    run_dir = root / f"fine-tuned-{tiny_model.name}"
+    assert [p.name for p in ckpt_state.complete_steps(run_dir)] == ["step_000002"]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporaries left
+    saved = read_trainable(ckpt_state.open_checkpoint(run_dir / "step_000002"))  # one process, no group
     hf = load_file(out / "model.safetensors")
-    state = {"model": {k: torch.empty_like(v) for k, v in hf.items()}}
-    dcp.load(state, checkpoint_id=str(ckpt))  # one process, no process group
     for k, v in hf.items():
-        assert torch.equal(state["model"][k], v), k
+        assert torch.equal(saved[k], v), k
     assert not torch.equal(hf["model.layers.0.self_attn.q_proj.weight"],
                            load_file(tiny_model / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
-    meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
-    assert any(k.startswith("optimizer.") for k in meta.state_dict_metadata)
+    meta = dcp.FileSystemReader(str(run_dir / "step_000002" / "dcp")).read_metadata()
+    assert any(k.startswith("optim.") and k.endswith("exp_avg_sq") for k in meta.state_dict_metadata)

@@ -1,22 +1,11 @@
-"""The `shardtune` console script: finetune, tiny, generate, prepare."""
+"""The `shardtune` console script: a table of subcommands, each a main(argv) -> exit code."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .errors import exit_on_user_error
-
-USAGE = """usage: shardtune <command> [args]
-
-commands:
-  finetune [flags]          fine-tune (same flags as llama_finetuning.py; launch with torchrun for N ranks)
-  tiny OUT_DIR              build a random-init tiny Llama with a tokenizer trained on bundled text
-  generate --model_name DIR [--peft_model DIR] [--dialogue TEXT]
-                            summarise one dialogue with a base model and an adapter
-  prepare grammar --jfleg DIR [--c4 FILE] --out DIR
-                            build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M)
-"""
-
 
 def _tiny(argv: list[str]) -> int:
     from .tiny import build_tiny
@@ -55,27 +44,48 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _entry(target: str):
+    def run(argv: list[str]) -> int:
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module, __package__), func)(argv)
+    return run
+
+
+# name -> (usage line, what it does, entry point)
+COMMANDS = {
+    "finetune": ("[flags]", "fine-tune (same flags as llama_finetuning.py; launch with torchrun for N ranks)",
+                 _entry(".finetuning:main")),
+    "convert": ("CHECKPOINT OUT", "a step checkpoint -> a PEFT adapter or Hugging Face model directory",
+                _entry(".checkpoint.convert:convert_main")),
+    "merge": ("--model_name BASE --peft_model ADAPTER --output_dir OUT", "merge LoRA into the base model",
+              _entry(".checkpoint.convert:merge_main")),
+    "generate": ("--model_name DIR [--peft_model DIR] [--dialogue TEXT]",
+                 "summarise one dialogue with a base model and an adapter", _generate),
+    "prepare": ("grammar --jfleg DIR [--c4 FILE] --out DIR",
+                "build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M)", _entry(".prepare:main")),
+    "tiny": ("OUT_DIR", "build a random-init tiny Llama with a tokenizer trained on bundled text", _tiny),
+}
+
+
+def usage() -> str:
+    lines = ["usage: shardtune <command> [args]   (shardtune <command> --help for its flags)", "", "commands:"]
+    for name, (args, what, _) in COMMANDS.items():
+        lines += [f"  {name} {args}", f"      {what}"]
+    return "\n".join(lines)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "finetune":
-        from .finetuning import main as finetune
-
-        return finetune(rest)
-    if cmd == "tiny":
-        return _tiny(rest)
-    if cmd == "generate":
-        return _generate(rest)
-    if cmd == "prepare":
-        from .prepare import main as prepare
-
-        return prepare(rest)
-    print(f"shardtune: error: unknown command {cmd!r}; choose finetune, tiny, generate or prepare", file=sys.stderr)
-    return 2
+    if cmd not in COMMANDS:
+        choices = ", ".join(COMMANDS)
+        print(f"shardtune: error: unknown command {cmd!r}; choose one of: {choices}", file=sys.stderr)
+        return 2
+    return COMMANDS[cmd][2](rest)
 
 
 if __name__ == "__main__":

@@ -76,9 +76,24 @@ def _launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
+def _refuse_srun_copies() -> None:
+    """`srun python -m shardtune.finetuning` on N tasks starts N unrelated single-process runs.
+
+    SLURM_STEP_NUM_TASKS is set by srun only; SLURM_NTASKS alone is also set in the batch
+    script itself, where a plain command runs once."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if tasks.isdigit() and int(tasks) > 1:
+        raise UserError(
+            f"srun started {tasks} independent copies of this run (no torchrun variables), which would "
+            "all train alone and write one output_dir; run `srun torchrun ...` with one task per node, "
+            "as scripts/multi_node.slurm does"
+        )
+
+
 def setup(require_distributed: bool = False) -> Dist:
     """Pick the device from LOCAL_RANK and start the process group when launched by torchrun."""
     if not _launched_by_torchrun():
+        _refuse_srun_copies()
         if require_distributed:
             raise UserError(
                 "--enable_fsdp needs a distributed launch; run it with "

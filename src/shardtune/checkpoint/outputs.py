@@ -64,7 +64,7 @@ def claim_output_dir(output_dir: str, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def _publish_files(tmp: Path, out: Path) -> None:
+def publish_files(tmp: Path, out: Path) -> None:
     manifest.write_manifest(tmp)
     manifest.remove_now(out / manifest.MANIFEST)  # incomplete until the new one lands
     names = sorted(p.name for p in tmp.iterdir() if p.name != manifest.MANIFEST)
@@ -74,7 +74,7 @@ def _publish_files(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
-def _fresh_tmp(out: Path, kind: str) -> Path:
+def fresh_tmp(out: Path, kind: str) -> Path:
     tmp = out / f"{manifest.TMP_PREFIX}{kind}"
     manifest.remove_now(tmp)
     tmp.mkdir(parents=True)
@@ -87,12 +87,12 @@ def save_adapter(peft_model, output_dir: str, dist: Dist, adapter_state=None) ->
     state = full_trainable_state(peft_model)  # every rank joins the gather
     out = Path(output_dir)
     if dist.is_main:
-        tmp = _fresh_tmp(out, "adapter")
+        tmp = fresh_tmp(out, "adapter")
         if adapter_state is None:
             peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         else:
             save_peft_files(peft_model.peft_config["default"], adapter_state(state), tmp)
-        _publish_files(tmp, out)
+        publish_files(tmp, out)
     dist.barrier()
     return out
 
@@ -128,8 +128,8 @@ def save_full_model(model: torch.nn.Module, tokenizer, output_dir: str, dist: Di
 
 
 def write_hf_model(hf_model, state: dict, tokenizer, out: Path) -> None:
-    tmp = _fresh_tmp(out, "model")
+    tmp = fresh_tmp(out, "model")
     hf_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    _publish_files(tmp, out)
+    publish_files(tmp, out)

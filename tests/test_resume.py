@@ -1,0 +1,209 @@
+"""Runs that survive (real processes, CPU/gloo, tiny model): SIGKILL mid-step and
+mid-save, then --resume auto, end bitwise equal to an uninterrupted run; resume at
+another world size continues its losses; SIGTERM checkpoints and exits 0; a NaN stops
+the run and keeps the last good checkpoint; outputs convert, merge and load in plain
+transformers / peft; a used output_dir is never touched."""
+import hashlib
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import (REPO, SHIM, check, kill_group, python, run_cmd, start_python, start_torchrun, step_losses,
+                      torchrun, wait_for_file)
+from shardtune.checkpoint import state as ckpt_state
+
+FAULT = REPO / "tests" / "workers" / "fault_probe.py"
+PROBE = REPO / "tests" / "workers" / "train_probe.py"
+STEPS = 6
+COMMON = ["--num_epochs", "1", "--max_train_step", str(STEPS), "--context_length", "128",
+          "--num_workers_dataloader", "0", "--save_metrics", "--log_every", "1", "--run_validation", "False",
+          "--save_steps", "2", "--lr", "1e-2"]
+METHODS = {"lora": ["--use_peft", "--peft_method", "lora"],  # lora_dropout 0.05: the RNG must resume too
+           "full": ["--fsdp_activation_checkpointing", "False"]}
+
+
+def _args(tiny_model, out, *extra):
+    return COMMON + ["--model_name", str(tiny_model), "--output_dir", str(out), *extra]
+
+
+def _run_dir(out, tiny_model) -> Path:
+    return out / "checkpoints" / f"fine-tuned-{tiny_model.name}"
+
+
+def _steps(out, tiny_model) -> list[str]:
+    return [p.name for p in ckpt_state.complete_steps(_run_dir(out, tiny_model))]
+
+
+def _final_weights(out) -> dict:
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(out / name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_killed_mid_step_then_mid_save_resumes_bitwise_exact(tmp_path, tiny_model, method):
+    flags = ["--enable_fsdp", "--batch_size_training", "2"] + METHODS[method]
+    ref = tmp_path / "ref"
+    check(torchrun(2, SHIM, _args(tiny_model, ref, *flags)))
+
+    out, marks = tmp_path / "out", tmp_path / "marks"
+    marks.mkdir()
+    # 1. SIGKILL every process while step 5 runs: steps 2 and 4 are checkpointed
+    proc = start_torchrun(2, FAULT, [json.dumps({"pause_at": 5, "dir": str(marks)})] + _args(tiny_model, out, *flags))
+    wait_for_file(marks / "paused", proc)
+    kill_group(proc)
+    assert _steps(out, tiny_model) == ["step_000002", "step_000004"]
+    # 2. resume, and SIGKILL while step 6's checkpoint is written but not yet published
+    proc = start_torchrun(2, FAULT, [json.dumps({"stall_publish_at": 6, "dir": str(marks)})]
+                          + _args(tiny_model, out, *flags, "--resume", "auto"))
+    wait_for_file(marks / "stalled", proc)
+    kill_group(proc)
+    run_dir = _run_dir(out, tiny_model)
+    assert (run_dir / ".tmp-step_000006" / "dcp" / ".metadata").exists()  # complete but unpublished
+    assert _steps(out, tiny_model) == ["step_000002", "step_000004"]
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    # 3. resume from step 4 again: the torn temporary is ignored and cleaned
+    probe_file = tmp_path / "probe.safetensors"
+    check(torchrun(2, PROBE, [str(probe_file)] + _args(tiny_model, out, *flags, "--resume", "auto")))
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+    assert _steps(out, tiny_model) == ["step_000004", "step_000006"]  # save_total_limit 2
+
+    assert step_losses(out) == step_losses(ref) and len(step_losses(ref)) == STEPS
+    final, expected = _final_weights(out), _final_weights(ref)
+    assert final.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(final[key], expected[key]), key
+
+    # the last checkpoint converts to what plain transformers / peft load, with the trained logits
+    probe = load_file(probe_file)
+    converted = tmp_path / "converted"
+    check(run_cmd([*_cli(), "convert", str(run_dir / "step_000006"), str(converted)]))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    if method == "lora":
+        model = PeftModel.from_pretrained(base, converted).eval()
+        merged = tmp_path / "merged"
+        check(run_cmd([*_cli(), "merge", "--model_name", str(tiny_model), "--peft_model", str(converted),
+                       "--output_dir", str(merged)]))
+        loaded = [model, AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()]
+    else:
+        loaded = [AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()]
+    with torch.no_grad():
+        for model in loaded:
+            assert (model(input_ids=probe["probe"]).logits - probe["logits"]).abs().max().item() <= 1e-5
+
+
+def _cli():
+    import sys
+
+    return [sys.executable, "-m", "shardtune.cli"]
+
+
+WORLD_FLAGS = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(tmp_path_factory, tiny_model):
+    """Uninterrupted, one process, global batch 4."""
+    out = tmp_path_factory.mktemp("ws") / "ref"
+    check(python(SHIM, _args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS)))
+    return step_losses(out), _final_weights(out)
+
+
+def _assert_continues(out, reference):
+    losses, weights = step_losses(out), _final_weights(out)
+    ref_losses, ref_weights = reference
+    assert sorted(losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
+    assert max(abs(losses[s] - ref_losses[s]) for s in losses) <= 1e-5, (losses, ref_losses)
+    assert max((weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights) <= 1e-5
+
+
+def test_saved_at_two_ranks_resumes_at_one(tmp_path, tiny_model, one_rank_reference):
+    out = tmp_path / "out"
+    check(torchrun(2, SHIM, _args(tiny_model, out, "--enable_fsdp", "--batch_size_training", "2", *WORLD_FLAGS,
+                                  "--max_train_step", "3")))
+    # one rank keeps the global batch of 4: micro batch 2 x 2 accumulation
+    check(python(SHIM, _args(tiny_model, out, "--batch_size_training", "2", *WORLD_FLAGS, "--resume", "auto")))
+    _assert_continues(out, one_rank_reference)
+
+
+def test_saved_at_one_rank_resumes_at_four(tmp_path, tiny_model, one_rank_reference):
+    out = tmp_path / "out"
+    check(python(SHIM, _args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS, "--max_train_step", "3")))
+    check(torchrun(4, SHIM, _args(tiny_model, out, "--enable_fsdp", "--batch_size_training", "4", *WORLD_FLAGS,
+                                  "--resume", "auto")))
+    _assert_continues(out, one_rank_reference)
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, tiny_model, one_rank_reference):
+    out, marks = tmp_path / "out", tmp_path / "marks"
+    marks.mkdir()
+    args = _args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS)
+    proc = start_python(FAULT, [json.dumps({"pause_at": 3, "dir": str(marks)})] + args)
+    wait_for_file(marks / "paused", proc)
+    proc.send_signal(signal.SIGTERM)
+    (marks / "release").write_text("")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert _steps(out, tiny_model) == ["step_000002", "step_000003"]  # step 3 finished, then saved
+    assert not (out / "adapter_model.safetensors").exists()  # stopped, not finished
+    check(python(SHIM, args + ["--resume", "auto"]))
+    losses, weights = step_losses(out), _final_weights(out)
+    assert losses == one_rank_reference[0]
+    assert all(torch.equal(weights[k], v) for k, v in one_rank_reference[1].items())
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    proc = torchrun(2, FAULT, [json.dumps({"nan_at": 4})] + _args(tiny_model, out, "--enable_fsdp", "--batch_size_training",
+                                                                  "2", *WORLD_FLAGS))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr.split("torch.distributed.elastic")[0]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]
+    assert errors and all("step 4" in l and "step_000002" in l for l in errors), proc.stderr[-3000:]
+    assert _steps(out, tiny_model) == ["step_000002"]
+    assert not [p for p in _run_dir(out, tiny_model).iterdir() if p.name != "step_000002"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_used_output_dir_is_refused_and_left_untouched(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    check(python(SHIM, _args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS, "--max_train_step", "2")))
+    before = _snapshot(out)
+    assert "adapter_model.safetensors" in before
+    for extra in ([], ["--dist_checkpoint_folder", "other"]):
+        proc = python(SHIM, _args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS, "--lr", "1e-3", *extra))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert len([l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]) == 1, proc.stderr
+        assert _snapshot(out) == before
+
+
+def test_impossible_world_size_names_the_valid_ones(tiny_model):
+    from shardtune.args import parse_args
+    from shardtune.errors import UserError
+    from shardtune.finetuning import batching_for
+
+    ckpt = ckpt_state.Checkpoint(Path("/ckpt/step_000003"), 3, {"global_batch": 4})
+    cfgs = parse_args(["--batch_size_training", "4"])
+    assert batching_for(cfgs, 2, ckpt).micro * batching_for(cfgs, 2, ckpt).accum == 2
+    with pytest.raises(UserError, match=r"\[1, 2, 4\]"):
+        batching_for(cfgs, 3, ckpt)
+
+
+def test_no_unsafe_torch_load_in_the_package():
+    offenders = []
+    for path in (REPO / "src").rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path}:{n}")
+            if "pickle.load" in line:
+                offenders.append(f"{path}:{n}")
+    assert not offenders

@@ -1,0 +1,76 @@
+"""Test worker (python or torchrun): the real recipe (finetuning.run, check_supported
+included) with one fault injected, chosen by the first argument (JSON):
+
+  {"pause_at": K, "dir": D}   before step K's optimizer step, rank 0 writes D/paused and
+                              every rank waits until D/release exists (SIGKILL or SIGTERM
+                              it meanwhile)
+  {"stall_publish_at": K, "dir": D}   the step-K checkpoint is fully written but hangs
+                              before its publishing rename; rank 0 writes D/stalled
+  {"nan_at": K}               rank 0's first trainable gradient becomes NaN at step K
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from shardtune import device, finetuning
+from shardtune.args import parse_args
+from shardtune.checkpoint import manifest
+from shardtune.errors import exit_on_user_error
+
+WAIT_S = 120
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def hooks(fault: dict, dist):
+    if "pause_at" in fault:
+        folder = Path(fault["dir"])
+
+        def before_step(model, state):
+            if state.step + 1 == fault["pause_at"]:
+                if dist.is_main:
+                    (folder / "paused").write_text(str(os.getpid()))
+                _wait_for(folder / "release")
+        return before_step
+    if "stall_publish_at" in fault:
+        folder, publish = Path(fault["dir"]), manifest.publish
+
+        def stalled_publish(tmp, final):
+            if final.name == f"step_{fault['stall_publish_at']:06d}":
+                (folder / "stalled").write_text(str(os.getpid()))
+                time.sleep(WAIT_S)
+            publish(tmp, final)
+        manifest.publish = stalled_publish
+        return None
+    if "nan_at" in fault:
+        def before_step(model, state):
+            if state.step + 1 == fault["nan_at"] and dist.is_main:
+                grad = next(p.grad for p in model.parameters() if p.requires_grad and p.grad is not None)
+                (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[0] = float("nan")
+        return before_step
+    return None
+
+
+@exit_on_user_error
+def main() -> int:
+    fault, argv = json.loads(sys.argv[1]), sys.argv[2:]
+    cfgs = parse_args(argv)
+    dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
+    try:
+        finetuning.run(cfgs, dist, before_step=hooks(fault, dist))
+    finally:
+        device.teardown()
+    return 0
+
+
+if __name__ == "__main__":  # spawned DataLoader workers import this file too
+    sys.exit(main())
