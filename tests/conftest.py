@@ -1,11 +1,17 @@
 """Shared fixtures: a tiny HF Llama built at test time, the real data in ../shared/data,
-and a helper that launches real torchrun process groups on CPU (gloo)."""
+a helper that launches real torchrun process groups on CPU (gloo), and a real two-node
+slurm cluster on this machine."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +29,14 @@ def _env() -> dict:
     return env
 
 
-def run_cmd(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
+def subprocess_env(extra: dict | None = None) -> dict:
+    """The environment test subprocesses run in, plus `extra`."""
+    return {**_env(), **(extra or {})}
+
+
+def run_cmd(args: list[str], timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=subprocess_env(extra_env),
+                          timeout=timeout, cwd=REPO)
 
 
 def torchrun(nproc: int, script: str | Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -74,3 +86,90 @@ def tiny_llama2_tok(tmp_path_factory, shared_data) -> Path:
     from shardtune.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("tiny2") / "model"), tokenizer=str(shared_data / "tokenizers" / "llama2"))
+
+
+def _slurm_helper():
+    spec = importlib.util.spec_from_file_location("slurm_cluster", REPO / "tests" / "slurm" / "cluster.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A real two-node slurm cluster on this machine (tests/slurm/cluster.py: installs Debian's
+    slurm-wlm and munge when missing). Skips the test, with the daemons' last log lines, when
+    slurm cannot run here; stops its daemons and removes its directory afterwards."""
+    helper = _slurm_helper()
+    root = Path(tempfile.mkdtemp(prefix="shardtune-slurm-"))  # short: munge's socket path
+    cluster = helper.Cluster(root)
+    try:
+        try:
+            cluster.start()
+        except helper.Unavailable as err:
+            pytest.skip(f"cannot start a real slurm cluster here: {err}")
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def start_torchrun(nproc: int, script: str | Path, args: list[str]) -> subprocess.Popen:
+    """torchrun in the background, in its own session: kill_group ends it and its ranks
+    at once, as a lost node would."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc_per_node", str(nproc), str(script), *args]
+    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def start_python(script: str | Path, args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(script), *args], env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> tuple[str, str]:
+    """Signal the launcher and every process under it (torchrun starts each rank in a
+    session of its own, so a process-group kill would miss them)."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return proc.communicate(timeout=120)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `path` exists; fails early (with the process's output) if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (exit {proc.returncode}) before {path.name} appeared:\n{out[-3000:]}\n{err[-5000:]}")
+        if time.monotonic() > deadline:
+            kill_group(proc)
+            pytest.fail(f"{path.name} did not appear within {timeout}s")
+        time.sleep(0.05)
+
+
+def step_losses(out_dir: Path) -> dict[int, float]:
+    steps, _ = read_metrics(out_dir)
+    return {s["step"]: s["loss"] for s in steps}

@@ -161,7 +161,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_mod
     out = tmp_path / "out"
     proc = torchrun(2, FAULT, [json.dumps({"nan_at": 4})] + _args(tiny_model, out, "--enable_fsdp", "--batch_size_training",
                                                                   "2", *WORLD_FLAGS))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr.split("torch.distributed.elastic")[0]
+    # torchrun prints its own launcher traceback on any child failure; ours print one line
+    assert proc.returncode != 0 and "src/shardtune" not in proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]
     assert errors and all("step 4" in l and "step_000002" in l for l in errors), proc.stderr[-3000:]
     assert _steps(out, tiny_model) == ["step_000002"]

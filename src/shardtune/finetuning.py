@@ -525,7 +525,7 @@ def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -
     try:
         stopped_by = fit(recipe)
     except train.NonFiniteError as err:
-        newest = ckpt_state.complete_steps(recipe.run_dir) if dist.is_main else []
+        newest = ckpt_state.complete_steps(recipe.run_dir)
         keep = f"; the last good checkpoint is {newest[-1]}" if newest else "; no checkpoint was written"
         raise train.NonFiniteError(f"{err}{keep}") from None
     if stopped_by is None:
