@@ -114,13 +114,16 @@ def slurm_cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def start_torchrun(nproc: int, script: str | Path, args: list[str]) -> subprocess.Popen:
-    """torchrun in the background, in its own session: kill_group ends it and its ranks
-    at once, as a lost node would."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", str(nproc), str(script), *args]
+def start_launcher(launcher_args: list[str], script: str | Path, args: list[str]) -> subprocess.Popen:
+    """torchrun with these launcher flags, in the background; kill_group ends it and its
+    ranks at once, as a lost node would."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, str(script), *args]
     return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+
+
+def start_torchrun(nproc: int, script: str | Path, args: list[str]) -> subprocess.Popen:
+    return start_launcher(["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc)], script, args)
 
 
 def start_python(script: str | Path, args: list[str]) -> subprocess.Popen:

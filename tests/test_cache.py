@@ -174,6 +174,7 @@ def test_under_torchrun_a_rank0_failure_reaches_every_rank(tmp_path, tiny_model)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]
     assert len(errors) == 2, proc.stderr
-    rank0 = [l for l in errors if "[rank" not in l]
+    rank0 = [l for l in errors if l.startswith("shardtune: error: [rank 0 on ")]
     assert len(rank0) == 1 and "train.jsonl: record 1 (line 2): invalid JSON" in rank0[0]
-    assert any("[rank 1] rank 0 could not prepare the train split" in l for l in errors)
+    assert any(l.startswith("shardtune: error: [rank 1 on ") and "rank 0 could not prepare the train split" in l
+               for l in errors)

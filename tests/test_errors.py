@@ -99,10 +99,13 @@ def test_error_line_is_one_write(monkeypatch):
     stderr = Recorder()
     monkeypatch.setattr("sys.stderr", stderr)
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
 
     @exit_on_user_error
     def fails():
         raise UserError("bad value; fix it")
 
     assert fails() == 2
-    assert stderr.writes == ["shardtune: error: [rank 1] bad value; fix it\n"]
+    import socket
+
+    assert stderr.writes == [f"shardtune: error: [rank 1 on {socket.gethostname()}] bad value; fix it\n"]

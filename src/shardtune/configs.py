@@ -56,6 +56,7 @@ class train_config:
     resume: str = ""  # auto = newest complete checkpoint (or a fresh start); or a step_NNNNNN path
     overwrite_output_dir: bool = False  # replace a previous run's outputs and checkpoints
     save_metrics: bool = False
+    dist_timeout: int = 1800  # seconds a collective may wait for a peer before the run fails
     log_every: int = 10  # optimizer steps between progress-bar loss updates
 
 

@@ -11,6 +11,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ class Dist:
     local_world_size: int
     device: torch.device
     backend: str
+    timeout_s: int = 1800  # how long a collective waits for peers (--dist_timeout)
 
     @property
     def distributed(self) -> bool:
@@ -71,6 +73,24 @@ class Dist:
         if self.distributed:
             dist.barrier()
 
+    def on_main(self, check: Callable[[], None]) -> None:
+        """Run a check on rank 0 only (filesystem claims, ...); a UserError it raises
+        stops every rank with the reason, instead of leaving the others at the next
+        collective."""
+        failure = None
+        if self.is_main:
+            try:
+                check()
+            except UserError as err:
+                failure = err
+        if self.distributed:
+            box = [str(failure) if failure else None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] and not self.is_main:
+                raise UserError(f"rank 0 stopped the run: {box[0]}")
+        if failure:
+            raise failure
+
 
 def _launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
@@ -90,7 +110,7 @@ def _refuse_srun_copies() -> None:
         )
 
 
-def setup(require_distributed: bool = False) -> Dist:
+def setup(require_distributed: bool = False, timeout_s: int = 1800) -> Dist:
     """Pick the device from LOCAL_RANK and start the process group when launched by torchrun."""
     if not _launched_by_torchrun():
         _refuse_srun_copies()
@@ -100,16 +120,17 @@ def setup(require_distributed: bool = False) -> Dist:
                 "`torchrun --nnodes 1 --nproc_per_node N -m shardtune.finetuning ...`"
             )
         device = _device_for(0)
-        return Dist(0, 0, 1, 1, device, dist.get_default_backend_for_device(device) if dist.is_available() else "")
+        return Dist(0, 0, 1, 1, device, dist.get_default_backend_for_device(device) if dist.is_available() else "",
+                    timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])  # not RANK: on node 2, rank 8 is GPU 0
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = _device_for(local_rank)
     backend = dist.get_default_backend_for_device(device)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=int(os.environ.get("SHARDTUNE_DIST_TIMEOUT", 1800)))
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type != "cpu" else None)
-    return Dist(rank, local_rank, world, local_world, device, backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type != "cpu" else None)
+    return Dist(rank, local_rank, world, local_world, device, backend, timeout_s)
 
 
 def _device_for(local_rank: int) -> torch.device:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import sys
-from typing import Callable
+import traceback
+from typing import Callable, NoReturn
 
 
 class UserError(Exception):
@@ -18,18 +20,59 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+def where() -> str:
+    """'[rank R on HOST] ' in a multi-rank run, else ''."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    if rank is None or world == "1":
+        return ""
+    return f"[rank {rank} on {socket.gethostname()}] "
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (gloo or NCCL)."""
+    import torch.distributed as tdist
+
+    text = str(err)
+    return isinstance(err, getattr(tdist, "DistError", ())) or any(
+        needle in text for needle in ("Connection closed by peer", "Connection reset by peer", "NCCL error",
+                                      "ProcessGroupGloo", "Broken pipe"))
+
+
+def report(err: BaseException) -> int:
+    """Say what went wrong in one line (a bug or an out-of-memory error also gets its
+    stack first) and return the exit code."""
+    if isinstance(err, UserError):
+        _say(f"shardtune: error: {where()}{err}")
+        return 2
+    if isinstance(err, KeyboardInterrupt):
+        _say("shardtune: interrupted")
+        return 130
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    if where() and _peer_lost(err):
+        _say(f"shardtune: error: {where()}lost a peer rank during a collective ({first}); the first failing "
+             "rank's error says why; fix it and relaunch with --resume auto")
+        return 1
+    traceback.print_exception(err)
+    _say(f"shardtune: error: {where()}{type(err).__name__}: {first}")
+    return 1
+
+
+def exit_now(err: BaseException) -> NoReturn:
+    """Leave a distributed run at once. A normal exit would first wait for this rank's
+    in-flight collectives, whose peers wait in turn for this rank, until the collective
+    timeout; exiting closes the connections, so the peers fail (and torchrun stops them)
+    within seconds."""
+    code = report(err)
+    sys.stdout.flush()
+    os._exit(code)
+
+
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs) or 0
-        except UserError as err:
-            rank = os.environ.get("RANK")
-            where = f"[rank {rank}] " if rank not in (None, "0") else ""
-            _say(f"shardtune: error: {where}{err}")
-            return 2
-        except KeyboardInterrupt:
-            _say("shardtune: interrupted")
-            return 130
+        except (UserError, KeyboardInterrupt) as err:
+            return report(err)
 
     return wrapper

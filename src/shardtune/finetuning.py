@@ -50,7 +50,7 @@ from .anyprecision import AnyPrecisionAdamW
 from .args import parse_args, usage
 from .checkpoint import manifest, state as ckpt_state
 from .configs import Configs
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, exit_now, exit_on_user_error
 from .logs import MetricsWriter, setup_logging
 from .preempt import StopRequest
 
@@ -114,6 +114,8 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError("--from_peft_checkpoint needs --use_peft")
     if f.checkpoint_type not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
         raise UserError(f"unknown --checkpoint_type {f.checkpoint_type!r}; choose SHARDED_STATE_DICT or FULL_STATE_DICT")
+    if t.dist_timeout <= 0:
+        raise UserError(f"--dist_timeout must be a positive number of seconds, got {t.dist_timeout}")
     if t.save_steps < 0 or t.save_total_limit < 0:
         raise UserError("--save_steps and --save_total_limit must be >= 0 (0 = off / keep all)")
 
@@ -223,9 +225,11 @@ def batching_for(cfgs: Configs, world: int, ckpt: Optional[ckpt_state.Checkpoint
 
 def prepare_dirs(cfgs: Configs, dist: device.Dist, run_dir: Path) -> None:
     """Claim output_dir and the checkpoint folder before any heavy work: never mix with,
-    or delete, another run's files unless --overwrite_output_dir says so."""
+    or delete, another run's files unless --overwrite_output_dir says so. Every rank
+    needs the checkpoint folder (each writes its shards)."""
     t = cfgs.train
-    if dist.is_main:
+
+    def claim() -> None:
         checkpoint.claim_output_dir(t.output_dir, resume=bool(t.resume), overwrite=t.overwrite_output_dir)
         checkpoint.check_writable(str(run_dir), "--dist_checkpoint_root_folder")
         manifest.clean_stale(run_dir)
@@ -237,7 +241,10 @@ def prepare_dirs(cfgs: Configs, dist: device.Dist, run_dir: Path) -> None:
                                 "--dist_checkpoint_folder")
             for path in existing + [run_dir / ckpt_state.BEST]:
                 manifest.remove(path)
-    dist.barrier()
+
+    dist.on_main(claim)
+    if not dist.is_main:
+        checkpoint.check_writable(str(run_dir), "--dist_checkpoint_root_folder")
 
 
 def build_optimizer(params, cfgs: Configs) -> torch.optim.Optimizer:
@@ -535,7 +542,8 @@ def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -
 
 
 @exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, before_step: Callable | None = None) -> int:
+    """The command line entry. before_step: see run (tests inject faults through it)."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(usage())
@@ -545,12 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     resolve_batching(cfgs)
     faulthandler.enable()  # a crash prints every thread's stack
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID`: where is a hung rank?
-    dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
+    dist = device.setup(require_distributed=cfgs.train.enable_fsdp, timeout_s=cfgs.train.dist_timeout)
     setup_logging(dist.rank)
     try:
-        run(cfgs, dist)
-    finally:
-        device.teardown()
+        run(cfgs, dist, before_step)
+    except BaseException as err:
+        if dist.distributed:
+            exit_now(err)  # never waits on peers: they fail within seconds instead of at the timeout
+        raise
+    device.teardown()
     return 0
 
 

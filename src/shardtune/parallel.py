@@ -8,6 +8,7 @@ llama-recipes' sharding strategies map onto FSDP2 as:
 """
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass
 
@@ -66,8 +67,10 @@ def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
     dev = dist.device.type
     if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
         return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
+    # Sub-groups get --dist_timeout too; without an override they take torch's 30 minutes.
+    groups = _group_timeouts(dist, 2)
     if strategy == "NO_SHARD":
-        return init_device_mesh(dev, (world, 1), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(dev, (world, 1), mesh_dim_names=("replicate", "shard"), backend_override=groups)
     shard = fsdp_cfg.sharding_group_size or dist.local_world_size
     replicas = fsdp_cfg.replica_group_size or (world // shard if shard else 0)
     if shard <= 0 or world % shard or replicas * shard != world:
@@ -75,7 +78,21 @@ def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
             f"HYBRID_SHARD needs sharding_group_size x replica_group_size = world size {world}; "
             f"got {shard} x {replicas}: pick a sharding_group_size that divides {world}"
         )
-    return init_device_mesh(dev, (replicas, shard), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(dev, (replicas, shard), mesh_dim_names=("replicate", "shard"), backend_override=groups)
+
+
+def _group_timeouts(dist: Dist, ndim: int) -> dict:
+    timeout = datetime.timedelta(seconds=dist.timeout_s)
+    if dist.backend == "nccl":
+        from torch.distributed import ProcessGroupNCCL
+
+        options = ProcessGroupNCCL.Options()
+        options._timeout = timeout
+    else:
+        from torch._C._distributed_c10d import Backend
+
+        options = Backend.Options(dist.backend, timeout)
+    return {dim: (dist.backend, options) for dim in range(ndim)}
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,5 +1,5 @@
-"""Test worker (python or torchrun): the real recipe (finetuning.run, check_supported
-included) with one fault injected, chosen by the first argument (JSON):
+"""Test worker (python or torchrun): the real entry point (finetuning.main) with one
+fault injected, chosen by the first argument (JSON):
 
   {"pause_at": K, "dir": D}   before step K's optimizer step, rank 0 writes D/paused and
                               every rank waits until D/release exists (SIGKILL or SIGTERM
@@ -7,6 +7,7 @@ included) with one fault injected, chosen by the first argument (JSON):
   {"stall_publish_at": K, "dir": D}   the step-K checkpoint is fully written but hangs
                               before its publishing rename; rank 0 writes D/stalled
   {"nan_at": K}               rank 0's first trainable gradient becomes NaN at step K
+  {"raise_at": K, "rank": R}  rank R raises a UserError before step K's optimizer step
 """
 import json
 import os
@@ -17,12 +18,16 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardtune import device, finetuning
-from shardtune.args import parse_args
+from shardtune import finetuning
 from shardtune.checkpoint import manifest
-from shardtune.errors import exit_on_user_error
+from shardtune.errors import UserError
 
 WAIT_S = 120
+
+
+class Rank:
+    def __init__(self, rank: int) -> None:
+        self.rank, self.is_main = rank, rank == 0
 
 
 def _wait_for(path: Path) -> None:
@@ -57,19 +62,18 @@ def hooks(fault: dict, dist):
                 grad = next(p.grad for p in model.parameters() if p.requires_grad and p.grad is not None)
                 (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[0] = float("nan")
         return before_step
+    if "raise_at" in fault:
+        def before_step(model, state):
+            if state.step + 1 == fault["raise_at"] and dist.rank == fault["rank"]:
+                raise UserError(f"injected failure at step {fault['raise_at']}")
+        return before_step
     return None
 
 
-@exit_on_user_error
 def main() -> int:
     fault, argv = json.loads(sys.argv[1]), sys.argv[2:]
-    cfgs = parse_args(argv)
-    dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
-    try:
-        finetuning.run(cfgs, dist, before_step=hooks(fault, dist))
-    finally:
-        device.teardown()
-    return 0
+    rank = Rank(int(os.environ.get("RANK", 0)))
+    return finetuning.main(argv, before_step=hooks(fault, rank))
 
 
 if __name__ == "__main__":  # spawned DataLoader workers import this file too

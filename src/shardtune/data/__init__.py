@@ -106,33 +106,37 @@ def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Optional[Path]
     return dataset, stats
 
 
-def _broadcast_status(message: Optional[str]) -> Optional[str]:
-    """Rank 0 tells the others whether it prepared the split (None) or failed (why)."""
+def _gather_failure(dist, failed: bool, split: str) -> Optional[str]:
+    """Every rank learns whether any rank failed to prepare the split, and which."""
     import torch.distributed as tdist
 
-    box = [message]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
+    messages = [None] * dist.world_size
+    mine = f"rank {dist.rank} could not prepare the {split} split; see rank {dist.rank}'s error" if failed else None
+    tdist.all_gather_object(messages, mine)
+    return next((m for m in messages if m), None)
 
 
 def _coordinated(dist, path: Optional[Path], split: str, build: Callable[[], tuple]) -> tuple:
-    """Rank 0 builds (and caches) first; the others then load its cache file. Every rank
-    builds for itself when nothing is cached, or when the cache directory is node-local
-    and this node has no copy."""
+    """Rank 0 builds (and caches) first; then the first rank of every other node, which
+    loads that cache on a shared filesystem or fills its node's own; then everyone else
+    loads from the cache. So a split is tokenized once per machine at most, and a failure
+    anywhere is reported on every rank instead of leaving the others waiting."""
     if dist is None or not dist.distributed or dist.world_size < 2 or path is None:
         return build()
-    if dist.is_main:
-        try:
-            result = build()
-        except BaseException as err:
-            _broadcast_status(f"rank 0 could not prepare the {split} split ({type(err).__name__}); see rank 0's error")
-            raise
-        _broadcast_status(None)
-        return result
-    failure = _broadcast_status(None)
-    if failure:
-        raise UserError(failure)
-    return build()
+    result = None
+    for builds_now in (dist.is_main, dist.local_rank == 0 and not dist.is_main):
+        error = None
+        if builds_now:
+            try:
+                result = build()
+            except BaseException as err:
+                error = err
+        failure = _gather_failure(dist, error is not None, split)
+        if error is not None:
+            raise error
+        if failure:
+            raise UserError(failure)
+    return result if result is not None else build()
 
 
 def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:

@@ -1,0 +1,94 @@
+"""Two "nodes" on one machine: two torchrun launches that meet by c10d rendezvous on
+127.0.0.1, HYBRID_SHARD inside each; and failures that end runs instead of hanging them."""
+import json
+import socket
+import time
+
+import pytest
+
+from conftest import (REPO, SHIM, check, kill_group, start_launcher, step_losses, torchrun, wait_for_file)
+
+FAULT = REPO / "tests" / "workers" / "fault_probe.py"
+STEPS = 4
+FLAGS = ["--enable_fsdp", "--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0",
+         "--num_epochs", "1", "--max_train_step", str(STEPS), "--context_length", "128", "--batch_size_training", "1",
+         "--num_workers_dataloader", "0", "--save_metrics", "--log_every", "1", "--run_validation", "False",
+         "--save_steps", "2", "--lr", "1e-2", "--fsdp_activation_checkpointing", "False"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(script, args, rdzv_id):
+    """Node launches as a user types them on two machines, here both on 127.0.0.1."""
+    port = _free_port()
+    launcher = ["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", rdzv_id]
+    return [start_launcher(launcher, script, args) for _ in range(2)]
+
+
+def _wait_all(procs, timeout=300):
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append((proc.returncode, out, err))
+    return results
+
+
+@pytest.fixture(scope="module")
+def four_rank_reference(tmp_path_factory, tiny_model):
+    out = tmp_path_factory.mktemp("mn") / "ref"
+    check(torchrun(4, SHIM, FLAGS + ["--model_name", str(tiny_model), "--output_dir", str(out)]))
+    return step_losses(out)
+
+
+def test_two_nodes_hybrid_shard_match_one_node_full_shard(tmp_path, tiny_model, four_rank_reference):
+    out = tmp_path / "out"
+    args = FLAGS + ["--model_name", str(tiny_model), "--output_dir", str(out), "--sharding_strategy", "HYBRID_SHARD"]
+    for rc, _, err in _wait_all(_two_nodes(SHIM, args, "hsdp")):
+        assert rc == 0, err[-4000:]
+    losses = step_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert max(abs(losses[s] - four_rank_reference[s]) for s in losses) <= 1e-5, (losses, four_rank_reference)
+
+
+def test_a_dead_node_ends_the_other_and_resume_continues(tmp_path, tiny_model, four_rank_reference):
+    out, marks = tmp_path / "out", tmp_path / "marks"
+    marks.mkdir()
+    args = FLAGS + ["--model_name", str(tiny_model), "--output_dir", str(out), "--sharding_strategy", "HYBRID_SHARD"]
+    nodes = _two_nodes(FAULT, [json.dumps({"pause_at": 3, "dir": str(marks)})] + args, "dead")
+    wait_for_file(marks / "paused", nodes[0])
+    kill_group(nodes[1])  # the whole "node": its launcher and both ranks
+    (marks / "release").write_text("")
+    start = time.monotonic()
+    (rc, _, err), = _wait_all(nodes[:1], timeout=120)
+    assert time.monotonic() - start < 60 and rc != 0
+    errors = [l for l in err.splitlines() if l.startswith("shardtune: error:")]
+    assert errors and all("[rank " in l for l in errors), err[-4000:]
+    # the next launch of both nodes continues from the step-2 checkpoint
+    for rc, _, err in _wait_all(_two_nodes(SHIM, args + ["--resume", "auto"], "dead2")):
+        assert rc == 0, err[-4000:]
+    losses = step_losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert max(abs(losses[s] - four_rank_reference[s]) for s in losses) <= 1e-5
+
+
+def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = torchrun(2, FAULT, [json.dumps({"raise_at": 3, "rank": 1})]
+                    + FLAGS + ["--model_name", str(tiny_model), "--output_dir", str(out)], timeout=120)
+    assert time.monotonic() - start < 60 and proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]
+    assert any(l.startswith("shardtune: error: [rank 1 on ") and "injected failure at step 3" in l for l in errors), \
+        proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("strategy", ["HYBRID_SHARD", "NO_SHARD"])
+def test_dist_timeout_reaches_the_mesh_sub_groups(strategy):
+    proc = check(torchrun(2, REPO / "tests" / "workers" / "mesh_probe.py", ["77", strategy]))
+    timeouts = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert timeouts == [{"replicate": 77.0, "shard": 77.0}] * 2
