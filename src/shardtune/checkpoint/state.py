@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 
 from ..device import Dist
 from ..errors import UserError
@@ -35,9 +36,6 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST = "best"
 # PEFT: only the adapter is trainable, so only the adapter is saved (the base is on disk).
 DCP_OPTIONS = StateDictOptions(ignore_frozen_params=True)
-# Setting them leaves the frozen base alone; dcp.load has already failed on any trainable
-# key the checkpoint lacks.
-SET_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 FORMAT = 1
 
 
@@ -128,9 +126,21 @@ def _single_process_quiet():
         yield
 
 
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters by their unwrapped name (DDP's `module.` removed), detached
+    views of the live storage (DTensor shards under FSDP2), so DCP saves from them and loads
+    into them in place. Not model.state_dict(): quantized base layers (bitsandbytes) run
+    save hooks there that need state their frozen weights never got."""
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            out[name[len("module."):] if name.startswith("module.") else name] = param.detach()
+    return out
+
+
 def _tensor_state(model, optimizer) -> tuple[dict, dict]:
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=DCP_OPTIONS)
-    return {"model": model_sd, "optim": optim_sd["state"]}, optim_sd
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=DCP_OPTIONS)
+    return {"model": trainable_parameters(model), "optim": optim_sd["state"]}, optim_sd
 
 
 def save(run_dir: Path, step: int, model, optimizer, info: dict, dist: Dist) -> Path:
@@ -165,9 +175,9 @@ def load(ckpt: Checkpoint, model, optimizer) -> None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {ckpt.path}: {first[:300]}; it was written for another model or "
                         "PEFT config") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict={"state": state["optim"], "param_groups": optim_sd["param_groups"]},
-                   options=SET_OPTIONS)
+    # the parameters were loaded in place; the optimizer state is mapped back from names
+    set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": optim_sd["param_groups"]},
+                             options=DCP_OPTIONS)
     optimizer.zero_grad(set_to_none=True)  # get_state_dict initialised empty state with zero grads
 
 
