@@ -176,3 +176,10 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> N
 def step_losses(out_dir: Path) -> dict[int, float]:
     steps, _ = read_metrics(out_dir)
     return {s["step"]: s["loss"] for s in steps}
+
+
+def error_lines(stderr: str) -> list[str]:
+    """shardtune's error lines, also where one follows another rank's progress bar on the
+    shared terminal line."""
+    marker = "shardtune: error:"
+    return [line[line.index(marker):] for line in stderr.splitlines() if marker in line]

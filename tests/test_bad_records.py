@@ -149,7 +149,7 @@ def test_skip_mode_trains_on_the_rest(tmp_path, tiny_model):
     d.mkdir()
     (d / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (d / "val.json").write_text(_json.dumps(sample["validation"][:4]))
-    args = ["--use_peft", "--peft_method", "lora", "--model_name", str(tiny_model), "--samsum_dataset.data_path", str(d),
+    args = ["--num_workers_dataloader", "0", "--use_peft", "--peft_method", "lora", "--model_name", str(tiny_model), "--samsum_dataset.data_path", str(d),
             "--output_dir", str(tmp_path / "out"), "--batch_size_training", "2", "--context_length", "512",
             "--num_epochs", "1", "--max_train_step", "2", "--max_eval_step", "1", "--data_cache_dir", str(tmp_path / "c")]
     proc = python(SHIM, args)

@@ -205,7 +205,7 @@ def test_custom_collator_batches_carry_counts(tmp_path, llama2_tok):
     assert rank1["num_tokens"] == len(last["input_ids"])
 
 
-BASE = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0", "--num_epochs", "1",
+BASE = ["--num_workers_dataloader", "0", "--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0", "--num_epochs", "1",
         "--fsdp_activation_checkpointing", "False", "--save_metrics", "--log_every", "1", "--lr", "2e-3"]
 
 

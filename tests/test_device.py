@@ -32,7 +32,7 @@ def test_teardown_ends_the_group_after_an_fsdp_run(tmp_path, tiny_model):
     check(torchrun(2, PROBE, [str(tmp_path), "finetune", "--enable_fsdp", "--use_peft", "--peft_method", "lora",
                               "--model_name", str(tiny_model), "--output_dir", str(out), "--num_epochs", "1",
                               "--max_train_step", "2", "--max_eval_step", "1", "--batch_size_training", "1",
-                              "--context_length", "128"]))
+                              "--context_length", "128", "--num_workers_dataloader", "0"]))
     assert (out / "adapter_model.safetensors").is_file()
     for r in _results(tmp_path):
         assert r["rc"] == 0 and not r["initialized_after"] and r["after"] == 0, r

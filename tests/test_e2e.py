@@ -41,7 +41,7 @@ def test_adapter_reproduces_trained_logits(tmp_path, tiny_model):
     check(torchrun(2, REPO / "tests" / "workers" / "train_probe.py", [str(probe_file)] + SEED_FLAGS + [
         "--model_name", str(tiny_model), "--output_dir", str(out), "--batch_size_training", "2",
         "--context_length", "512", "--num_epochs", "1", "--max_train_step", "4", "--lr", "1e-2",
-        "--run_validation", "False",
+        "--run_validation", "False", "--num_workers_dataloader", "0",
     ]))
     probe = load_file(probe_file)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)

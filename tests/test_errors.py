@@ -20,7 +20,7 @@ def _bad_samsum_dir(tmp_path, train_text):
     return d
 
 
-BASE = ["--use_peft", "--peft_method", "lora", "--max_train_step", "1"]
+BASE = ["--use_peft", "--peft_method", "lora", "--max_train_step", "1", "--num_workers_dataloader", "0"]
 
 
 def _train_on(tmp_path, tiny_model, samsum_dir):

@@ -23,7 +23,7 @@ def test_method_trains_and_reloads(method, world, tmp_path, tiny_model):
     out, probe_file = tmp_path / "out", tmp_path / "probe.safetensors"
     # the bundled sample: 3 short epochs, and the held-out loss must fall
     args = [str(probe_file)] + METHODS[method] + [
-        "--model_name", str(tiny_model), "--output_dir", str(out),
+        "--model_name", str(tiny_model), "--output_dir", str(out), "--num_workers_dataloader", "0",
         "--batch_size_training", str(4 // world), "--context_length", "256", "--num_epochs", "3",
         "--lr", "1e-3" if method == "none" else "1e-2", "--val_batch_size", "4", "--save_metrics", "--log_every", "4",
         "--checkpoint_type", "FULL_STATE_DICT",
@@ -56,7 +56,7 @@ def test_tied_embeddings_stay_tied_in_full_finetuning(world, tmp_path, tmp_path_
 
     tied = build_tiny(str(tmp_path / "tied"), intermediate_size=128, tie_word_embeddings=True)
     out, probe_file = tmp_path / "out", tmp_path / "probe.safetensors"
-    args = [str(probe_file), "--model_name", str(tied), "--output_dir", str(out), "--batch_size_training",
+    args = [str(probe_file), "--model_name", str(tied), "--output_dir", str(out), "--num_workers_dataloader", "0", "--batch_size_training",
             str(4 // world), "--context_length", "128", "--num_epochs", "1", "--max_train_step", "4",
             "--lr", "1e-2", "--run_validation", "False", "--checkpoint_type", "FULL_STATE_DICT"]
     if world == 1:

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from conftest import (REPO, SHIM, check, kill_group, start_launcher, step_losses, torchrun, wait_for_file)
+from conftest import (REPO, SHIM, check, error_lines, kill_group, python, start_launcher, step_losses,
+                      torchrun, wait_for_file)
 
 FAULT = REPO / "tests" / "workers" / "fault_probe.py"
 STEPS = 4
@@ -22,12 +23,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _two_nodes(script, args, rdzv_id):
-    """Node launches as a user types them on two machines, here both on 127.0.0.1."""
+    """Node launches as a user types them on two machines, here both on 127.0.0.1. The
+    first hosts the rendezvous store (as the head node does); the second starts once it
+    listens, so which node hosts it is known."""
     port = _free_port()
     launcher = ["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", rdzv_id]
-    return [start_launcher(launcher, script, args) for _ in range(2)]
+    head = start_launcher(launcher, script, args)
+    deadline = time.monotonic() + 120
+    while not _listening(port) and head.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [head, start_launcher(launcher, script, args)]
 
 
 def _wait_all(procs, timeout=300):
@@ -40,9 +52,15 @@ def _wait_all(procs, timeout=300):
 
 @pytest.fixture(scope="module")
 def four_rank_reference(tmp_path_factory, tiny_model):
-    out = tmp_path_factory.mktemp("mn") / "ref"
-    check(torchrun(4, SHIM, FLAGS + ["--model_name", str(tiny_model), "--output_dir", str(out)]))
-    return step_losses(out)
+    """One node, 4 ranks, FULL_SHARD: itself equal to one plain process (global batch 4)."""
+    root = tmp_path_factory.mktemp("mn")
+    check(torchrun(4, SHIM, FLAGS + ["--model_name", str(tiny_model), "--output_dir", str(root / "ref")]))
+    one = [a for a in FLAGS if a != "--enable_fsdp"] + ["--batch_size_training", "4"]
+    check(python(SHIM, one + ["--model_name", str(tiny_model), "--output_dir", str(root / "one")]))
+    losses, single = step_losses(root / "ref"), step_losses(root / "one")
+    assert sorted(losses) == sorted(single) == list(range(1, STEPS + 1))
+    assert max(abs(losses[s] - single[s]) for s in losses) <= 1e-5, (losses, single)
+    return losses
 
 
 def test_two_nodes_hybrid_shard_match_one_node_full_shard(tmp_path, tiny_model, four_rank_reference):
@@ -61,13 +79,13 @@ def test_a_dead_node_ends_the_other_and_resume_continues(tmp_path, tiny_model, f
     args = FLAGS + ["--model_name", str(tiny_model), "--output_dir", str(out), "--sharding_strategy", "HYBRID_SHARD"]
     nodes = _two_nodes(FAULT, [json.dumps({"pause_at": 3, "dir": str(marks)})] + args, "dead")
     wait_for_file(marks / "paused", nodes[0])
-    kill_group(nodes[1])  # the whole "node": its launcher and both ranks
+    kill_group(nodes[1])  # the whole second node: its launcher and both ranks
     (marks / "release").write_text("")
     start = time.monotonic()
     (rc, _, err), = _wait_all(nodes[:1], timeout=120)
     assert time.monotonic() - start < 60 and rc != 0
-    errors = [l for l in err.splitlines() if l.startswith("shardtune: error:")]
-    assert errors and all("[rank " in l for l in errors), err[-4000:]
+    errors = error_lines(err)
+    assert errors and all(l.startswith("shardtune: error: [rank ") for l in errors), err[-4000:]
     # the next launch of both nodes continues from the step-2 checkpoint
     for rc, _, err in _wait_all(_two_nodes(SHIM, args + ["--resume", "auto"], "dead2")):
         assert rc == 0, err[-4000:]
@@ -82,7 +100,7 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, tiny_model):
     proc = torchrun(2, FAULT, [json.dumps({"raise_at": 3, "rank": 1})]
                     + FLAGS + ["--model_name", str(tiny_model), "--output_dir", str(out)], timeout=120)
     assert time.monotonic() - start < 60 and proc.returncode != 0
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]
+    errors = error_lines(proc.stderr)
     assert any(l.startswith("shardtune: error: [rank 1 on ") and "injected failure at step 3" in l for l in errors), \
         proc.stderr[-4000:]
 

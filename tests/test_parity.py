@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from conftest import SHIM, check, python, read_metrics, torchrun
 
-COMMON = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0",
+COMMON = ["--num_workers_dataloader", "0", "--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0",
           "--samsum_dataset.train_split", "validation", "--run_validation", "False",
           "--num_epochs", "1", "--max_train_step", "10", "--context_length", "256",
           "--lr", "2e-3", "--weight_decay", "0.01", "--save_metrics", "--log_every", "5",

@@ -90,7 +90,7 @@ def test_grammar_finetune_two_ranks(prepared, tmp_path, tiny_model):
     out_csv, _ = prepared
     out = tmp_path / "out"
     proc = check(torchrun(2, SHIM, [
-        "--enable_fsdp", "--use_peft", "--peft_method", "lora", "--model_name", str(tiny_model),
+        "--enable_fsdp", "--use_peft", "--peft_method", "lora", "--model_name", str(tiny_model), "--num_workers_dataloader", "0",
         "--dataset", "grammar_dataset", "--grammar_dataset.train_split", str(out_csv / "grammar_train.csv"),
         "--grammar_dataset.test_split", str(out_csv / "grammar_validation.csv"), "--output_dir", str(out),
         "--batch_size_training", "2", "--context_length", "256", "--num_epochs", "1", "--max_train_step", "4",

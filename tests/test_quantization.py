@@ -31,7 +31,7 @@ def test_quantized_lora_trains_and_reloads(q, tmp_path, tiny_quantizable):
     check(python(REPO / "tests" / "workers" / "train_probe.py", [
         str(probe_file), "--use_peft", "--model_name", str(tiny_quantizable), "--output_dir", str(out),
         "--quantization", q, "--num_epochs", "2", "--context_length", "128", "--batch_size_training", "4",
-        "--lr", "1e-2", "--save_metrics", "--val_batch_size", "4"]))
+        "--lr", "1e-2", "--save_metrics", "--val_batch_size", "4", "--num_workers_dataloader", "0"]))
     epochs = read_metrics(out)[1]
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"], epochs  # same data both epochs
     base = AutoModelForCausalLM.from_pretrained(tiny_quantizable, quantization_config=_bnb(q),

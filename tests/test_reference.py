@@ -60,7 +60,7 @@ def test_matches_plain_peft_loop(tmp_path, tiny_model, shared_data):
 
     out = tmp_path / "out"
     args = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0",
-            "--model_name", str(tiny_model), "--output_dir", str(out),
+            "--model_name", str(tiny_model), "--output_dir", str(out), "--num_workers_dataloader", "0",
             "--samsum_dataset.data_path", str(shared_data / "samsum"),
             "--samsum_dataset.train_split", "validation", "--context_length", "300",
             "--run_validation", "False", "--num_epochs", "1", "--max_train_step", str(STEPS),

@@ -14,7 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import (REPO, SHIM, check, kill_group, python, run_cmd, start_python, start_torchrun, step_losses,
+from conftest import (REPO, SHIM, check, error_lines, kill_group, python, run_cmd, start_python, start_torchrun, step_losses,
                       torchrun, wait_for_file)
 from shardtune.checkpoint import state as ckpt_state
 
@@ -163,7 +163,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_mod
                                                                   "2", *WORLD_FLAGS))
     # torchrun prints its own launcher traceback on any child failure; ours print one line
     assert proc.returncode != 0 and "src/shardtune" not in proc.stderr
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]
+    errors = error_lines(proc.stderr)
     assert errors and all("step 4" in l and "step_000002" in l for l in errors), proc.stderr[-3000:]
     assert _steps(out, tiny_model) == ["step_000002"]
     assert not [p for p in _run_dir(out, tiny_model).iterdir() if p.name != "step_000002"]
@@ -183,7 +183,7 @@ def test_a_used_output_dir_is_refused_and_left_untouched(tmp_path, tiny_model):
     for extra in ([], ["--dist_checkpoint_folder", "other"]):
         proc = python(SHIM, _args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS, "--lr", "1e-3", *extra))
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
-        assert len([l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]) == 1, proc.stderr
+        assert len(error_lines(proc.stderr)) == 1, proc.stderr
         assert _snapshot(out) == before
 
 

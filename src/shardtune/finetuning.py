@@ -39,7 +39,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -120,8 +120,6 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError("--save_steps and --save_total_limit must be >= 0 (0 = off / keep all)")
 
 
-
-
 @dataclass
 class Recipe:
     """Everything setup builds and fit trains; `state` is what a checkpoint carries."""
@@ -159,12 +157,17 @@ class RunResult:
 
 # ---- setup ----------------------------------------------------------------------------
 
+def needs_unpacked(cfgs: Configs) -> bool:
+    """One example per row with an attention mask (prefix tuning's prefix is a KV cache)."""
+    t = cfgs.train
+    return t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
+
+
 def resolve(cfgs: Configs) -> Configs:
     """A copy with the derived choices made, so nothing downstream mutates the caller's."""
     cfgs = copy.deepcopy(cfgs)
     t = cfgs.train
-    unpacked = t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
-    if unpacked and t.batching_strategy == "packing":
+    if needs_unpacked(cfgs) and t.batching_strategy == "packing":
         log.info("%s: the learned prefix is a KV cache, so examples are not packed; using batching_strategy=padding", t.peft_method)
         t.batching_strategy = "padding"
     return cfgs
@@ -352,7 +355,6 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
     optimizer = build_optimizer(trainable, cfgs)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
-    unpacked = t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
     loop_cfg = train.LoopConfig(
         accum=batching.accum, world=dist.world_size, max_train_step=t.max_train_step,
         max_eval_step=t.max_eval_step,
@@ -361,7 +363,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
         autocast_dtype=(precision.compute if precision.compute != precision.storage and not t.enable_fsdp
                         else None),
         grad_scaler=build_grad_scaler(cfgs, dist, precision),
-        mask_from_positions=unpacked, global_batch=sampler.global_batch, before_step=before_step,
+        mask_from_positions=needs_unpacked(cfgs), global_batch=sampler.global_batch, before_step=before_step,
     )
     metrics = MetricsWriter(Path(t.output_dir) / "metrics.jsonl" if t.save_metrics and dist.is_main else None)
     recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loader,
