@@ -1,4 +1,5 @@
-"""Fine-tune a Llama-architecture model with PEFT and FSDP2: the shardtune recipe.
+"""Fine-tune a decoder-only model (Llama, Mistral, Qwen, Gemma, ...) with PEFT and FSDP2:
+the shardtune recipe.
 
     torchrun --nnodes 1 --nproc_per_node N -m shardtune.finetuning --enable_fsdp \
         --model_name DIR --use_peft --peft_method lora --output_dir OUT
@@ -322,6 +323,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     if ckpt:
         check_resumable(ckpt, cfgs, spec)
     tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
+    model_lib.check_vocab(tokenizer, spec)
     prepare_dirs(cfgs, dist, run_dir)
     precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
     if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
