@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny HF Llama built at test time, the real data in ../shared/data,
+"""Shared fixtures: a tiny HF Llama and tiny models of other families built at test time,
+the real data in ../shared/data,
 a helper that launches real torchrun process groups on CPU (gloo), and a real two-node
 slurm cluster on this machine."""
 from __future__ import annotations
@@ -86,6 +87,59 @@ def tiny_llama2_tok(tmp_path_factory, shared_data) -> Path:
     from shardtune.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("tiny2") / "model"), tokenizer=str(shared_data / "tokenizers" / "llama2"))
+
+
+# Tiny random-init models of today's families, as AutoConfig.for_model builds them.
+FAMILIES = {
+    # Llama 3.1/3.2: grouped-query attention, llama3 RoPE scaling, tied embeddings (as 3.2 1B/3B)
+    "llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 8192},
+                         "max_position_embeddings": 131072, "tie_word_embeddings": True}),
+    "mistral": ("mistral", {}),
+    "qwen3": ("qwen3", {}),  # per-head RMSNorm on queries and keys
+    "gemma": ("gemma", {}),  # embeddings scaled by sqrt(hidden) (a non-persistent buffer), tied head
+}
+
+
+def build_family_model(family: str, out: Path, tokenizer) -> Path:
+    model_type, extra = FAMILIES[family]
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """family name -> a tiny model directory of that family (built on first use, once per session),
+    with shardtune's tiny tokenizer."""
+    from shardtune.tiny import train_tokenizer
+
+    built: dict[str, Path] = {}
+    tokenizer = []
+
+    def get(family: str) -> Path:
+        if family not in built:
+            if not tokenizer:
+                tokenizer.append(train_tokenizer())
+            built[family] = build_family_model(family, tmp_path_factory.mktemp("families") / family, tokenizer[0])
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family_model(request, family_models) -> Path:
+    """Parametrized over FAMILIES; the directory's name is the family."""
+    return family_models(request.param)
 
 
 def _slurm_helper():

@@ -1,4 +1,4 @@
-"""shardtune: fine-tune Llama-architecture models with PEFT and PyTorch FSDP2."""
+"""shardtune: fine-tune decoder-only models (Llama, Mistral, Qwen, Gemma, ...) with PEFT and PyTorch FSDP2."""
 import logging
 import warnings
 

@@ -28,7 +28,9 @@ class train_config:
     num_workers_dataloader: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
-    gamma: float = 0.85
+    gamma: float = 0.85  # StepLR's per-epoch decay (lr_scheduler step)
+    lr_scheduler: str = "step"  # step (per epoch) | cosine | linear | constant (per optimizer step)
+    warmup_steps: int = 0  # linear warmup steps of cosine, linear and constant
     seed: int = 42
     use_fp16: bool = False
     mixed_precision: bool = True

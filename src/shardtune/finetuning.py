@@ -1,4 +1,5 @@
-"""Fine-tune a Llama-architecture model with PEFT and FSDP2: the shardtune recipe.
+"""Fine-tune a decoder-only model (Llama, Mistral, Qwen, Gemma, ...) with PEFT and FSDP2:
+the shardtune recipe.
 
     torchrun --nnodes 1 --nproc_per_node N -m shardtune.finetuning --enable_fsdp \
         --model_name DIR --use_peft --peft_method lora --output_dir OUT
@@ -20,6 +21,7 @@ Features and the flags that turn them on:
   * packing with per-example attention ...... --batching_strategy packing --context_length
   * validation each epoch ................... --run_validation --val_batch_size --max_eval_step
   * step limit .............................. --max_train_step
+  * learning-rate schedule .................. --lr_scheduler step|cosine|linear|constant, --warmup_steps, --gamma
   * metrics as JSON lines ................... --save_metrics (output_dir/metrics.jsonl)
   * step checkpoints (DCP, atomic) .......... --save_steps N, --save_total_limit K, best/ by eval loss
   * exact resume, also at another world size  --resume auto|PATH
@@ -87,6 +89,11 @@ def resolve_batching(cfgs: Configs) -> Batching:
     return Batching(micro=micro, accum=bst // micro)
 
 
+# name -> transformers' schedule (None: llama-recipes' StepLR, stepped once per epoch)
+SCHEDULERS = {"step": None, "cosine": "get_cosine_schedule_with_warmup",
+              "linear": "get_linear_schedule_with_warmup", "constant": "get_constant_schedule_with_warmup"}
+
+
 def check_supported(cfgs: Configs) -> None:
     """Reject unknown values and contradictory combinations before any heavy work."""
     t, f = cfgs.train, cfgs.fsdp
@@ -118,6 +125,12 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError(f"--dist_timeout must be a positive number of seconds, got {t.dist_timeout}")
     if t.save_steps < 0 or t.save_total_limit < 0:
         raise UserError("--save_steps and --save_total_limit must be >= 0 (0 = off / keep all)")
+    if t.lr_scheduler not in SCHEDULERS:
+        raise UserError(f"unknown --lr_scheduler {t.lr_scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if t.warmup_steps < 0:
+        raise UserError(f"--warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.warmup_steps and t.lr_scheduler == "step":
+        raise UserError("--warmup_steps needs a per-step schedule: add --lr_scheduler cosine, linear or constant")
 
 
 @dataclass
@@ -260,6 +273,33 @@ def build_optimizer(params, cfgs: Configs) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+def total_steps(cfgs: Configs, steps_per_epoch: int) -> int:
+    """Optimizer steps the whole run will take: what cosine and linear decay over."""
+    t = cfgs.train
+    planned = t.num_epochs * steps_per_epoch
+    return min(t.max_train_step, planned) if t.max_train_step else planned
+
+
+def build_scheduler(optimizer, cfgs: Configs, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    t = cfgs.train
+    if t.lr_scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
+    import transformers
+
+    make = getattr(transformers, SCHEDULERS[t.lr_scheduler])
+    if t.lr_scheduler == "constant":
+        return make(optimizer, num_warmup_steps=t.warmup_steps)
+    return make(optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps(cfgs, steps_per_epoch))
+
+
+def schedule_info(cfgs: Configs, steps_per_epoch: int) -> dict:
+    """What the scheduler was built from: its state_dict holds only counters (the lambdas
+    are rebuilt from the config), so a resume must rebuild the same schedule."""
+    t = cfgs.train
+    return {"lr_scheduler": t.lr_scheduler, "warmup_steps": t.warmup_steps,
+            "total_steps": total_steps(cfgs, steps_per_epoch)}
+
+
 def build_grad_scaler(cfgs: Configs, dist: device.Dist, precision: parallel.Precision):
     if not precision.grad_scaler:
         return None
@@ -332,6 +372,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     if ckpt:
         check_resumable(ckpt, cfgs, spec)
     tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
+    model_lib.check_vocab(tokenizer, spec)
     prepare_dirs(cfgs, dist, run_dir)
     precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
     if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
@@ -354,7 +395,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     n_all = sum(p.numel() for p in peft_model.parameters())
     log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
     optimizer = build_optimizer(trainable, cfgs)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
+    scheduler = build_scheduler(optimizer, cfgs, sampler.steps_per_epoch)
     loop_cfg = train.LoopConfig(
         accum=batching.accum, world=dist.world_size, max_train_step=t.max_train_step,
         max_eval_step=t.max_eval_step,
@@ -380,6 +421,7 @@ def restore(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
     """Parameters and optimizer (resharded to this world), scheduler, scaler, loop state,
     then the RNG last, so nothing after it draws a number before the first step."""
     info = ckpt.info
+    check_schedule(recipe, ckpt)
     ckpt_state.load(ckpt, recipe.train_model, recipe.optimizer)
     recipe.scheduler.load_state_dict(info["scheduler"])
     for group, lr in zip(recipe.optimizer.param_groups, info["lrs"]):
@@ -393,6 +435,18 @@ def restore(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
     log.info("resumed from %s: step %d, epoch %d, %d samples into it%s", ckpt.path, recipe.state.step,
              recipe.state.epoch + 1, recipe.state.samples_in_epoch,
              "" if same_world else f" (saved at world size {info['world_size']}, now {recipe.dist.world_size})")
+
+
+def check_schedule(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
+    saved = ckpt.info.get("schedule", {"lr_scheduler": "step"})  # checkpoints from before --lr_scheduler
+    now = schedule_info(recipe.cfgs, recipe.sampler.steps_per_epoch)
+    if saved["lr_scheduler"] != now["lr_scheduler"]:
+        raise UserError(f"{ckpt.path} was trained with --lr_scheduler {saved['lr_scheduler']}; resume it with "
+                        "the same --lr_scheduler")
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        log.warning("resuming with a different schedule (%s): the learning rate follows the new one from here",
+                    ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed))
 
 
 # ---- fit ------------------------------------------------------------------------------
@@ -413,8 +467,11 @@ def fit(recipe: Recipe) -> Optional[str]:
 
 
 def after_step(recipe: Recipe, stop: StopRequest, sync: Callable[[], None]) -> bool:
-    """Runs after every optimizer step: step checkpoints, and the stop on a signal."""
+    """Runs after every optimizer step: the per-step LR schedule, step checkpoints, and the
+    stop on a signal."""
     t, state = recipe.cfgs.train, recipe.state
+    if t.lr_scheduler != "step":
+        recipe.scheduler.step()  # before any checkpoint, which must hold the next step's LR
     stopping = stop.agreed(recipe.dist)
     if stopping or (t.save_steps and state.step % t.save_steps == 0):
         sync()  # log the pending steps; a non-finite one stops the run before the save
@@ -431,8 +488,7 @@ def fit_epoch(recipe: Recipe) -> bool:
     r.sampler.set_epoch(state.epoch, start=state.samples_in_epoch)
     r.dist.reset_peak_memory()
     start = time.perf_counter()
-    if train.train_epoch(r.train_model, r.loader, r.optimizer, r.dist, r.loop_cfg, state, r.metrics,
-                         r.scheduler.get_last_lr()[0]):
+    if train.train_epoch(r.train_model, r.loader, r.optimizer, r.dist, r.loop_cfg, state, r.metrics):
         return False
     r.dist.synchronize()
     elapsed = time.perf_counter() - start
@@ -454,7 +510,8 @@ def fit_epoch(recipe: Recipe) -> bool:
              summary["tokens_per_s"], summary["peak_memory_mib_per_rank"])
     if state.samples_in_epoch >= r.sampler.steps_per_epoch * r.sampler.global_batch:
         # a whole epoch (not one cut short by max_train_step, which a resume may continue)
-        r.scheduler.step()
+        if t.lr_scheduler == "step":
+            r.scheduler.step()
         state.end_epoch()
     if t.save_model:
         save_checkpoint(recipe, eval_loss)
@@ -466,7 +523,8 @@ def checkpoint_info(recipe: Recipe) -> dict:
     scaler = r.loop_cfg.grad_scaler
     return {
         "loop": asdict(r.state),
-        "scheduler": r.scheduler.state_dict(),
+        "scheduler": r.scheduler.state_dict(),  # LambdaLR's holds {} per lambda: JSON (tested by a resume)
+        "schedule": schedule_info(r.cfgs, r.sampler.steps_per_epoch),
         "lrs": [group["lr"] for group in r.optimizer.param_groups],
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "world_size": r.dist.world_size, "global_batch": r.sampler.global_batch,

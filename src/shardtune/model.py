@@ -6,20 +6,23 @@ from the safetensors files, so host RAM never holds the full model per rank.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import UserError
 
 log = logging.getLogger(__name__)
+
+SUPPORTED = ("shardtune trains decoder-only models that transformers' AutoModelForCausalLM builds without "
+             "remote code (tested: llama, mistral, qwen3, gemma)")
 
 
 def resolve_model_dir(name: str) -> Path:
@@ -106,11 +109,32 @@ def build_meta_model(spec: ModelSpec) -> torch.nn.Module:
 
 def load_spec(model_name: str) -> ModelSpec:
     model_dir = resolve_model_dir(model_name)
+    model_type = _declared_model_type(model_dir)
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        raise UserError(f"{model_dir}: transformers does not know model type {model_type!r} (a model that brings "
+                        f"its own code, which shardtune never runs?); {SUPPORTED}")
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {model_dir}/config.json: {str(err).splitlines()[0]}") from None
+    if getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{model_dir}: {config.model_type} is not a decoder-only causal language model; {SUPPORTED}")
     return ModelSpec(model_dir, config)
+
+
+def _declared_model_type(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # AutoConfig reports what is wrong with the file
+
+
+def check_vocab(tokenizer, spec: ModelSpec) -> None:
+    """Token ids past the embedding table would fail as an IndexError in the first forward."""
+    rows = spec.config.get_text_config().vocab_size
+    if len(tokenizer) > rows:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but {spec.model_dir}'s embedding has {rows} rows; "
+                        "pass the model's own tokenizer as --tokenizer_name (or none, to use the model's)")
 
 
 @torch.no_grad()
@@ -133,7 +157,7 @@ def materialize(model: torch.nn.Module, spec: ModelSpec, device: torch.device,
                 raise UserError(f"{spec.model_dir}: checkpoint has no tensor for parameter {name}")
             full = ckpt.get(key)
         _copy_full(param, full)
-    _reinit_buffers(model, device)
+    _fill_buffers(model, spec, ckpt, device)
 
 
 def _tied_parameters(model: torch.nn.Module) -> list[tuple]:
@@ -162,13 +186,47 @@ def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-def _reinit_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (RoPE's inv_freq) are not in the checkpoint; rebuild them."""
-    for module in model.modules():
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            fresh = type(module)(module.config)
-            for bname, buf in fresh.named_buffers(recurse=False):
-                setattr(module, bname, buf.to(device))
+def _fill_buffers(model: torch.nn.Module, spec: ModelSpec, ckpt: Checkpoint, device: torch.device) -> None:
+    """to_empty leaves every buffer uninitialised. Persistent ones are read from the checkpoint;
+    the others (RoPE inv_freq with its scaling, Gemma's embed_scale, ...) are whatever the
+    model's own constructors compute from the config, taken from a skeleton of the model."""
+    skeleton = _buffer_skeleton(spec)
+    reference = dict(skeleton.named_buffers())
+    persistent = skeleton.state_dict(keep_vars=True).keys()  # public: exactly the persistent buffers (and params)
+    for name, buf in list(model.named_buffers()):
+        key = checkpoint_key(name, reference)
+        if key is None or reference[key].is_meta:
+            raise UserError(f"cannot rebuild buffer {name}: the model's constructor does not compute it from the "
+                            f"config, and {spec.model_dir} does not hold it; {SUPPORTED}")
+        value = ckpt.get(key) if key in persistent and key in ckpt else reference[key]
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, value.to(device=device, dtype=buf.dtype))
+
+
+def _buffer_skeleton(spec: ModelSpec) -> torch.nn.Module:
+    """The model built as build_meta_model does, but with only its parameters on the meta
+    device: its buffers are computed for real, and cost next to nothing."""
+    with _parameters_on_meta():
+        return AutoModelForCausalLM.from_config(spec.config, dtype=spec.dtype, attn_implementation="sdpa")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    # Every nn.Parameter goes through Module.register_parameter (via __setattr__); moving it to
+    # meta there is accelerate's init_empty_weights(include_buffers=False), without the dependency.
+    # tests/test_families.py::test_buffer_skeleton fails if a torch change breaks this.
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
 
 
 def load_quantized(spec: ModelSpec, quantization: str, device: torch.device) -> torch.nn.Module:

@@ -100,7 +100,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names: set[str] = set()
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:  # sharding only the root would gather the whole model on every rank
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise UserError(f"cannot find the decoder layers of this {model_type} model (transformers names none in "
+                        "_no_split_modules), so it cannot be sharded or frozen per layer; use a model type that does")
+    return layers
 
 
 def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precision,

@@ -114,7 +114,7 @@ def _no_sync(model: torch.nn.Module, sync: bool):
 
 
 def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: LoopState,
-                metrics: MetricsWriter, lr_now: float) -> bool:
+                metrics: MetricsWriter) -> bool:
     """Train from the sampler's position to the end of the epoch (or max_train_step),
     keeping the running totals in `state`. Returns True when cfg.after_step asked to stop."""
     model.train()
@@ -127,6 +127,7 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     # per step: [local loss share, global targets, grad norm, local tokens]; reduced every
     # log_every steps, so the loop never waits on the host between those
     pending: list[torch.Tensor] = []
+    lrs: list[float] = []  # the LR each pending step used (host floats: no device sync)
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}", disable=not dist.is_main, dynamic_ncols=True)
 
     def flush() -> None:
@@ -135,15 +136,17 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         stacked = torch.stack(pending)
         stacked[:, 1:3] /= cfg.world  # every rank carries the same global count and norm
         vals = _all_reduce(stacked, dist).tolist()
+        step_lrs = lrs[:]
         pending.clear()
+        lrs.clear()
         first = state.step - len(vals) + 1
-        for k, (loss, n, norm, tokens) in enumerate(vals):
+        for k, ((loss, n, norm, tokens), lr) in enumerate(zip(vals, step_lrs)):
             _check_finite(first + k, loss, norm, cfg)
             state.epoch_loss_sum += loss * n
             state.epoch_targets += n
             state.epoch_tokens += int(tokens)
             extra = {"grad_norm": norm} if cfg.grad_clip else {}
-            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, targets=int(n), lr=lr_now, **extra)
+            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, targets=int(n), lr=lr, **extra)
         bar.set_postfix(loss=f"{vals[-1][0]:.4f}")
 
     stopped = False
@@ -161,6 +164,7 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
             step_loss += loss_sum.detach()
         if cfg.before_step:
             cfg.before_step(model, state)
+        lrs.append(optimizer.param_groups[0]["lr"])
         norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
         state.samples_in_epoch += cfg.global_batch

@@ -1,6 +1,10 @@
 """Test worker (run under torchrun): the real finetuning run, then the in-memory trained
 model's logits on a fixed probe batch, saved by rank 0 for comparison with a plain
-PEFT reload of the saved adapter."""
+PEFT reload of the saved adapter.
+
+    train_probe.py PROBE_FILE FLAGS... [--then PROBE_FILE FLAGS...]...
+
+Each --then starts another run in the same processes (one launch, several runs)."""
 import sys
 
 import torch
@@ -10,17 +14,29 @@ from shardtune import device, finetuning
 from shardtune.args import parse_args
 
 
+def runs(argv: list[str]) -> list[tuple[str, list[str]]]:
+    groups, current = [], []
+    for arg in argv + ["--then"]:
+        if arg == "--then":
+            groups.append((current[0], current[1:]))
+            current = []
+        else:
+            current.append(arg)
+    return groups
+
+
 def main() -> None:
-    out_file, argv = sys.argv[1], sys.argv[2:]
-    cfgs = parse_args(argv)
-    dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
-    result = finetuning.run(cfgs, dist)
-    probe = torch.arange(3, 3 + 2 * 40).reshape(2, 40) % 200 + 3
-    with torch.no_grad():
-        result.train_model.eval()
-        logits = result.train_model(input_ids=probe.to(dist.device)).logits
-    if dist.is_main:
-        save_file({"logits": logits.float().cpu().contiguous(), "probe": probe}, out_file)
+    plan = [(out_file, parse_args(argv)) for out_file, argv in runs(sys.argv[1:])]
+    dist = device.setup(require_distributed=plan[0][1].train.enable_fsdp)
+    for out_file, cfgs in plan:
+        result = finetuning.run(cfgs, dist)
+        probe = torch.arange(3, 3 + 2 * 40).reshape(2, 40) % 200 + 3
+        with torch.no_grad():
+            result.train_model.eval()
+            logits = result.train_model(input_ids=probe.to(dist.device)).logits
+        if dist.is_main:
+            save_file({"logits": logits.float().cpu().contiguous(), "probe": probe}, out_file)
+        del result
     device.teardown()
 
 

@@ -20,7 +20,10 @@ def wrap(model: torch.nn.Module, cfgs) -> PeftModel:
     method = cfgs.train.peft_method
     if method not in METHODS:
         raise UserError(f"unknown --peft_method {method!r}; choose {', '.join(METHODS)}")
-    return get_peft_model(model, METHODS[method].peft_config(cfgs.peft_config, model.config))
+    try:
+        return get_peft_model(model, METHODS[method].peft_config(cfgs.peft_config, model.config))
+    except ValueError as err:  # e.g. target modules the model does not have
+        raise UserError(f"--peft_method {method}: {str(err).splitlines()[0]}") from None
 
 
 def init_new_params(model: torch.nn.Module, method: str, seed: int) -> dict[str, torch.Tensor]:

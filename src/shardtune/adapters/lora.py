@@ -1,21 +1,34 @@
-"""LoRA with llama-recipes' defaults (r=8, alpha=32, dropout 0.05, q_proj/v_proj)."""
+"""LoRA with llama-recipes' defaults (r=8, alpha=32, dropout 0.05, q_proj/v_proj).
+`--lora_config.target_modules all-linear` is peft's every-linear-layer-but-the-head."""
 from __future__ import annotations
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from ..errors import UserError
+
 
 def peft_config(cfg, model_config) -> LoraConfig:
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
-        target_modules=list(cfg.target_modules),
+        target_modules=target_modules(cfg.target_modules),
         bias=cfg.bias,
         task_type=cfg.task_type,
         lora_dropout=cfg.lora_dropout,
         inference_mode=cfg.inference_mode,
     )
+
+
+def target_modules(names: list[str]) -> list[str] | str:
+    # the CLI hands over a list; peft recognises all-linear only as the bare string
+    if "all-linear" not in names:
+        return list(names)
+    if len(names) > 1:
+        raise UserError(f"--lora_config.target_modules {','.join(names)}: all-linear already means every linear "
+                        "layer; pass it alone")
+    return "all-linear"
 
 
 def init_weights(model: torch.nn.Module) -> None:
