@@ -361,6 +361,38 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
 
 
 
+def setup_data(cfgs: Configs, dist: device.Dist, tokenizer, batching: Batching) -> tuple:
+    """Tokenized (cached) splits and this rank's loaders: (train split, eval split or None,
+    train loader, its sampler, eval loader or None)."""
+    t = cfgs.train
+    train_split = data.build_split(cfgs, tokenizer, "train", dist)
+    eval_split = data.build_split(cfgs, tokenizer, "validation", dist) if t.run_validation else None
+    pad_id = tokenizer.pad_token_id
+    loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size,
+                                        dist.rank, t.seed, pad_id, t.num_workers_dataloader)
+    eval_loader = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank, pad_id,
+                                    t.num_workers_dataloader) if eval_split else None)
+    log.info("global batch %d = micro batch %d x %d ranks x %d accumulation; %d steps per epoch (%d sequences past the last full batch are left to the next shuffle)",
+             sampler.global_batch, batching.micro, dist.world_size, batching.accum,
+             sampler.steps_per_epoch, sampler.dropped_per_epoch)
+    return train_split, eval_split, loader, sampler, eval_loader
+
+
+def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision: parallel.Precision,
+                global_batch: int, before_step: Callable | None) -> train.LoopConfig:
+    t = cfgs.train
+    return train.LoopConfig(
+        accum=batching.accum, world=dist.world_size, max_train_step=t.max_train_step,
+        max_eval_step=t.max_eval_step,
+        grad_clip=t.gradient_clipping_threshold if t.gradient_clipping else None,
+        log_every=max(1, t.log_every),
+        autocast_dtype=(precision.compute if precision.compute != precision.storage and not t.enable_fsdp
+                        else None),
+        grad_scaler=build_grad_scaler(cfgs, dist, precision),
+        mask_from_positions=needs_unpacked(cfgs), global_batch=global_batch, before_step=before_step,
+    )
+
+
 def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> Recipe:
     """Config -> data -> model (+PEFT, sharded) -> optimizer -> resumed state."""
     cfgs = resolve(cfgs)
@@ -378,17 +410,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
         log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
 
-    train_split = data.build_split(cfgs, tokenizer, "train", dist)
-    eval_split = data.build_split(cfgs, tokenizer, "validation", dist) if t.run_validation else None
-    pad_id = tokenizer.pad_token_id
-    loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size,
-                                        dist.rank, t.seed, pad_id, t.num_workers_dataloader)
-    eval_loader = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank, pad_id,
-                                    t.num_workers_dataloader) if eval_split else None)
-    log.info("global batch %d = micro batch %d x %d ranks x %d accumulation; %d steps per epoch (%d sequences past the last full batch are left to the next shuffle)",
-             sampler.global_batch, batching.micro, dist.world_size, batching.accum,
-             sampler.steps_per_epoch, sampler.dropped_per_epoch)
-
+    train_split, eval_split, loader, sampler, eval_loader = setup_data(cfgs, dist, tokenizer, batching)
     train_model, peft_model = setup_model(cfgs, dist, spec, precision)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
@@ -396,16 +418,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
     optimizer = build_optimizer(trainable, cfgs)
     scheduler = build_scheduler(optimizer, cfgs, sampler.steps_per_epoch)
-    loop_cfg = train.LoopConfig(
-        accum=batching.accum, world=dist.world_size, max_train_step=t.max_train_step,
-        max_eval_step=t.max_eval_step,
-        grad_clip=t.gradient_clipping_threshold if t.gradient_clipping else None,
-        log_every=max(1, t.log_every),
-        autocast_dtype=(precision.compute if precision.compute != precision.storage and not t.enable_fsdp
-                        else None),
-        grad_scaler=build_grad_scaler(cfgs, dist, precision),
-        mask_from_positions=needs_unpacked(cfgs), global_batch=sampler.global_batch, before_step=before_step,
-    )
+    loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, before_step)
     metrics = MetricsWriter(Path(t.output_dir) / "metrics.jsonl" if t.save_metrics and dist.is_main else None)
     recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loader,
                     train_model, peft_model, optimizer, scheduler, loop_cfg, train.LoopState(), metrics, run_dir)
