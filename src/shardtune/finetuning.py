@@ -173,7 +173,7 @@ class RunResult:
 def needs_unpacked(cfgs: Configs) -> bool:
     """One example per row with an attention mask (prefix tuning's prefix is a KV cache)."""
     t = cfgs.train
-    return t.use_peft and getattr(adapters.METHODS[t.peft_method], "NEEDS_UNPACKED", False)
+    return t.use_peft and not adapters.METHODS[t.peft_method].packs
 
 
 def resolve(cfgs: Configs) -> Configs:
@@ -343,8 +343,7 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
     elif t.freeze_layers:
         freeze_first_layers(model, t.num_freeze_layers)
     if t.enable_fsdp and cfgs.fsdp.fsdp_activation_checkpointing:
-        method = adapters.METHODS.get(t.peft_method) if t.use_peft else None
-        if getattr(method, "SUPPORTS_ACTIVATION_CHECKPOINTING", True):
+        if not t.use_peft or adapters.METHODS[t.peft_method].activation_checkpointing:
             parallel.enable_activation_checkpointing(model)
         else:
             log.warning("activation checkpointing is off for %s: its KV cache cannot be replayed", t.peft_method)
@@ -583,7 +582,7 @@ def save(recipe: Recipe) -> None:
     require_finite(recipe)
     if t.use_peft:
         checkpoint.save_adapter(r.peft_model, t.output_dir, r.dist,
-                                getattr(adapters.METHODS[t.peft_method], "adapter_state", None))
+                                adapters.METHODS[t.peft_method].adapter_state)
         log.info("saved the %s adapter to %s", t.peft_method, t.output_dir)
     else:
         checkpoint.save_full_model(r.train_model, r.tokenizer, t.output_dir, r.dist)

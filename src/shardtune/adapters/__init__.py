@@ -7,13 +7,42 @@ depend on the world size, which parity across world sizes relies on.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 from peft import PeftModel, get_peft_model
 
 from ..errors import UserError
 from . import llama_adapter, lora, prefix
 
-METHODS = {"lora": lora, "llama_adapter": llama_adapter, "prefix": prefix}
+
+@dataclass(frozen=True)
+class Method:
+    """The contract of a PEFT method, declared once: each module supplies the callables,
+    and the flags say what the rest of the recipe must do differently."""
+
+    peft_config: Callable  # (method config, model config) -> peft config
+    init_weights: Callable  # (model) -> None: materialise and initialise the adapter on the host
+    saved_key: Callable  # parameter name -> key in peft's adapter_model.safetensors
+    packs: bool = True  # several examples may share a row
+    activation_checkpointing: bool = True  # a checkpointed layer may be replayed
+    # full trainable state -> peft's on-disk tensors, where peft's own save would run a
+    # sharded module; None: peft's save_pretrained
+    adapter_state: Optional[Callable] = None
+
+
+def _method(module, **flags) -> Method:
+    return Method(module.peft_config, module.init_weights, module.saved_key, **flags)
+
+
+METHODS = {
+    "lora": _method(lora),
+    "llama_adapter": _method(llama_adapter),
+    # The learned prefix is a KV cache: transformers then stops isolating packed examples,
+    # and each layer appends to it, so an activation-checkpoint replay would append twice.
+    "prefix": _method(prefix, packs=False, activation_checkpointing=False, adapter_state=prefix.adapter_state),
+}
 
 
 def wrap(model: torch.nn.Module, cfgs) -> PeftModel:

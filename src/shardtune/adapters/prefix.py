@@ -9,10 +9,6 @@ import torch
 from peft import PrefixTuningConfig
 from peft.tuners.prefix_tuning import PrefixEncoder
 
-NEEDS_UNPACKED = True
-# Each layer appends to the prefix cache; an activation-checkpoint replay would append twice.
-SUPPORTS_ACTIVATION_CHECKPOINTING = False
-
 
 def peft_config(cfg, model_config) -> PrefixTuningConfig:
     return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=cfg.task_type)
