@@ -1,5 +1,7 @@
 """End to end under real torchrun on CPU/gloo: the seed's command on the real SAMSum,
 and a saved adapter that plain peft reloads to the trained model's exact logits."""
+import json
+
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -27,6 +29,11 @@ def test_seed_command_on_real_samsum(tmp_path, tiny_model, shared_data):
     assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 - 0.01, losses
     assert epochs[0]["eval_loss"] is not None and len(epochs[0]["peak_memory_mib_per_rank"]) == 2
     assert "epoch 1: train loss" in proc.stdout and "tokens/s" in proc.stdout
+    # the epoch-end step checkpoint, and best/ pointing at it (the only evaluated one)
+    run_dir = out / "checkpoints" / f"fine-tuned-{tiny_model.name}"
+    assert (run_dir / "best").resolve() == (run_dir / "step_000024").resolve()
+    assert json.loads((run_dir / "step_000024" / "state.json").read_text())["loop"]["best_eval_loss"] == \
+        epochs[0]["eval_loss"]
     # the adapter is in PEFT format and loads in plain peft
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
