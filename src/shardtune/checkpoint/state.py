@@ -178,7 +178,7 @@ def load(ckpt: Checkpoint, model, optimizer) -> None:
     # the parameters were loaded in place; the optimizer state is mapped back from names
     set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": optim_sd["param_groups"]},
                              options=DCP_OPTIONS)
-    optimizer.zero_grad(set_to_none=True)  # get_state_dict initialised empty state with zero grads
+    optimizer.zero_grad(set_to_none=True)  # get_optimizer_state_dict initialised empty state with zero grads
 
 
 # ---- retention ----------------------------------------------------------------------
