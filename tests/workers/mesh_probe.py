@@ -13,5 +13,6 @@ for name in ("replicate", "shard"):
     pg = mesh.get_group(name)
     be = pg._get_backend(torch.device("cpu"))
     out[name] = be.options._timeout.total_seconds()
-print(json.dumps(out))
+sys.stdout.write(json.dumps(out) + "\n")  # one write: ranks share stdout
+sys.stdout.flush()
 device.teardown()
