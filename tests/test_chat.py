@@ -280,12 +280,13 @@ def test_prompt_ids_open_the_assistant_turn(tmp_path, llama3_tok, shared_data):
 
 
 def test_chat_fine_tune_end_to_end(tmp_path, shared_data, llama3_chat_model):
+    """A full fine-tune (the data stage is the same for every method) on conversations."""
     path = write_jsonl(tmp_path / "chat.jsonl", alpaca_conversations(shared_data)[:60] + MULTI_TURN * 10)
     out = tmp_path / "out"
     check(python(SHIM, chat_args(path) + [
-        "--model_name", str(llama3_chat_model), "--use_peft", "--peft_method", "lora", "--num_workers_dataloader", "0",
+        "--model_name", str(llama3_chat_model), "--num_workers_dataloader", "0",
         "--batch_size_training", "2", "--context_length", "512", "--num_epochs", "1", "--max_train_step", "4",
         "--max_eval_step", "2", "--lr", "2e-3", "--save_metrics", "--log_every", "1", "--output_dir", str(out)]))
     steps, epochs = read_metrics(out)
     assert len(steps) == 4 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
-    assert epochs[0]["eval_loss"] is not None and (out / "adapter_model.safetensors").is_file()
+    assert epochs[0]["eval_loss"] is not None and (out / "model.safetensors").is_file()
