@@ -152,7 +152,8 @@ class ChatRenderer:
                     "before it), so the assistant turns cannot be located; pass --chat_dataset.template "
                     f"{'|'.join(TEMPLATES)}")
             turn = through[len(head):]
-            end_of_turn = max((turn.rfind(s) + len(s) for s in self.special_tokens if s in turn), default=len(turn))
+            end_of_turn = max((turn.rfind(special) + len(special) for special in self.special_tokens if special in turn),
+                              default=len(turn))
             spans.append((len(head), len(head) + end_of_turn))
         return spans
 
