@@ -5,6 +5,8 @@ conversations and on a multi-turn fixture; packing vs padding; the cache key; ba
 prompt_ids; and a fine-tune end to end."""
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece
 import torch
@@ -162,6 +164,17 @@ def test_named_templates_llama3_and_chatml(tmp_path, llama3_tok):
         expected += [IGNORE_INDEX] * len(head) + (body if m["role"] == "assistant" else [IGNORE_INDEX] * len(body))
         expected += [IGNORE_INDEX] * len(newline)
     assert example["labels"] == expected
+
+
+def test_json_and_parquet_read_like_jsonl(tmp_path, llama3_tok):
+    """Both formats mixed in one file; parquet then holds both columns, one null per row."""
+    records = (MULTI_TURN + [sharegpt(r) for r in MULTI_TURN]) * 10
+    reference = read_split(write_jsonl(tmp_path / "chat.jsonl", records), llama3_tok)
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    columns = [{"messages": r.get("messages"), "conversations": r.get("conversations")} for r in records]
+    pq.write_table(pa.Table.from_pylist(columns), tmp_path / "chat.parquet")
+    assert read_split(tmp_path / "chat.json", llama3_tok) == reference
+    assert read_split(tmp_path / "chat.parquet", llama3_tok) == reference
 
 
 def test_train_on_input_and_the_cache_key(tmp_path, llama3_tok):
