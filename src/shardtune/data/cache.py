@@ -46,7 +46,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     # the chat template too: chat_dataset renders with it
     h.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token, len(tokenizer),
-                         getattr(tokenizer, "chat_template", None)]).encode())
+                         tokenizer.chat_template]).encode())
     return h.hexdigest()
 
 

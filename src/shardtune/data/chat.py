@@ -96,7 +96,7 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.name = f"--chat_dataset.template {template}" if template else "the tokenizer's chat template"
         if template is None:
-            if not getattr(tokenizer, "chat_template", None):
+            if not tokenizer.chat_template:
                 raise UserError("the tokenizer has no chat template; pass --chat_dataset.template "
                                 f"{'|'.join(TEMPLATES)} to choose one")
             self.jinja = None  # apply_chat_template uses the tokenizer's own
@@ -175,7 +175,7 @@ def labels_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int
 def tokenize_conversations(tokenizer, records: list, source: str, bad: BadRecords, template: Optional[str],
                            train_on_input: bool = False, system_prompt: str = "", start: int = 0) -> list[Example]:
     """Examples of the good records; bad ones go to `bad` named by `source` and record index."""
-    if not getattr(tokenizer, "is_fast", False):
+    if not tokenizer.is_fast:
         raise UserError("chat_dataset needs a fast tokenizer (a tokenizer.json) for token offsets")
     renderer = ChatRenderer(tokenizer, template)
     texts, spans, where = [], [], []
