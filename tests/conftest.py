@@ -142,6 +142,36 @@ def family_model(request, family_models) -> Path:
     return family_models(request.param)
 
 
+# Meta's Llama 3 chat template, with {% generation %} around what assistant-only training
+# trains, so transformers' return_assistant_tokens_mask gives an independent label reference.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{%- else %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def llama3_chat_tokenizer(chat_template: bool = True):
+    """shardtune's tiny byte-level BPE with Llama 3's special tokens (bos <|begin_of_text|>,
+    eos <|eot_id|>, as Llama 3.1 instruct) and, unless told otherwise, its chat template."""
+    from shardtune.tiny import train_tokenizer
+
+    tok = train_tokenizer()
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                            "additional_special_tokens": ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]})
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE if chat_template else None
+    return tok
+
+
+@pytest.fixture(scope="session")
+def llama3_chat_model(tmp_path_factory) -> Path:
+    """A tiny Llama 3 family model whose tokenizer.json has Llama 3's special tokens and chat template."""
+    return build_family_model("llama3", tmp_path_factory.mktemp("llama3-chat"), llama3_chat_tokenizer())
+
+
 def _slurm_helper():
     spec = importlib.util.spec_from_file_location("slurm_cluster", REPO / "tests" / "slurm" / "cluster.py")
     mod = importlib.util.module_from_spec(spec)

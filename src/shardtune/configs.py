@@ -136,7 +136,19 @@ class custom_dataset:
     test_split: str = "validation"
 
 
-DATASET_CONFIGS = (samsum_dataset, grammar_dataset, alpaca_dataset, custom_dataset)
+@dataclass
+class chat_dataset:
+    dataset: str = "chat_dataset"
+    data_path: str = ""  # .jsonl, .json or .parquet of {"messages": [...]} or ShareGPT {"conversations": [...]}
+    validation_path: str = ""  # "" = validation is the first 5% of data_path, training the rest
+    template: str = "tokenizer"  # tokenizer (its own chat template) | llama3 | llama2 | chatml
+    train_on_input: bool = False  # False: train only the assistant turns
+    system_prompt: str = ""  # prepended as the system turn where a conversation has none
+    train_split: str = "train"
+    test_split: str = "validation"
+
+
+DATASET_CONFIGS = (samsum_dataset, grammar_dataset, alpaca_dataset, custom_dataset, chat_dataset)
 PEFT_CONFIGS = {"lora": lora_config, "llama_adapter": llama_adapter_config, "prefix": prefix_config}
 ALL_CONFIGS = (train_config, fsdp_config, lora_config, llama_adapter_config, prefix_config, *DATASET_CONFIGS)
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from . import alpaca, cache, custom, grammar, samsum
+from . import alpaca, cache, chat, custom, grammar, samsum
 from .packing import ChunkDataset, ExampleDataset, PackStats, collate, fit, pack
 from .records import BadRecords
 from .sampler import EvalSampler, GlobalBatchSampler
@@ -33,6 +33,7 @@ DATASETS: dict[str, Callable[..., Source]] = {
     "grammar_dataset": grammar.source,
     "alpaca_dataset": alpaca.source,
     "custom_dataset": custom.source,
+    "chat_dataset": chat.source,
 }
 BATCHING_STRATEGIES = ("packing", "padding")
 

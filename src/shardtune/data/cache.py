@@ -44,7 +44,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(backend.to_str().encode())  # vocab, merges, normalizer, pre-tokenizer
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token, len(tokenizer)]).encode())
+    # the chat template too: chat_dataset renders with it
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token, len(tokenizer),
+                         tokenizer.chat_template]).encode())
     return h.hexdigest()
 
 
