@@ -125,7 +125,13 @@ def load_yaml(cfgs: Configs, path: str) -> None:
     if not p.is_file():
         raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path} ({err.strerror}); check its permissions") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
