@@ -1,4 +1,7 @@
-"""CLI and YAML parsing, llama-recipes style, and the batch-size rule."""
+"""CLI and YAML parsing, llama-recipes style, the batch-size rule, and --help."""
+import sys
+from dataclasses import fields
+
 import pytest
 
 from shardtune.args import parse_args
@@ -82,11 +85,47 @@ def test_batching_rule():
 
 
 def test_help_lists_every_field():
-    from shardtune.args import usage
-    from shardtune.configs import ALL_CONFIGS, field_names
+    """--help shows every field of every config with its default and its help text."""
+    from shardtune.args import shown_default, usage
+    from shardtune.confighelp import HELP
+    from shardtune.configs import ALL_CONFIGS
 
     text = usage()
     for cls in ALL_CONFIGS:
-        assert f"{cls.__name__}:" in text
-        for name in field_names(cls):
-            assert f"--{name} " in text, name
+        section = text.split(f"\n{cls.__name__}:\n", 1)[1].split("\n\n", 1)[0]
+        for f in fields(cls):
+            assert f"{f.name} (default: {shown_default(f)})" in section, (cls.__name__, f.name)
+            assert " ".join(HELP[cls.__name__][f.name].split()) in " ".join(section.split()), (cls.__name__, f.name)
+
+
+def test_every_field_has_help():
+    """confighelp.HELP covers exactly the config fields: a new field needs its meaning."""
+    from shardtune.confighelp import HELP
+    from shardtune.configs import ALL_CONFIGS, field_names
+
+    assert set(HELP) == {cls.__name__ for cls in ALL_CONFIGS}
+    for cls in ALL_CONFIGS:
+        assert set(HELP[cls.__name__]) == set(field_names(cls)), cls.__name__
+        assert all(text.strip() for text in HELP[cls.__name__].values()), cls.__name__
+
+
+def test_help_flag_of_every_entry_point():
+    """--help of the module and the llama-recipes script: exit 0 and the grouped reference."""
+    from conftest import SHIM, python, run_cmd
+
+    for proc in (python(SHIM, ["--help"]), run_cmd([sys.executable, "-m", "shardtune.cli", "finetune", "--help"])):
+        assert proc.returncode == 0, proc.stderr
+        assert "\nlora_config:\n  --lora_config.r (default: 8)" in proc.stdout
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("lr: 0.001 # r\u00e9sum\u00e9\n".encode("latin-1"), "not UTF-8"),
+    (b"lr: [unclosed\n", "not valid YAML"),
+    (b"- lr\n- 0.1\n", "mapping"),
+])
+def test_bad_yaml_is_one_line(tmp_path, content, needle):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content)
+    with pytest.raises(UserError, match=needle) as err:
+        parse_args(["--config", str(f)])
+    assert "\n" not in str(err.value) and str(f) in str(err.value)

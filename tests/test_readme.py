@@ -10,6 +10,48 @@ def test_every_config_field_is_documented():
     assert not missing, f"README.md does not document: {missing}"
 
 
+def _config_table_rows(readme: str) -> dict[str, str]:
+    """'config.field' -> its default cell, from every table row of the config reference: rows
+    under a config's own heading (| field | default | ...) and rows that name their config
+    (| config | field | default | ...). A row may list several fields and their defaults
+    (`train_split, test_split | train, val`)."""
+    configs = {cls.__name__ for cls in ALL_CONFIGS}
+    rows, heading = {}, None
+    for line in readme.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        if not line.startswith("|"):
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] in configs:
+            config, names, defaults = cells[:3]
+        elif heading in configs and len(cells) >= 2:
+            config, names, defaults = heading, cells[0], cells[1]
+        else:
+            continue
+        names = names.split(", ")
+        values = defaults.split(", ") if len(names) > 1 else [defaults]
+        rows.update({f"{config}.{name}": value for name, value in zip(names, values)})
+    return rows
+
+
+def test_config_tables_list_every_field_with_its_default():
+    from dataclasses import fields
+
+    from shardtune.args import shown_default
+
+    rows = _config_table_rows((REPO / "README.md").read_text())
+    for cls in ALL_CONFIGS:
+        for f in fields(cls):
+            key = f"{cls.__name__}.{f.name}"
+            assert key in rows, f"README.md's config tables have no row for {key}"
+            default, cell = shown_default(f), rows[key]
+            if f.type in ("int", "float"):  # 1e-4 is 0.0001
+                assert float(cell.split()[0]) == float(default), (key, cell, default)
+            else:
+                assert cell == default or cell.startswith(default + " "), (key, cell, default)
+
+
 def test_readme_commands_are_make_targets():
     readme, makefile = (REPO / "README.md").read_text(), (REPO / "Makefile").read_text()
     for target in ("demo", "test"):

@@ -6,16 +6,18 @@ and qualified `--config_name.field value`; a bare name sets every config that ha
 """
 from __future__ import annotations
 
-import difflib
-import typing
 import dataclasses
+import difflib
+import textwrap
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .configs import ALL_CONFIGS, Configs, default_configs
+from .confighelp import HELP
+from .configs import ALL_CONFIGS, Configs, default_configs, fsdp_config, train_config
 from .errors import UserError
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -125,7 +127,13 @@ def load_yaml(cfgs: Configs, path: str) -> None:
     if not p.is_file():
         raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path} ({err.strerror}); check its permissions") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -141,17 +149,34 @@ def load_yaml(cfgs: Configs, path: str) -> None:
 
 
 def usage() -> str:
-    """Every flag with its default, derived from the config dataclasses."""
-    lines = ["usage: llama_finetuning.py [--field value | --flag] ... [--config FILE.yaml]",
-             "Qualified names (--lora_config.r 16) work for every config; see README.md for meanings."]
+    """Every flag, grouped by config, with its default and meaning (confighelp.HELP)."""
+    lines = ["usage: llama_finetuning.py [--field value | --flag] ... [--config FILE.yaml] [--debug]",
+             "",
+             "A bare name sets every config that has the field; a qualified one (--lora_config.r 16) only",
+             "that config. --config FILE.yaml supplies values first (flat or nested); flags override it.",
+             "--debug: an error also prints its traceback. The full reference is README.md's Flags section."]
     for cls in ALL_CONFIGS:
         lines.append(f"\n{cls.__name__}:")
-        lines += [f"  --{f.name} {_default(f)!r}" for f in fields(cls)]
+        for f in fields(cls):
+            lines.append(f"  --{_help_name(cls, f.name)} (default: {shown_default(f)})")
+            lines += textwrap.wrap(HELP[cls.__name__][f.name], 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
-def _default(f):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+def _help_name(cls, name: str) -> str:
+    """train_config's and fsdp_config's own fields bare, as llama-recipes users type them; the
+    rest qualified, since a bare name would set that field in every config that has it."""
+    if cls is train_config or (cls is fsdp_config and sum(name in _hints(c) for c in ALL_CONFIGS) == 1):
+        return name
+    return f"{cls.__name__}.{name}"
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A field's default as a user types it: lists comma-separated, the empty string as \"\"."""
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(value, list):
+        return ",".join(value)
+    return '""' if value == "" else str(value)
 
 
 def parse_args(argv: list[str]) -> Configs:

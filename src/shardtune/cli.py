@@ -5,28 +5,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import exit_on_user_error
-
-def _tiny(argv: list[str]) -> int:
-    from .tiny import build_tiny
-
-    p = argparse.ArgumentParser(prog="shardtune tiny")
-    p.add_argument("out_dir")
-    p.add_argument("--hidden_size", type=int, default=64)
-    p.add_argument("--num_layers", type=int, default=2)
-    p.add_argument("--num_heads", type=int, default=4)
-    p.add_argument("--num_kv_heads", type=int, default=2)
-    p.add_argument("--intermediate_size", type=int, default=176)
-    p.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain_steps", type=int, default=0,
-                   help="language-model steps on the bundled text before saving (0 = random init)")
-    a = p.parse_args(argv)
-    out = build_tiny(a.out_dir, a.hidden_size, a.num_layers, a.num_heads, a.num_kv_heads,
-                     a.intermediate_size, a.tokenizer, a.seed, a.pretrain_steps)
-    print(f"tiny Llama written to {out}")
-    return 0
-
+from .errors import exit_on_user_error, take_debug_flag
 
 def _generate(argv: list[str]) -> int:
     from .generate import load_for_inference, sample_dialogue, summarize
@@ -63,7 +42,8 @@ COMMANDS = {
                  "summarise one dialogue with a base model and an adapter", _generate),
     "prepare": ("grammar --jfleg DIR [--c4 FILE] --out DIR",
                 "build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M)", _entry(".prepare:main")),
-    "tiny": ("OUT_DIR", "build a random-init tiny Llama with a tokenizer trained on bundled text", _tiny),
+    "tiny": ("OUT_DIR", "build a random-init tiny Llama with a tokenizer trained on bundled text",
+             _entry(".tiny:main")),
 }
 
 
@@ -76,7 +56,7 @@ def usage() -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = take_debug_flag(sys.argv[1:] if argv is None else argv)  # for every subcommand
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

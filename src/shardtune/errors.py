@@ -13,6 +13,19 @@ class UserError(Exception):
     """Something the user can fix. The message says what is wrong and what to do."""
 
 
+DEBUG_FLAG = "--debug"
+_debug = False  # set once per process by take_debug_flag
+
+
+def take_debug_flag(argv: list[str]) -> list[str]:
+    """argv without --debug. With it, a user error also prints its traceback, including the
+    exception it was raised from (which the one-line message replaces)."""
+    global _debug
+    if DEBUG_FLAG in argv:
+        _debug = True
+    return [arg for arg in argv if arg != DEBUG_FLAG]
+
+
 def _say(line: str) -> None:
     # One write per line: print() writes the text and the newline separately, and on an
     # unbuffered stderr that several ranks share, their error lines would interleave.
@@ -42,6 +55,9 @@ def report(err: BaseException) -> int:
     """Say what went wrong in one line (a bug or an out-of-memory error also gets its
     stack first) and return the exit code."""
     if isinstance(err, UserError):
+        if _debug:
+            err.__suppress_context__ = False  # show what `raise UserError(...) from None` hid
+            traceback.print_exception(err)
         _say(f"shardtune: error: {where()}{err}")
         return 2
     if isinstance(err, KeyboardInterrupt):

@@ -52,7 +52,7 @@ from .anyprecision import AnyPrecisionAdamW
 from .args import parse_args, usage
 from .checkpoint import manifest, state as ckpt_state
 from .configs import Configs
-from .errors import UserError, exit_now, exit_on_user_error
+from .errors import UserError, exit_now, exit_on_user_error, take_debug_flag
 from .logs import MetricsWriter, setup_logging
 from .preempt import StopRequest
 
@@ -93,11 +93,22 @@ def resolve_batching(cfgs: Configs) -> Batching:
 SCHEDULERS = {"step": None, "cosine": "get_cosine_schedule_with_warmup",
               "linear": "get_linear_schedule_with_warmup", "constant": "get_constant_schedule_with_warmup"}
 
+# train_config field -> its smallest valid value: each would otherwise fail late (val_batch_size 0
+# after the first epoch) or be silently wrong (a negative clip threshold)
+MINIMUM = {"num_epochs": 1, "val_batch_size": 1, "num_workers_dataloader": 0, "max_train_step": 0,
+           "max_eval_step": 0, "num_freeze_layers": 0, "gradient_clipping_threshold": 0.0, "lr": 0.0,
+           "weight_decay": 0.0}
+
 
 def check_supported(cfgs: Configs) -> None:
     """Reject unknown values and contradictory combinations before any heavy work."""
     t, f = cfgs.train, cfgs.fsdp
     data.check_flags(t)
+    for name, least in MINIMUM.items():
+        if getattr(t, name) < least:
+            raise UserError(f"--{name} must be >= {least}, got {getattr(t, name)}")
+    if t.gradient_clipping and t.gradient_clipping_threshold == 0:
+        raise UserError("--gradient_clipping_threshold must be > 0 (the largest gradient norm allowed)")
     if t.quantization not in (None, "8bit", "4bit"):
         raise UserError(f"unknown --quantization {t.quantization!r}; choose 8bit or 4bit")
     if t.quantization and not t.use_peft:
@@ -117,6 +128,8 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError("--freeze_layers applies to full fine-tuning; drop it or drop --use_peft")
     if t.use_peft and t.peft_method not in adapters.METHODS:
         raise UserError(f"unknown --peft_method {t.peft_method!r}; choose lora, llama_adapter or prefix")
+    if t.use_peft:
+        adapters.check_config(cfgs)
     if t.from_peft_checkpoint and not t.use_peft:
         raise UserError("--from_peft_checkpoint needs --use_peft")
     if f.checkpoint_type not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
@@ -400,6 +413,8 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     ckpt = find_resume(cfgs, run_dir)
     batching = batching_for(cfgs, dist.world_size, ckpt)
     spec = model_lib.load_spec(t.model_name)
+    if t.from_peft_checkpoint:
+        adapters.adapter_file(t.from_peft_checkpoint)  # checked before the data and model are built
     if ckpt:
         check_resumable(ckpt, cfgs, spec)
     tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
@@ -616,7 +631,7 @@ def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -
 @exit_on_user_error
 def main(argv: list[str] | None = None, before_step: Callable | None = None) -> int:
     """The command line entry. before_step: see run (tests inject faults through it)."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = take_debug_flag(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(usage())
         return 0

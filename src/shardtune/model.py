@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -49,6 +49,9 @@ def load_tokenizer(name: str):
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from {name}: {str(err).splitlines()[0]}") from None
     if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"the tokenizer in {name} has neither a pad nor an eos token; shardtune pads with one "
+                            "of them: add an eos_token (or pad_token) to its tokenizer_config.json")
         tok.pad_token = tok.eos_token  # Llama ships without a pad token
     return tok
 
@@ -60,23 +63,54 @@ class Checkpoint:
         index = model_dir / "model.safetensors.index.json"
         single = model_dir / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {k: model_dir / v for k, v in weight_map.items()}
+            self.files = {k: model_dir / v for k, v in _weight_map(index).items()}
         elif single.is_file():
-            with safe_open(single, "pt") as f:
-                self.files = {k: single for k in f.keys()}
+            self.files = {k: single for k in safetensors_keys(single)}
         else:
             raise UserError(
                 f"{model_dir} has no model.safetensors; shardtune only reads safetensors "
                 "(pickle checkpoints can run code): convert with `save_pretrained(safe_serialization=True)`"
             )
+        for path in sorted(set(self.files.values())):  # headers only: cheap, and fails before training
+            safetensors_keys(path)
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
     def get(self, key: str) -> torch.Tensor:
-        with safe_open(self.files[key], "pt") as f:
-            return f.get_tensor(key)
+        path = self.files[key]
+        try:
+            with safe_open(path, "pt") as f:
+                return f.get_tensor(key)
+        except SafetensorError as err:
+            raise UserError(f"cannot read tensor {key} from {path} ({err}); the file is damaged or "
+                            "does not match its index: download or save the model again") from None
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a safetensors file; safetensors checks that the header is whole and
+    that the data it describes is all there (a truncated download fails here)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err}); it is damaged or truncated: "
+                        "download or save it again") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err}); it needs a "
+                        '"weight_map" of tensor name -> file: download or save the model again') from None
+    missing = sorted({name for name in weight_map.values() if not (index.parent / name).is_file()})
+    if missing:
+        raise UserError(f"{index} names {', '.join(missing)}, which {index.parent} does not have; "
+                        "download the missing shards or save the model again")
+    return weight_map
 
 
 def checkpoint_key(param_name: str, ckpt: Checkpoint) -> str | None:
@@ -119,6 +153,7 @@ def load_spec(model_name: str) -> ModelSpec:
         raise UserError(f"cannot read {model_dir}/config.json: {str(err).splitlines()[0]}") from None
     if getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{model_dir}: {config.model_type} is not a decoder-only causal language model; {SUPPORTED}")
+    Checkpoint(model_dir)  # a damaged or truncated weights file fails now, not after data preparation
     return ModelSpec(model_dir, config)
 
 

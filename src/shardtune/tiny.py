@@ -7,6 +7,7 @@ shardtune, so nothing is downloaded. Llama's special-token ids are kept
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -105,3 +106,23 @@ def build_tiny(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def main(argv: list[str]) -> int:
+    """`shardtune tiny OUT_DIR [options]`."""
+    parser = argparse.ArgumentParser(prog="shardtune tiny")
+    parser.add_argument("out_dir")
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--num_layers", type=int, default=2)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--num_kv_heads", type=int, default=2)
+    parser.add_argument("--intermediate_size", type=int, default=176)
+    parser.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain_steps", type=int, default=0,
+                        help="language-model steps on the bundled text before saving (0 = random init)")
+    args = parser.parse_args(argv)
+    out = build_tiny(args.out_dir, args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads,
+                     args.intermediate_size, args.tokenizer, args.seed, args.pretrain_steps)
+    print(f"tiny Llama written to {out}")
+    return 0

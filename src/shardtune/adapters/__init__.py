@@ -8,12 +8,15 @@ depend on the world size, which parity across world sizes relies on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from ..errors import UserError
+from ..model import safetensors_keys
 from . import llama_adapter, lora, prefix
 
 
@@ -23,6 +26,7 @@ class Method:
     and the flags say what the rest of the recipe must do differently."""
 
     peft_config: Callable  # (method config, model config) -> peft config
+    check: Callable  # (method config) -> None: raise UserError for values peft would reject
     init_weights: Callable  # (model) -> None: materialise and initialise the adapter on the host
     saved_key: Callable  # parameter name -> key in peft's adapter_model.safetensors
     packs: bool = True  # several examples may share a row
@@ -33,7 +37,7 @@ class Method:
 
 
 def _method(module, **flags) -> Method:
-    return Method(module.peft_config, module.init_weights, module.saved_key, **flags)
+    return Method(module.peft_config, module.check, module.init_weights, module.saved_key, **flags)
 
 
 METHODS = {
@@ -45,13 +49,26 @@ METHODS = {
 }
 
 
+def check_config(cfgs) -> None:
+    """The chosen method's config, validated before any model is built: peft itself accepts
+    some bad values (LoRA r 0, an unknown bias) and only rejects them while wrapping."""
+    method, cfg = cfgs.train.peft_method, cfgs.peft_config
+    for name, value in vars(cfg).items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UserError(f"--{type(cfg).__name__}.{name} must be a positive integer, got {value}")
+    try:
+        METHODS[method].check(cfg)
+    except ValueError as err:  # peft's own validation, e.g. an unknown task_type
+        raise UserError(f"--peft_method {method}: {str(err).splitlines()[0]}") from None
+
+
 def wrap(model: torch.nn.Module, cfgs) -> PeftModel:
     method = cfgs.train.peft_method
     if method not in METHODS:
         raise UserError(f"unknown --peft_method {method!r}; choose {', '.join(METHODS)}")
     try:
         return get_peft_model(model, METHODS[method].peft_config(cfgs.peft_config, model.config))
-    except ValueError as err:  # e.g. target modules the model does not have
+    except (ValueError, NotImplementedError) as err:  # e.g. target modules the model does not have
         raise UserError(f"--peft_method {method}: {str(err).splitlines()[0]}") from None
 
 
@@ -63,15 +80,19 @@ def init_new_params(model: torch.nn.Module, method: str, seed: int) -> dict[str,
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_adapter_weights(peft_model, method: str, adapter_dir: str) -> dict[str, torch.Tensor]:
-    """Trainable-parameter values from a saved PEFT adapter (safetensors only)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
+def adapter_file(adapter_dir: str) -> Path:
+    """The adapter's safetensors file, its header checked (cheap: setup calls it before
+    building the model)."""
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
         raise UserError(f"{adapter_dir} has no adapter_model.safetensors; --from_peft_checkpoint needs a PEFT adapter directory")
+    safetensors_keys(path)
+    return path
+
+
+def load_adapter_weights(peft_model, method: str, adapter_dir: str) -> dict[str, torch.Tensor]:
+    """Trainable-parameter values from a saved PEFT adapter (safetensors only)."""
+    path = adapter_file(adapter_dir)
     saved = load_file(path)
     out = {}
     for name, p in peft_model.named_parameters():

@@ -15,6 +15,11 @@ def peft_config(cfg, model_config) -> AdaptionPromptConfig:
     )
 
 
+def check(cfg) -> None:
+    # adapter_layers is capped at the model's depth once the model is known
+    AdaptionPromptConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers, task_type=cfg.task_type)
+
+
 def init_weights(model: torch.nn.Module) -> None:
     # peft's own init: prompt ~ N(0, 1) (the paper's Embedding), gate = 0 (zero-init)
     for module in model.modules():

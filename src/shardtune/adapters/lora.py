@@ -2,6 +2,8 @@
 `--lora_config.target_modules all-linear` is peft's every-linear-layer-but-the-head."""
 from __future__ import annotations
 
+import typing
+
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
@@ -19,6 +21,18 @@ def peft_config(cfg, model_config) -> LoraConfig:
         lora_dropout=cfg.lora_dropout,
         inference_mode=cfg.inference_mode,
     )
+
+
+def check(cfg) -> None:
+    """What LoraConfig accepts but peft rejects only while wrapping the model."""
+    biases = typing.get_args(typing.get_type_hints(LoraConfig)["bias"])  # Literal['none', 'all', 'lora_only']
+    if cfg.bias not in biases:
+        raise UserError(f"--lora_config.bias {cfg.bias!r} is not one of peft's {', '.join(biases)}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"--lora_config.lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not cfg.target_modules:
+        raise UserError("--lora_config.target_modules is empty; name the modules to adapt, e.g. q_proj,v_proj")
+    peft_config(cfg, None)  # peft's own checks (task_type, ...) raise ValueError
 
 
 def target_modules(names: list[str]) -> list[str] | str:

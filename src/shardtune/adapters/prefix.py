@@ -14,6 +14,10 @@ def peft_config(cfg, model_config) -> PrefixTuningConfig:
     return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=cfg.task_type)
 
 
+def check(cfg) -> None:
+    peft_config(cfg, None)  # peft's own checks (task_type, ...) raise ValueError
+
+
 def init_weights(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, PrefixEncoder):

@@ -155,8 +155,10 @@ def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:
     return SplitData(dataset, stats, src.name, lengths)
 
 
-def _checked_collator(collator: custom.CustomCollator) -> custom.CustomCollator:
-    collator.user_collate()  # the user's get_data_collator fails here, before training
+def _checked_collator(collator: custom.CustomCollator, items: list[dict]) -> custom.CustomCollator:
+    """The user's get_data_collator, and its collator on the first two examples, fail here,
+    before training (inside a DataLoader worker, an error would reach the user wrapped)."""
+    collator(items[:2])
     return collator
 
 
@@ -172,7 +174,7 @@ def _custom_collated(src: Source, tokenizer, t, split: str) -> SplitData:
     _log_summary(split, src.name, stats, t, None)
     dataset = ExampleDataset(items)
     lengths = dataset.lengths() if t.batching_strategy == "padding" else None
-    return SplitData(dataset, stats, src.name, lengths, _checked_collator(src.collator_factory(tokenizer)))
+    return SplitData(dataset, stats, src.name, lengths, _checked_collator(src.collator_factory(tokenizer), items))
 
 
 def _check_not_empty(stats: PackStats, source: str, split: str, context_length: int) -> None:

@@ -11,10 +11,12 @@ Custom splits are not cached: shardtune cannot see what the user's code reads.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -48,13 +50,36 @@ def _module_name(path: Path) -> str:
     return "shardtune_custom_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def user_code(path: Path, what: str):
+    """An exception raised by the user's file becomes one line naming the file, the line and
+    the error (--debug adds the traceback); shardtune's own UserErrors pass through."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"{path}: {what} raised {type(err).__name__}{_user_line(err, path)}: "
+                        f"{(str(err).strip().splitlines() or [''])[0]}; fix the custom dataset file "
+                        "(--debug shows the traceback)") from err
+
+
+def _user_line(err: Exception, path: Path) -> str:
+    """' at line N' of the user's file: where its code raised, or a syntax error's line."""
+    if isinstance(err, SyntaxError) and err.lineno and Path(err.filename or "") == path:
+        return f" at line {err.lineno}"
+    lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__) if Path(frame.filename) == path]
+    return f" at line {lines[-1]}" if lines else ""
+
+
 def load_module(path: Path) -> ModuleType:
     """Execute the user's file as a module (it is code: this runs it)."""
     name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # as importlib's recipe does: dataclasses and pickle look modules up here
-    spec.loader.exec_module(module)
+    with user_code(path, "loading it"):
+        spec.loader.exec_module(module)
     return module
 
 
@@ -117,7 +142,8 @@ def source(dataset_config, split: str) -> Source:
     where = f"{path}:{func_name} ({split})"
 
     def read(tokenizer, bad: BadRecords) -> list[Example]:
-        return examples_from(func(dataset_config, tokenizer, split), where, len(tokenizer), bad)
+        with user_code(path, f"{func_name}(dataset_config, tokenizer, {split!r})"):  # also its items' reads
+            return examples_from(func(dataset_config, tokenizer, split), where, len(tokenizer), bad)
 
     has_collator = callable(getattr(module, COLLATOR_FUNCTION, None))
     return Source(where, None, f"custom:{path}:{func_name}", read,
@@ -140,7 +166,8 @@ class CustomCollator:
     def user_collate(self) -> Callable[[list[dict]], dict]:
         if self._user is None:
             module = sys.modules.get(_module_name(self.path)) or load_module(self.path)
-            self._user = getattr(module, COLLATOR_FUNCTION)(self.tokenizer)
+            with user_code(self.path, f"{COLLATOR_FUNCTION}(tokenizer)"):
+                self._user = getattr(module, COLLATOR_FUNCTION)(self.tokenizer)
         return self._user
 
     def __call__(self, items: list[dict]) -> dict:
@@ -151,8 +178,9 @@ class CustomCollator:
             if it.get("dummy"):
                 plain["labels"] = [IGNORE_INDEX] * len(plain["labels"])
             cleaned.append(plain)
-        batch = {k: torch.as_tensor(v) if isinstance(v, list) else v
-                 for k, v in dict(self.user_collate()(cleaned)).items()}
+        collate = self.user_collate()
+        with user_code(self.path, f"the collator from {COLLATOR_FUNCTION}"):
+            batch = {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in dict(collate(cleaned)).items()}
         if "input_ids" not in batch or "labels" not in batch:
             raise UserError("the custom get_data_collator must return a batch with input_ids and labels")
         batch["num_targets"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
