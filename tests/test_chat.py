@@ -5,8 +5,6 @@ conversations and on a multi-turn fixture; packing vs padding; the cache key; ba
 prompt_ids; and a fine-tune end to end."""
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import sentencepiece
 import torch
@@ -168,6 +166,9 @@ def test_named_templates_llama3_and_chatml(tmp_path, llama3_tok):
 
 def test_json_and_parquet_read_like_jsonl(tmp_path, llama3_tok):
     """Both formats mixed in one file; parquet then holds both columns, one null per row."""
+    import pyarrow as pa  # here, so that only this test needs it
+    import pyarrow.parquet as pq
+
     records = (MULTI_TURN + [sharegpt(r) for r in MULTI_TURN]) * 10
     reference = read_split(write_jsonl(tmp_path / "chat.jsonl", records), llama3_tok)
     (tmp_path / "chat.json").write_text(json.dumps(records))
