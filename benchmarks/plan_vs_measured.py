@@ -48,11 +48,21 @@ def probe(out_dir: str, argv: list[str]) -> int:
     return code
 
 
-def measure(world: int, flags: list[str]) -> list[int]:
+# glibc's malloc serves blocks below its mmap threshold from its heaps and keeps them after
+# free; the threshold grows (up to 32 MiB) as large blocks are freed, so by default the
+# peak RSS also holds memory freed earlier in the step. A fixed 128 KiB threshold gives
+# every tensor its own mapping, returned on free: the peak RSS is then the peak of live
+# memory, which is what plan predicts (and what an accelerator's caching allocator holds).
+LIVE_ONLY_MMAP_THRESHOLD = "131072"
+
+
+def measure(world: int, flags: list[str], live_only: bool = True) -> list[int]:
     with tempfile.TemporaryDirectory() as probe_dir:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                "--nproc_per_node", str(world), __file__, "--probe", probe_dir, "--", *flags]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDTUNE_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+        if live_only:
+            env["MALLOC_MMAP_THRESHOLD_"] = LIVE_ONLY_MMAP_THRESHOLD
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -79,6 +89,8 @@ def main() -> int:
     p.add_argument("--medium", required=True, help="the ~124M-parameter model directory")
     p.add_argument("--cases", nargs="*", help="run only these (default: all 16)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--glibc_default", action="store_true",
+                   help="measure with glibc's default malloc thresholds (peak RSS then includes freed heap memory)")
     a = p.parse_args()
     from shardtune.args import parse_args
     from shardtune.plan import Launch, measured_cpu_baseline, model_shape, plan_memory
@@ -94,7 +106,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as out_dir:
             flags = finetune_flags(model, peft, ac, out_dir)
             plan = plan_memory(parse_args(flags), model_shape(model), Launch(world, 1, "cpu", baseline))
-            measured = measure(world, flags)
+            measured = measure(world, flags, live_only=not a.glibc_default)
         error = plan.peak / max(measured) - 1
         rows.append({"case": name, "predicted": plan.peak, "measured": measured, "error": error,
                      "plan": plan.as_dict()})
