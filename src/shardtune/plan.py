@@ -339,16 +339,25 @@ def measured_cpu_baseline() -> int:
 
 # ---- what to change when it does not fit ----------------------------------------------
 
-def suggestions(argv: list[str], shape: ModelShape, launch: Launch, budget: int) -> list[tuple[str, MemoryPlan]]:
+@dataclass(frozen=True)
+class Change:
+    """One change to the run: finetune flags to append and/or another launch."""
+
+    label: str
+    flags: list[str]
+    launch: Launch
+
+
+def suggestions(argv: list[str], shape: ModelShape, launch: Launch, budget: int) -> list[tuple[Change, MemoryPlan]]:
     """Single changes, cheapest first (compute, then throughput, then hardware, then
     numerics), each with its plan. The caller takes the first that fits."""
     cfgs = parse_args(argv)
     t, f = cfgs.train, cfgs.fsdp
     from .finetuning import resolve_batching
 
-    candidates: list[tuple[str, list[str], Launch]] = []
+    candidates: list[Change] = []
     if t.enable_fsdp and not f.fsdp_activation_checkpointing:
-        candidates.append(("--fsdp_activation_checkpointing True", ["--fsdp_activation_checkpointing", "True"], launch))
+        candidates.append(Change("--fsdp_activation_checkpointing True", ["--fsdp_activation_checkpointing", "True"], launch))
     batching = resolve_batching(cfgs)
     micro = batching.micro // 2
     while micro >= 1:  # keep the global batch: more accumulation
@@ -356,26 +365,27 @@ def suggestions(argv: list[str], shape: ModelShape, launch: Launch, budget: int)
         if per_rank % micro == 0:
             flags = ["--batch_size_training", str(per_rank), "--micro_batch_size", str(micro),
                      "--gradient_accumulation_steps", "1"]
-            candidates.append((f"--micro_batch_size {micro} (accumulation {per_rank // micro}, same global batch)",
+            candidates.append(Change(f"--micro_batch_size {micro} (accumulation {per_rank // micro}, same global batch)",
                                flags, launch))
         micro //= 2
     if t.enable_fsdp:
         ranks_per_node = launch.world_size // launch.nnodes
         for nodes in (2, 4, 8, 16, 32, 64):
             bigger = replace(launch, world_size=ranks_per_node * launch.nnodes * nodes, nnodes=launch.nnodes * nodes)
-            candidates.append((f"--world_size {bigger.world_size} ({bigger.nnodes} nodes)", [], bigger))
+            candidates.append(Change(f"--world_size {bigger.world_size} ({bigger.nnodes} nodes)", [], bigger))
         if not f.fsdp_cpu_offload and launch.device != "cpu":
-            candidates.append(("--fsdp_cpu_offload True", ["--fsdp_cpu_offload", "True"], launch))
+            candidates.append(Change("--fsdp_cpu_offload True", ["--fsdp_cpu_offload", "True"], launch))
     elif t.use_peft and launch.world_size == 1 and not t.quantization:
         for bits in ("8bit", "4bit"):
-            candidates.append((f"--quantization {bits}", ["--quantization", bits], launch))
-    out = []
-    for label, flags, new_launch in candidates:
+            candidates.append(Change(f"--quantization {bits}", ["--quantization", bits], launch))
+    for change in candidates:
         try:
-            out.append((label, plan_memory(parse_args(argv + flags), shape, new_launch)))
+            new_plan = plan_memory(parse_args(argv + change.flags), shape, change.launch)
         except UserError:
             continue  # a change this configuration does not allow
-    return [(label, p) for label, p in out if p.peak <= budget][:1]
+        if new_plan.peak <= budget:
+            return [(change, new_plan)]
+    return []
 
 
 # ---- command line ---------------------------------------------------------------------
@@ -415,7 +425,7 @@ def _gib(n: int) -> str:
 
 
 def report(shape: ModelShape, plan: MemoryPlan, launch: Launch, budget: int | None,
-           fix: list[tuple[str, MemoryPlan]]) -> str:
+           fix: list[tuple[Change, MemoryPlan]]) -> str:
     lines = [f"model: {shape.params() / 1e9:.3f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
              f"vocab {shape.vocab}); {launch.world_size} ranks on {launch.nnodes} node(s), {launch.device}",
              "predicted peak memory per rank:"]
@@ -428,7 +438,7 @@ def report(shape: ModelShape, plan: MemoryPlan, launch: Launch, budget: int | No
         verdict = "fits" if plan.peak <= budget else "does NOT fit"
         lines.append(f"{verdict} in --device_memory {budget / GiB:.2f} GiB")
         if plan.peak > budget:
-            lines.append(f"cheapest change that fits: {fix[0][0]} -> peak {fix[0][1].peak / GiB:.2f} GiB"
+            lines.append(f"cheapest change that fits: {fix[0][0].label} -> peak {fix[0][1].peak / GiB:.2f} GiB"
                          if fix else "no single change fits; combine them or use more memory per rank")
     return "\n".join(lines)
 
@@ -454,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"model": {**asdict(shape), "params": shape.params()}, "launch": asdict(launch),
                           "plan": plan.as_dict(), "device_memory": budget,
                           "fits": None if budget is None else plan.peak <= budget,
-                          "suggestion": {"change": fix[0][0], "plan": fix[0][1].as_dict()} if fix else None}))
+                          "suggestion": {**asdict(fix[0][0]), "plan": fix[0][1].as_dict()} if fix else None}))
     else:
         print(report(shape, plan, launch, budget, fix))
     return 0
