@@ -47,6 +47,9 @@ Every finetune flag is accepted (shardtune finetune --help lists them); --model_
 model directory (its config.json) or one of: {names}."""
 
 
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What memory depends on in a Llama-family decoder."""
@@ -68,7 +71,7 @@ class ModelShape:
     def q_dim(self) -> int:
         return self.heads * self.head_dim
 
-    def linears(self) -> dict[str, tuple[int, int]]:
+    def linears(self) -> dict[str, tuple[int, int]]:  # keys: LINEARS
         """One decoder layer's linear layers: name -> (in, out)."""
         h, i = self.hidden, self.intermediate
         return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
@@ -143,9 +146,6 @@ class MemoryPlan:
 
 # ---- the model of memory --------------------------------------------------------------
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
 @dataclass(frozen=True)
 class Setup:
     """The choices of a run that memory depends on, resolved from the configs."""
@@ -183,7 +183,7 @@ def resolve_setup(cfgs: Configs, launch: Launch) -> Setup:
         launch.device != "cpu" or cfgs.was_set(t, "mixed_precision") or cfgs.was_set(f, "mixed_precision"))
     storage = 2 if f.pure_bf16 else 4
     compute = 2 if (f.pure_bf16 or fp16 or mixed) else 4
-    names = frozenset(_llama(8, 8, 8, 1, 1, 1).linears())
+    names = frozenset(LINEARS)
     full = frozenset() if t.use_peft else names
     lora = frozenset()
     if t.use_peft and t.peft_method == "lora":
