@@ -207,16 +207,13 @@ def resolve_setup(cfgs: Configs, launch: Launch) -> Setup:
     )
 
 
-def adapter_params(cfgs: Configs, shape: ModelShape) -> int:
+def adapter_params(cfgs: Configs, shape: ModelShape, s: Setup) -> int:
     t = cfgs.train
     if not t.use_peft:
         return 0
     if t.peft_method == "lora":
-        r = cfgs.peft["lora_config"].r
-        targets = cfgs.peft["lora_config"].target_modules
         linears = shape.linears()
-        names = linears if "all-linear" in targets else [n for n in linears if n in targets]
-        return shape.layers * sum(r * (linears[n][0] + linears[n][1]) for n in names)
+        return shape.layers * sum(s.lora_rank * sum(linears[name]) for name in s.lora_linears)
     if t.peft_method == "llama_adapter":
         c = cfgs.peft["llama_adapter_config"]
         return min(c.adapter_layers, shape.layers) * (c.adapter_len * shape.hidden + 1)
@@ -261,7 +258,7 @@ def plan_memory(cfgs: Configs, shape: ModelShape, launch: Launch) -> MemoryPlan:
     s = resolve_setup(cfgs, launch)
     tokens = s.micro_batch * s.context
     full_ft = bool(s.trainable_linears)
-    n_adapter = adapter_params(cfgs, shape)
+    n_adapter = adapter_params(cfgs, shape, s)
     trainable = shape.params() if full_ft else n_adapter
 
     # parameters: sharded storage + what FSDP gathers in the compute dtype while it runs
