@@ -404,7 +404,7 @@ def parse_size(text: str) -> int:
 
 def launch_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="shardtune plan", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="shardtune plan", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description="Predict peak memory per rank of `shardtune finetune FLAGS` before launching it.",
         epilog=EXAMPLE.format(names=", ".join(KNOWN_MODELS)))
     p.add_argument("--world_size", type=int, default=1, help="ranks in all (default 1)")

@@ -44,7 +44,7 @@ DEFAULT_TOLERANCE = 1e-4
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="shardtune verify", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="shardtune verify", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description="Run a few steps of your fine-tune on 1 rank and on N ranks and compare the per-step losses.",
         epilog=EXAMPLE)
     p.add_argument("--nproc_per_node", type=int, default=2, help="ranks of the second run (default 2)")
