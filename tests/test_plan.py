@@ -88,10 +88,10 @@ def _measured_peaks(world: int, flags: list[str], probe_dir: Path) -> list[int]:
 
 @pytest.mark.parametrize("world,peft,checkpointing", [(1, False, False), (2, True, True)],
                          ids=["full-w1-noac", "lora-w2-ac"])
-def test_prediction_within_20_percent_of_measured(world, peft, checkpointing, tiny_model, shared_data, tmp_path):
-    flags = finetune_flags(str(tiny_model), peft, checkpointing, str(tmp_path / "out"))
+def test_prediction_within_20_percent_of_measured(world, peft, checkpointing, tiny_llama2_tok, shared_data, tmp_path):
+    flags = finetune_flags(str(tiny_llama2_tok), peft, checkpointing, str(tmp_path / "out"))
     flags[flags.index("--samsum_dataset.data_path") + 1] = str(shared_data / "samsum")
-    plan = plan_memory(parse_args(flags), model_shape(str(tiny_model)), Launch(world, 1, "cpu", measured_cpu_baseline()))
+    plan = plan_memory(parse_args(flags), model_shape(str(tiny_llama2_tok)), Launch(world, 1, "cpu", measured_cpu_baseline()))
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
     measured = max(_measured_peaks(world, flags, probe_dir))
