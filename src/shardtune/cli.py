@@ -44,6 +44,12 @@ COMMANDS = {
                 "build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M)", _entry(".prepare:main")),
     "tiny": ("OUT_DIR", "build a random-init tiny Llama with a tokenizer trained on bundled text",
              _entry(".tiny:main")),
+    "plan": ("[finetune flags] --world_size N [--device_memory 80GiB]",
+             "predict peak memory per rank (parameters, gradients, optimizer, activations) before launch",
+             _entry(".plan:main")),
+    "verify": ("--nproc_per_node N [--verify_steps K] [finetune flags]",
+               "run a few steps on 1 and N ranks and check that the per-step losses agree",
+               _entry(".verify:main")),
 }
 
 

@@ -1,0 +1,98 @@
+"""shardtune plan: the model constants against transformers and published counts, the
+CLI's fit check and suggestion, and the prediction against peak memory measured in real
+(tiny) fine-tunes on this machine (CPU: host RAM per rank)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, check, run_cmd
+from shardtune.args import parse_args
+from shardtune.plan import KNOWN_MODELS, Launch, main, measured_cpu_baseline, model_shape, parse_size, plan_memory
+
+BENCH = REPO / "benchmarks" / "plan_vs_measured.py"
+sys.path.insert(0, str(BENCH.parent))
+from plan_vs_measured import LIVE_ONLY_MMAP_THRESHOLD, finetune_flags  # noqa: E402
+
+# Parameter counts as Hugging Face reports them (peft's print_trainable_parameters "all
+# params" on the meta-llama checkpoints, minus the adapter).
+PUBLISHED = {"7B": 6_738_415_616, "13B": 13_015_864_320, "70B": 68_976_648_192, "Llama-3-8B": 8_030_261_248,
+             "Llama-3-70B": 70_553_706_496}
+
+
+@pytest.mark.parametrize("name", list(KNOWN_MODELS))
+def test_known_models_match_transformers_and_published_counts(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = KNOWN_MODELS[name]
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied)
+    with torch.device("meta"):
+        reference = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert shape.params() == reference == PUBLISHED[name]
+
+
+def test_7b_full_fp32_and_lora_terms():
+    p = PUBLISHED["7B"]
+    full = plan_memory(parse_args(["--model_name", "7B", "--mixed_precision", "False"]), KNOWN_MODELS["7B"],
+                       Launch(overhead=0))
+    assert full.parameters == 4 * p  # fp32 weights, one process: nothing gathered, no autocast copies
+    assert full.optimizer == 8 * p  # AdamW: two fp32 states
+    assert full.gradients == 4 * p
+    # LoRA r=8 on q_proj,v_proj of Llama-2-7B: 4,194,304 trainable parameters (peft's printout)
+    lora = plan_memory(parse_args(["--model_name", "7B", "--use_peft", "--mixed_precision", "False"]),
+                       KNOWN_MODELS["7B"], Launch(overhead=0))
+    assert lora.optimizer == 8 * 4_194_304
+    assert lora.parameters == 4 * (p + 4_194_304)
+    # FULL_SHARD over 8 ranks: an eighth of the states per rank
+    sharded = plan_memory(parse_args(["--model_name", "7B", "--enable_fsdp", "--mixed_precision", "False"]),
+                          KNOWN_MODELS["7B"], Launch(world_size=8, overhead=0))
+    assert sharded.optimizer == 8 * p // 8
+
+
+def test_sizes():
+    assert parse_size("80GiB") == 80 * 2**30
+    assert parse_size("80GB") == 80 * 10**9
+    assert parse_size("24G") == 24 * 2**30
+    assert parse_size("512MiB") == 512 * 2**20
+
+
+def test_cli_does_not_fit_and_the_suggestion_does(capsys):
+    argv = ["--model_name", "70B", "--enable_fsdp", "--world_size", "8", "--device_memory", "80GiB", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["plan"]["peak"] > 80 * 2**30
+    change = out["suggestion"]
+    # planning again with the suggested change gives the suggested plan, which fits
+    launch = Launch(**change["launch"])
+    finetune = ["--model_name", "70B", "--enable_fsdp", *change["flags"]]
+    again = plan_memory(parse_args(finetune), KNOWN_MODELS["70B"], launch)
+    assert again.peak == change["plan"]["peak"] <= 80 * 2**30
+
+
+def test_cli_unknown_model_is_one_line(capsys):
+    assert main(["--model_name", "/nonexistent/model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/nonexistent/model" in err[0]
+
+
+def _measured_peaks(world: int, flags: list[str], probe_dir: Path) -> list[int]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc_per_node", str(world), str(BENCH), "--probe", str(probe_dir), "--", *flags]
+    check(run_cmd(cmd, extra_env={"MALLOC_MMAP_THRESHOLD_": LIVE_ONLY_MMAP_THRESHOLD}))
+    return [json.loads((probe_dir / f"rank{r}.json").read_text())["peak"] for r in range(world)]
+
+
+@pytest.mark.parametrize("world,peft,checkpointing", [(1, False, False), (2, True, True)],
+                         ids=["full-w1-noac", "lora-w2-ac"])
+def test_prediction_within_20_percent_of_measured(world, peft, checkpointing, tiny_llama2_tok, shared_data, tmp_path):
+    flags = finetune_flags(str(tiny_llama2_tok), peft, checkpointing, str(tmp_path / "out"))
+    flags[flags.index("--samsum_dataset.data_path") + 1] = str(shared_data / "samsum")
+    plan = plan_memory(parse_args(flags), model_shape(str(tiny_llama2_tok)), Launch(world, 1, "cpu", measured_cpu_baseline()))
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    measured = max(_measured_peaks(world, flags, probe_dir))
+    assert abs(plan.peak / measured - 1) <= 0.20, (plan, measured)
