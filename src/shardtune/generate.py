@@ -50,22 +50,30 @@ class Sampling:
                                 top_k=self.top_k, num_beams=1, **common)
 
 
+def base_model_name(model_name: Optional[str], peft_model: Optional[str]) -> str:
+    """model_name, or else the base model recorded in the adapter's config."""
+    from peft import PeftConfig
+
+    if model_name:
+        return model_name
+    if not peft_model:
+        raise UserError("pass --model_name (a base, merged or converted model directory) and/or --peft_model")
+    try:
+        base = PeftConfig.from_pretrained(peft_model).base_model_name_or_path
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the adapter in {peft_model}: {str(err).splitlines()[0]}") from None
+    if not base:
+        raise UserError(f"{peft_model}/adapter_config.json names no base model; pass --model_name")
+    return base
+
+
 def load_for_inference(model_name: Optional[str], peft_model: Optional[str], device: torch.device | None = None,
-                       dtype: torch.dtype = torch.float32):
+                       dtype: torch.dtype = torch.float32, tokenizer_name: Optional[str] = None):
     """(model in eval mode, tokenizer). Without model_name the adapter's recorded base is used."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if model_name is None:
-        if not peft_model:
-            raise UserError("pass --model_name (a base, merged or converted model directory) and/or --peft_model")
-        try:
-            model_name = PeftConfig.from_pretrained(peft_model).base_model_name_or_path
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read the adapter in {peft_model}: {str(err).splitlines()[0]}") from None
-        if not model_name:
-            raise UserError(f"{peft_model}/adapter_config.json names no base model; pass --model_name")
-    model_dir = resolve_model_dir(model_name)
+    model_dir = resolve_model_dir(base_model_name(model_name, peft_model))
     # use_safetensors: a pickle checkpoint (.bin) can run code, so it is never read
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
@@ -78,7 +86,7 @@ def load_for_inference(model_name: Optional[str], peft_model: Optional[str], dev
             raise UserError(f"cannot load the adapter in {peft_model}: {str(err).splitlines()[0]}") from None
     if device is not None:
         model.to(device)
-    return model.eval(), load_tokenizer(str(model_dir))
+    return model.eval(), load_tokenizer(tokenizer_name or str(model_dir))
 
 
 @torch.no_grad()
