@@ -69,9 +69,11 @@ def generation_scores(metric: str, model, tokenizer, examples: list[Example], sa
     hypotheses = [complete(model, tokenizer, list(prompt), sampling)
                   for prompt in tqdm(references, desc="generate", dynamic_ncols=True)]
     if metric == "rouge":  # one reference per dialogue: score against the first
-        return {"rouge": scores.rouge(hypotheses, [refs[0] for refs in references.values()])}
+        return {"num_prompts": len(hypotheses),
+                "rouge": scores.rouge(hypotheses, [refs[0] for refs in references.values()])}
     refs = list(references.values())
-    return {"gleu": scores.gleu(hypotheses, refs), "exact_match": scores.exact_match(hypotheses, refs)}
+    return {"num_prompts": len(hypotheses), "gleu": scores.gleu(hypotheses, refs),
+            "exact_match": scores.exact_match(hypotheses, refs)}
 
 
 def _parser() -> argparse.ArgumentParser:
