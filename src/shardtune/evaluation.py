@@ -29,6 +29,7 @@ from .data.records import BadRecords
 from .data.tokenize import IGNORE_INDEX, Example
 from .errors import UserError, exit_on_user_error
 from .generate import DTYPES, Sampling, base_model_name, complete, load_for_inference
+from .model import load_tokenizer, resolve_model_dir
 from .train import perplexity, token_loss_sum
 
 # dataset -> the generation metric its references support; other datasets report the loss only
@@ -114,14 +115,17 @@ def evaluate(cfgs: Configs, peft_model: Optional[str], max_samples: int, max_new
     t = cfgs.train
     if max_samples < 0:
         raise UserError("--max_samples must be >= 0 (0 = all)")
+    sampling = Sampling(max_new_tokens)  # greedy; checked before the model loads
     model_name = base_model_name(t.model_name if cfgs.was_set(t, "model_name") else None, peft_model)
-    model, tokenizer = load_for_inference(model_name, peft_model, device_lib.setup().device, dtype, t.tokenizer_name)
+    # the data first, with the tokenizer alone: bad data fails before the model loads
+    tokenizer = load_tokenizer(t.tokenizer_name or str(resolve_model_dir(model_name)))
     source = data.DATASETS[t.dataset](cfgs.dataset, cfgs.dataset.test_split)
     examples = source.read(tokenizer, BadRecords(t.on_bad_record))
     if max_samples:
         examples = examples[:max_samples]
     if not examples:
         raise UserError(f"{source.name}: no examples to evaluate; check the dataset flags and --split")
+    model, _ = load_for_inference(model_name, peft_model, device_lib.setup().device, dtype)
     loss_sum, label_tokens = token_loss(model, examples, t.context_length, t.val_batch_size, tokenizer.pad_token_id)
     if not label_tokens:
         raise UserError(f"{source.name}: no label tokens within --context_length {t.context_length}; raise it")
@@ -131,7 +135,7 @@ def evaluate(cfgs: Configs, peft_model: Optional[str], max_samples: int, max_new
     metric = GENERATION_METRICS.get(t.dataset)
     if metric:
         report["max_new_tokens"] = max_new_tokens
-        report.update(generation_scores(metric, model, tokenizer, examples, Sampling(max_new_tokens)))
+        report.update(generation_scores(metric, model, tokenizer, examples, sampling))
     return report
 
 

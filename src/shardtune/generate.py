@@ -34,11 +34,13 @@ class Sampling:
     top_k: int = 50  # llama-recipes' default; 0 = off
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise UserError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0")
+
     def generation_config(self, model, tokenizer):
         from transformers import GenerationConfig
 
-        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise UserError("need --max_new_tokens >= 1, --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0")
         # Every sampling field is set here: generate() fills fields left unset from the
         # model's generation_config.json, which for Llama 2 turns sampling on.
         eos = model.generation_config.eos_token_id
@@ -52,12 +54,12 @@ class Sampling:
 
 def base_model_name(model_name: Optional[str], peft_model: Optional[str]) -> str:
     """model_name, or else the base model recorded in the adapter's config."""
-    from peft import PeftConfig
-
     if model_name:
         return model_name
     if not peft_model:
         raise UserError("pass --model_name (a base, merged or converted model directory) and/or --peft_model")
+    from peft import PeftConfig
+
     try:
         base = PeftConfig.from_pretrained(peft_model).base_model_name_or_path
     except (OSError, ValueError) as err:
@@ -68,7 +70,7 @@ def base_model_name(model_name: Optional[str], peft_model: Optional[str]) -> str
 
 
 def load_for_inference(model_name: Optional[str], peft_model: Optional[str], device: torch.device | None = None,
-                       dtype: torch.dtype = torch.float32, tokenizer_name: Optional[str] = None):
+                       dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer). Without model_name the adapter's recorded base is used."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -86,7 +88,7 @@ def load_for_inference(model_name: Optional[str], peft_model: Optional[str], dev
             raise UserError(f"cannot load the adapter in {peft_model}: {str(err).splitlines()[0]}") from None
     if device is not None:
         model.to(device)
-    return model.eval(), load_tokenizer(tokenizer_name or str(model_dir))
+    return model.eval(), load_tokenizer(str(model_dir))
 
 
 @torch.no_grad()
