@@ -89,6 +89,17 @@ def tiny_llama2_tok(tmp_path_factory, shared_data) -> Path:
     return build_tiny(str(tmp_path_factory.mktemp("tiny2") / "model"), tokenizer=str(shared_data / "tokenizers" / "llama2"))
 
 
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory, tiny_model) -> Path:
+    """A LoRA adapter for tiny_model, trained for 8 steps in one process on the bundled sample."""
+    out = tmp_path_factory.mktemp("tiny_lora") / "adapter"
+    check(run_cmd([sys.executable, "-m", "shardtune.finetuning", "--model_name", str(tiny_model), "--use_peft",
+                   "--peft_method", "lora", "--output_dir", str(out), "--batch_size_training", "2",
+                   "--context_length", "256", "--num_epochs", "1", "--max_train_step", "8", "--lr", "1e-2",
+                   "--run_validation", "False", "--num_workers_dataloader", "0"]))
+    return out
+
+
 # Tiny random-init models of today's families, as AutoConfig.for_model builds them.
 FAMILIES = {
     # Llama 3.1/3.2: grouped-query attention, llama3 RoPE scaling, tied embeddings (as 3.2 1B/3B)
@@ -260,6 +271,27 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> N
 def step_losses(out_dir: Path) -> dict[int, float]:
     steps, _ = read_metrics(out_dir)
     return {s["step"]: s["loss"] for s in steps}
+
+
+def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
+    """`shardtune ARGS` in this process: (exit code, stdout, stderr)."""
+    from shardtune import cli
+
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def plain_greedy(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """Greedy completion with plain transformers generate(), as a reference."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def error_lines(stderr: str) -> list[str]:

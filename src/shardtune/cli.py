@@ -7,22 +7,6 @@ import sys
 
 from .errors import exit_on_user_error, take_debug_flag
 
-def _generate(argv: list[str]) -> int:
-    from .generate import load_for_inference, sample_dialogue, summarize
-
-    p = argparse.ArgumentParser(prog="shardtune generate")
-    p.add_argument("--model_name", required=True)
-    p.add_argument("--peft_model")
-    p.add_argument("--dialogue", help="defaults to the first test dialogue of the bundled sample")
-    p.add_argument("--max_new_tokens", type=int, default=48)
-    a = p.parse_args(argv)
-    model, tok = load_for_inference(a.model_name, a.peft_model)
-    dialogue = a.dialogue or sample_dialogue()
-    print("Dialogue:\n" + dialogue.replace("\r\n", "\n"))
-    print("Generated summary:\n" + summarize(model, tok, dialogue, a.max_new_tokens))
-    return 0
-
-
 def _entry(target: str):
     def run(argv: list[str]) -> int:
         module, func = target.split(":")
@@ -38,8 +22,12 @@ COMMANDS = {
                 _entry(".checkpoint.convert:convert_main")),
     "merge": ("--model_name BASE --peft_model ADAPTER --output_dir OUT", "merge LoRA into the base model",
               _entry(".checkpoint.convert:merge_main")),
-    "generate": ("--model_name DIR [--peft_model DIR] [--dialogue TEXT]",
-                 "summarise one dialogue with a base model and an adapter", _generate),
+    "generate": ("--model_name DIR [--peft_model DIR] [--prompt TEXT | --input FILE.jsonl] [--template NAME]",
+                 "complete prompts with a model and an optional adapter (greedy or sampled)",
+                 _entry(".generate:main")),
+    "eval": ("--model_name DIR [--peft_model DIR] --dataset NAME [dataset flags] [--output report.json]",
+             "loss, perplexity and ROUGE (samsum) or GLEU (grammar) on a validation or test split",
+             _entry(".evaluation:main")),
     "prepare": ("grammar --jfleg DIR [--c4 FILE] --out DIR",
                 "build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M)", _entry(".prepare:main")),
     "tiny": ("OUT_DIR", "build a random-init tiny Llama with a tokenizer trained on bundled text",

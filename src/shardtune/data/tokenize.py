@@ -11,6 +11,11 @@ class Example(TypedDict):
     labels: list[int]
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt half of tokenize_prompt_target: tok(bos + prompt), for inference."""
+    return tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_prompt_target(tokenizer, prompts: list[str], targets: list[str]) -> list[Example]:
     """llama-recipes' scheme: tok(bos + prompt) + tok(target + eos); prompt labels are ignored."""
     if not prompts:
