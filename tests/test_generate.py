@@ -164,3 +164,31 @@ def test_bad_input_is_one_line(capsys, tmp_path, tiny_model):
     assert code == 2 and len(error_lines(err)) == 1 and "missing.jsonl does not exist" in err
     code, _, err = run_cli(capsys, ["generate", "--model_name", tmp_path / "nowhere", "--prompt", "hi"])
     assert code == 2 and len(error_lines(err)) == 1 and "nowhere" in err
+
+
+def test_chat_template_renders_as_transformers_does(capsys, tmp_path, llama3_chat_model):
+    """--template chat: the prompt is the tokenizer's own chat template with the assistant turn
+    opened (apply_chat_template, independently of shardtune), for --prompt and --input."""
+    tokenizer = load_tokenizer(str(llama3_chat_model))
+    model = AutoModelForCausalLM.from_pretrained(llama3_chat_model).eval()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    reference_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
+    reference = plain_greedy(model, tokenizer, list(reference_ids), NEW)
+    single_ids = tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    assert _generate(capsys, "--model_name", llama3_chat_model, "--template", "chat", "--prompt",
+                     "Name a colour.") == plain_greedy(model, tokenizer, list(single_ids), NEW)
+
+    source = tmp_path / "chats.jsonl"
+    source.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"id": 7}) + "\n")
+    code, _, err = run_cli(capsys, ["generate", "--model_name", llama3_chat_model, "--template", "chat",
+                                    "--input", source])
+    assert code != 0 and len(error_lines(err)) == 1 and "record 1" in error_lines(err)[0]
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_cli(capsys, ["generate", "--model_name", llama3_chat_model, "--template", "chat",
+                                    "--input", source, "--output", out, "--on_bad_record", "skip",
+                                    "--max_new_tokens", NEW])
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["generated"] for row in rows] == [reference]

@@ -17,7 +17,8 @@ import torch
 
 from .data.records import BadRecords, read_records, valid_records
 from .data.samsum import bundled_sample
-from .data.templates import TEMPLATES, Template
+from .data.chat_templates import TEMPLATES as CHAT_TEMPLATES
+from .data.templates import TEMPLATES, Template, chat_template
 from .errors import UserError, exit_on_user_error
 from .model import load_tokenizer, resolve_model_dir
 
@@ -145,7 +146,17 @@ def sample_dialogue() -> str:
 
 def read_input(path: str, template: Template, bad: BadRecords) -> list[dict]:
     """JSON lines (or any format the data stage reads), each record with the template's fields."""
-    return valid_records(read_records(path, bad), template.required, path, bad, optional=template.optional)
+    records = valid_records(read_records(path, bad), template.required, path, bad, optional=template.optional)
+    if template.check is None:
+        return records
+    good = []
+    for index, record in enumerate(records):
+        problem = template.check(record)
+        if problem:
+            bad.report(f"{path} record {index}: {problem}")
+        else:
+            good.append(record)
+    return good
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON lines output for --input (default: stdout)")
     p.add_argument("--template", choices=list(TEMPLATES), default="samsum",
                    help="the dataset prompt that wraps the text (default: samsum)")
+    p.add_argument("--chat_template", choices=list(CHAT_TEMPLATES),
+                   help="with --template chat, for a tokenizer without its own chat template")
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.output and not args.input:
         raise UserError("--output is for --input files; --prompt prints its completion")
-    template = TEMPLATES[args.template]
+    template = chat_template(args.chat_template) if args.template == "chat" else TEMPLATES[args.template]
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     bad = BadRecords(args.on_bad_record)
     records = read_input(args.input, template, bad) if args.input else None  # bad input fails before loading
