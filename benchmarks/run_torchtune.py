@@ -58,7 +58,7 @@ def recipe_config(args, settings: dict, work: Path) -> dict:
 
 
 def step_losses(log_dir: Path) -> list[float]:
-    text = "".join(p.read_text() for p in sorted(log_dir.glob("*.txt")))
+    text = "".join(p.read_text() for p in sorted(log_dir.iterdir()))
     return [float(m) for m in re.findall(r"^Step \d+ \| loss:(\S+)", text, flags=re.M)]
 
 

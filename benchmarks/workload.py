@@ -45,6 +45,7 @@ class Settings:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    peft: bool = True  # False: full fine-tuning (the Distributed section's sharding runs)
     seed: int = 42
     warmup_steps: int = 2  # steps left out of the per-step timing
     max_steps: int = 0  # 0 = the whole epoch; the quick mode cuts it
@@ -83,9 +84,8 @@ def write_subset(out: Path, dialogues: int) -> Path:
 
 
 def shardtune_args(model_dir: Path, data_dir: Path, out_dir: Path, s: Settings) -> list[str]:
-    """shardtune's flags for the workload (one process, fp32, LoRA, packing)."""
-    args = ["--model_name", str(model_dir), "--use_peft", "--peft_method", "lora",
-            "--samsum_dataset.data_path", str(data_dir), "--batching_strategy", "packing",
+    """shardtune's flags for the workload (fp32, LoRA unless s.peft is False, packing)."""
+    args = ["--model_name", str(model_dir), "--samsum_dataset.data_path", str(data_dir), "--batching_strategy", "packing",
             "--context_length", str(s.context), "--batch_size_training", str(s.micro_batch),
             "--num_epochs", "1", "--lr", str(s.lr), "--seed", str(s.seed), "--mixed_precision", "False",
             "--lora_config.r", str(s.lora_r), "--lora_config.lora_alpha", str(s.lora_alpha),
@@ -93,6 +93,8 @@ def shardtune_args(model_dir: Path, data_dir: Path, out_dir: Path, s: Settings) 
             "--lora_config.target_modules", ",".join(s.lora_targets),
             "--run_validation", "False", "--num_workers_dataloader", "0", "--save_metrics",
             "--log_every", "1", "--output_dir", str(out_dir), "--overwrite_output_dir"]
+    if s.peft:
+        args += ["--use_peft", "--peft_method", "lora"]
     if s.max_steps:
         args += ["--max_train_step", str(s.max_steps)]
     return args
