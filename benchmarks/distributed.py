@@ -36,7 +36,7 @@ def shardtune_job(workload: Workload, name: str, world: int, threads: int, setti
 
 def data_parallel(args, settings: Settings, work: Path) -> list[dict]:
     """Global batch 4 either way: 1 rank with micro batch 4, or 2 ranks with 2 each."""
-    workload = Workload("tiny", settings, work)
+    workload = Workload("micro" if args.quick else "tiny", settings, work)
     half = replace(settings, micro_batch=settings.micro_batch // 2)
     fsdp = ["--enable_fsdp", "--fsdp_activation_checkpointing", "False"]
     rows = []
@@ -106,7 +106,7 @@ def render(rows: list[dict]) -> str:
                 f"{_median(runs, 'process_s'):.1f}", " / ".join(f"{x:.0f}" for x in runs[0]["rss_per_rank"]),
                 f"{_median(runs, 'first_loss'):.4f}", f"{_median(runs, 'final_loss'):.4f}"]
                for name, runs in dp.items()]
-    parts = ["Data-parallel efficiency (shardtune, tiny, LoRA, global batch 4):", "",
+    parts = [f"Data-parallel efficiency (shardtune, {rows[0]['size']}, LoRA, global batch 4):", "",
              table(["job", "runs", "non-pad tokens/s", "s/step", "process s", "peak RSS MiB per rank",
                     "first loss", "final loss"], dp_rows)]
     names = list(dp)

@@ -1,7 +1,7 @@
 """torchtune 0.6.1's lora_finetune_single_device recipe (`tune run`), in fp32 on the CPU,
 on the harness's model (read by its HF checkpointer) and packed batches. Runs in
 benchmarks/.venv-torchtune. torchtune's own tokens/s counts only label tokens, so the
-steps are clocked by the collate (tt_data.CLOCK) and tokens counted from the batches."""
+steps are clocked by tt_data's collate and LR schedule, and tokens counted from the batches."""
 from __future__ import annotations
 
 import json
@@ -87,13 +87,10 @@ def main() -> None:
             raise
     losses = step_losses(work / "logs")
     batches = load_batches(Path(args.batches))
-    # CLOCK[i] is when step i's batch was built: step i ran from CLOCK[i] to CLOCK[i + 1];
-    # the last step has no end stamp and is left out of the timing.
-    stamps = tt_data.CLOCK
-    records = [StepRecord(stamps[i + 1], losses[i], batches[i]["num_tokens"], batches[i]["input_ids"].numel())
-               for i in range(min(len(losses), len(stamps) - 1))]
-    result = summarize("torchtune", args.size, records, stamps[0], settings["warmup_steps"], args.threads,
-                       extra={"steps_logged": len(losses)})
+    records = [StepRecord(end, loss, batch["num_tokens"], batch["input_ids"].numel())
+               for end, loss, batch in zip(tt_data.STEP_ENDS, losses, batches)]
+    result = summarize("torchtune", args.size, records, tt_data.BATCH_STARTS[0], settings["warmup_steps"],
+                       args.threads)
     emit(result, args.result)
 
 

@@ -11,10 +11,11 @@ from torch.utils.data import Dataset
 
 from .batchfile import load_batches
 
-# perf_counter() each time the loader builds a batch. With num_workers=0 the recipe calls
-# collate right before each step, so consecutive stamps bound the steps; the runner, in the
-# same process, reads them after the recipe returns.
-CLOCK: list[float] = []
+# perf_counter() when the loader builds each batch (num_workers=0: right before the step
+# that trains it), and when each step ends (the recipe steps the LR scheduler right after
+# the optimizer). The runner, in the same process, reads both after the recipe returns.
+BATCH_STARTS: list[float] = []
+STEP_ENDS: list[float] = []
 
 
 class PackedChunks(Dataset):
@@ -53,11 +54,19 @@ def collate(rows: list[dict], padding_idx: int = 0, ignore_idx: int = -100) -> d
     tokens = torch.stack([r["input_ids"] for r in rows])
     position_ids = torch.stack([r["position_ids"] for r in rows])
     labels = torch.stack([r["labels"] for r in rows])
-    CLOCK.append(time.perf_counter())
+    BATCH_STARTS.append(time.perf_counter())
     return {"tokens": tokens, "labels": labels, "input_pos": position_ids, "mask": block_causal_mask(position_ids)}
 
 
 def constant_lr(optimizer, num_training_steps: int, last_epoch: int = -1) -> LambdaLR:
-    del num_training_steps  # constant, as shardtune's per-epoch StepLR is within one epoch
-    return LambdaLR(optimizer, lambda step: 1.0, last_epoch)
+    """Constant, as shardtune's per-epoch StepLR is within one epoch; it also clocks the
+    end of each step (LambdaLR evaluates the factor once per scheduler step)."""
+    del num_training_steps
+
+    def factor(step: int) -> float:
+        if step:  # step 0 is the scheduler's construction
+            STEP_ENDS.append(time.perf_counter())
+        return 1.0
+
+    return LambdaLR(optimizer, factor, last_epoch)
 
