@@ -124,16 +124,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dialogues", type=int, default=Settings.dialogues)
     parser.add_argument("--max_steps", type=int, default=0, help="cut every run to N steps (0 = one epoch)")
     parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--dp_size", default="tiny", help="model of the data-parallel efficiency runs")
+    parser.add_argument("--full_ft_size", default="small", help="model of the FULL_SHARD / NO_SHARD runs")
+    parser.add_argument("--load_size", default="small", help="model of the load-time runs")
     args = parser.parse_args(argv)
     args.sizes = args.sizes.split(",")
     args.runners = args.runners.split(",")
     args.sections = args.sections.split(",")
-    unknown = [s for s in args.sizes if s not in SIZES] + [r for r in args.runners if r not in RUNNERS]
+    sizes = [*args.sizes, args.dp_size, args.full_ft_size, args.load_size]
+    unknown = [s for s in sizes if s not in SIZES] + [r for r in args.runners if r not in RUNNERS]
     if unknown:
         parser.error(f"unknown size or runner: {', '.join(unknown)}")
     if args.quick:
         args.repeats = 1
         args.max_steps = args.max_steps or QUICK_STEPS
+        args.dp_size = args.full_ft_size = args.load_size = "micro"
     return args
 
 

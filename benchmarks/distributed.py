@@ -36,7 +36,7 @@ def shardtune_job(workload: Workload, name: str, world: int, threads: int, setti
 
 def data_parallel(args, settings: Settings, work: Path) -> list[dict]:
     """Global batch 4 either way: 1 rank with micro batch 4, or 2 ranks with 2 each."""
-    workload = Workload("micro" if args.quick else "tiny", settings, work)
+    workload = Workload(args.dp_size, settings, work)
     half = replace(settings, micro_batch=settings.micro_batch // 2)
     fsdp = ["--enable_fsdp", "--fsdp_activation_checkpointing", "False"]
     rows = []
@@ -50,10 +50,10 @@ def data_parallel(args, settings: Settings, work: Path) -> list[dict]:
 
 
 def full_finetune(args, settings: Settings, work: Path) -> list[dict]:
-    """Full fine-tune of "small" at world size 2, a few steps: FULL_SHARD against NO_SHARD."""
+    """Full fine-tune at world size 2, a few steps: FULL_SHARD against NO_SHARD."""
     steps = min(settings.max_steps or FULL_FT_STEPS, FULL_FT_STEPS)
     ft = replace(settings, micro_batch=settings.micro_batch // 2, max_steps=steps, warmup_steps=1, peft=False)
-    size = "micro" if args.quick else "small"
+    size = args.full_ft_size
     workload = Workload(size, ft, work)
     rows = []
     for strategy in ("FULL_SHARD", "NO_SHARD"):
@@ -65,7 +65,7 @@ def full_finetune(args, settings: Settings, work: Path) -> list[dict]:
 
 
 def load_times(args, work: Path) -> list[dict]:
-    size = "micro" if args.quick else "small"
+    size = args.load_size
     model = build_model(size, work / "models" / size)
     rows = []
     for repeat in range(args.repeats):

@@ -20,7 +20,7 @@ def run(args, settings: Settings, work: Path) -> dict:
     from shardtune.args import parse_args
     from shardtune.logs import MetricsWriter
 
-    size = "micro" if args.quick else "tiny"
+    size = "micro" if args.quick else args.dp_size
     os.environ.setdefault("SHARDTUNE_CACHE", str(work / "cache"))
     torch.set_num_threads(args.threads)
     model = build_model(size, work / "models" / size)
