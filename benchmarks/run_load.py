@@ -3,7 +3,8 @@
              safetensors one tensor at a time (what --enable_fsdp does);
   hf:        AutoModelForCausalLM.from_pretrained on every rank (a full copy per rank,
              what a script that loads then wraps does).
-Each rank writes one JSON line: seconds to a usable model, and its peak RSS."""
+Each rank writes one JSON line: seconds from the config to a usable model (imports and
+process-group start excluded), and its peak RSS."""
 from __future__ import annotations
 
 import argparse
@@ -14,16 +15,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from transformers import AutoModelForCausalLM
+
+from shardtune import device, model as model_lib, parallel
+from shardtune.args import parse_args
 
 from .measure import peak_rss_mib
 
 
-def load_shardtune(model_dir: str) -> None:
-    from shardtune import device, model as model_lib, parallel
-    from shardtune.args import parse_args
-
+def load_shardtune(model_dir: str, dist: device.Dist) -> None:
     cfgs = parse_args(["--model_name", model_dir, "--enable_fsdp", "--mixed_precision", "False"])
-    dist = device.setup(require_distributed=True)
     spec = model_lib.load_spec(model_dir)
     model = model_lib.build_meta_model(spec)
     mesh = parallel.build_mesh(dist, cfgs.fsdp)
@@ -31,10 +32,7 @@ def load_shardtune(model_dir: str) -> None:
     model_lib.materialize(model, spec, dist.device, {})
 
 
-def load_hf(model_dir: str) -> None:
-    from transformers import AutoModelForCausalLM
-
-    tdist.init_process_group("gloo")
+def load_hf(model_dir: str, dist: device.Dist) -> None:
     AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
@@ -45,8 +43,10 @@ def main() -> None:
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    dist = device.setup(require_distributed=True)  # imports and the process group are not timed
+    tdist.barrier()
     start = time.perf_counter()
-    (load_shardtune if args.method == "shardtune" else load_hf)(args.model)
+    (load_shardtune if args.method == "shardtune" else load_hf)(args.model, dist)
     seconds = time.perf_counter() - start
     tdist.barrier()  # every rank holds its model: the job's load time is the slowest rank's
     rank, world = tdist.get_rank(), tdist.get_world_size()
