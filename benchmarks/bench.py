@@ -156,16 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {TORCHTUNE_PYTHON} is missing; `make bench-venv` creates it", file=sys.stderr)
         return 2
     machine = report.machine()
-    sections = {}
-    if "throughput" in args.sections:
-        sections["throughput"] = run_throughput(args, settings, work)
-    if "distributed" in args.sections:
-        sections["distributed"] = distributed.run_all(args, settings, work)
-    if "profile" in args.sections:
-        sections["profile"] = profile_step.run(args, settings, work)
-    machine["load_after"] = report.machine()["load_before"]
     out = work / "results" / "report.md"
-    out.write_text(report.render(machine, args, settings, sections))
+    sections = {}
+    for name, run in (("throughput", lambda: run_throughput(args, settings, work)),
+                      ("distributed", lambda: distributed.run_all(args, settings, work)),
+                      ("profile", lambda: profile_step.run(args, settings, work))):
+        if name in args.sections:
+            sections[name] = run()
+            # written after every section: a long run that is cut short keeps what it measured
+            machine["load_after"] = report.machine()["load_before"]
+            out.write_text(report.render(machine, args, settings, sections))
     print(f"[bench] report: {out}")
     return 0
 
