@@ -79,8 +79,10 @@ def main() -> None:
         save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=settings.seed,
         remove_unused_columns=False, disable_tqdm=True)
     times = StepTimes()
-    Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-            callbacks=[times]).train()
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                      callbacks=[times])
+    trainer.train()
+    trainer.save_model()  # the adapter, as shardtune and torchtune save theirs
     records = [StepRecord(end, loss, *tokens) for end, loss, tokens in zip(times.ends, times.losses, collator.tokens)]
     emit(summarize(f"hf_trainer_{own.mode}", args.size, records, times.start, settings.warmup_steps, args.threads),
          args.result)

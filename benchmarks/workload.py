@@ -130,11 +130,3 @@ def padded_examples(model_dir: Path, data_dir: Path, s: Settings) -> list[dict]:
     items, _ = fit(examples, s.context)
     return items
 
-
-def batch_tokens(batch: dict, pad_mask_key: str | None = None) -> tuple[int, int]:
-    """(non-pad tokens, all tokens) of a batch. Packed batches mark real tokens by
-    num_tokens; padded ones by their attention_mask."""
-    all_tokens = int(batch["input_ids"].numel())
-    if pad_mask_key:
-        return int(batch[pad_mask_key].sum()), all_tokens
-    return int(batch["num_tokens"]), all_tokens
