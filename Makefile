@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench bench-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,3 +27,19 @@ test: $(STAMP)
 
 clean:
 	rm -rf demo_out
+
+# make bench: the benchmark harness (BENCHMARKS.md); make bench QUICK=1 is a few-step smoke run.
+# torchtune gets a venv of its own (torch pinned first, as above).
+TT_VENV := benchmarks/.venv-torchtune
+TT_STAMP := $(TT_VENV)/.installed
+
+$(TT_STAMP):
+	$(PY) -m venv $(TT_VENV)
+	$(TT_VENV)/bin/python -m pip install -q $(TORCH)
+	$(TT_VENV)/bin/python -m pip install -q torchtune==0.6.1 torchao==0.11.0
+	touch $(TT_STAMP)
+
+bench-venv: $(TT_STAMP)
+
+bench: $(STAMP) $(TT_STAMP)
+	$(BIN)/python -m benchmarks.bench $(if $(QUICK),--quick --sizes tiny --repeats 1,)

@@ -1,0 +1,178 @@
+"""The benchmark driver: prepares the workload once, runs every runner as its own process,
+interleaved (the order rotates each repeat, so a load spike on the shared machine falls on
+different runners), and writes the results (JSON lines) and a markdown report.
+
+    python -m benchmarks.bench                     # what `make bench` runs
+    python -m benchmarks.bench --quick --sizes micro --runners shardtune,handloop
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from . import report
+from .workload import LLAMA2_TOKENIZER, REPO, SIZES, Settings, build_model, packed_batches, write_subset
+
+WORK = REPO / "benchmarks" / "work"
+TORCHTUNE_PYTHON = REPO / "benchmarks" / ".venv-torchtune" / "bin" / "python"
+
+# runner name -> (module, extra arguments)
+RUNNERS = {
+    "shardtune": ("benchmarks.run_shardtune", []),
+    "handloop": ("benchmarks.run_handloop", []),
+    "hf_trainer_padded": ("benchmarks.run_hf_trainer", ["--mode", "padded"]),
+    "hf_trainer_packed": ("benchmarks.run_hf_trainer", ["--mode", "packed"]),
+    "torchtune": ("benchmarks.run_torchtune", []),
+}
+QUICK_STEPS = 4
+
+
+class BenchError(RuntimeError):
+    """A runner failed: the report would be wrong, so the run stops with its output."""
+
+
+def runner_env(threads: int, work: Path) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", SHARDTUNE_DEVICE="cpu", SHARDTUNE_CACHE=str(work / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def timed_process(cmd: list[str], env: dict, log: Path) -> float:
+    """Runs cmd to completion (output to log); its whole wall-clock time in seconds."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    elapsed = time.perf_counter() - start
+    if proc.returncode:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise BenchError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; log {log}:\n{tail}")
+    return elapsed
+
+
+def read_results(path: Path) -> list[dict]:
+    """A runner's JSON line, or one per rank (path.rankN) under torchrun."""
+    files = [path] if path.exists() else sorted(path.parent.glob(path.name + ".rank*"))
+    if not files:
+        raise BenchError(f"no result was written to {path}")
+    return [json.loads(f.read_text()) for f in files]
+
+
+class Workload:
+    """One size's model, data and packed batches, built once per driver run."""
+
+    def __init__(self, size: str, settings: Settings, work: Path) -> None:
+        from .batchfile import save_batches
+
+        self.size, self.settings, self.work = size, settings, work
+        self.model = build_model(size, work / "models" / size)
+        self.data = write_subset(work / "data" / f"samsum-{settings.dialogues}", settings.dialogues)
+        self.batches = work / f"batches-{size}-{settings.dialogues}-{settings.micro_batch}-{settings.max_steps}.safetensors"
+        save_batches(packed_batches(self.model, self.data, settings), self.batches)
+
+    def command(self, python: str, module: str, extra: list[str], run_dir: Path, threads: int,
+                settings: Settings | None = None) -> list[str]:
+        return [python, "-m", module, *extra, "--size", self.size, "--model", str(self.model),
+                "--data", str(self.data), "--batches", str(self.batches),
+                "--settings", (settings or self.settings).to_json(), "--work", str(run_dir),
+                "--result", str(run_dir / "result.json"), "--threads", str(threads)]
+
+    def run(self, runner: str, run_dir: Path, threads: int) -> dict:
+        module, extra = RUNNERS[runner]
+        python = sys.executable
+        if runner == "torchtune":
+            python = str(TORCHTUNE_PYTHON)
+            extra = extra + ["--tokenizer", str(LLAMA2_TOKENIZER)]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        process_s = timed_process(self.command(python, module, extra, run_dir, threads),
+                                  runner_env(threads, self.work), run_dir / "log.txt")
+        (result,) = read_results(run_dir / "result.json")
+        return {**result, "process_s": process_s}
+
+
+def run_throughput(args, settings: Settings, work: Path) -> list[dict]:
+    rows = []
+    for size in args.sizes:
+        workload = Workload(size, settings, work)
+        for repeat in range(args.repeats):
+            shift = repeat % len(args.runners)
+            for runner in args.runners[shift:] + args.runners[:shift]:
+                print(f"[bench] {size} repeat {repeat + 1}/{args.repeats}: {runner}", flush=True)
+                row = workload.run(runner, work / "runs" / size / f"{runner}-{repeat}", args.threads)
+                rows.append({**row, "repeat": repeat})
+                with (work / "results" / "throughput.jsonl").open("a") as out:
+                    out.write(json.dumps(rows[-1]) + "\n")
+    return rows
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run, 1 repeat: a smoke run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--runners", default=",".join(RUNNERS))
+    parser.add_argument("--sections", default="throughput,distributed,profile",
+                        help="comma-separated: throughput, distributed, profile")
+    parser.add_argument("--threads", type=int, default=2, help="threads of a single-process run")
+    parser.add_argument("--dialogues", type=int, default=Settings.dialogues)
+    parser.add_argument("--max_steps", type=int, default=0, help="cut every run to N steps (0 = one epoch)")
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--dp_size", default="tiny", help="model of the data-parallel efficiency runs")
+    parser.add_argument("--full_ft_size", default="small", help="model of the FULL_SHARD / NO_SHARD runs")
+    parser.add_argument("--load_size", default="small", help="model of the load-time runs")
+    args = parser.parse_args(argv)
+    args.sizes = args.sizes.split(",")
+    args.runners = args.runners.split(",")
+    args.sections = args.sections.split(",")
+    sizes = [*args.sizes, args.dp_size, args.full_ft_size, args.load_size]
+    unknown = [s for s in sizes if s not in SIZES] + [r for r in args.runners if r not in RUNNERS]
+    if unknown:
+        parser.error(f"unknown size or runner: {', '.join(unknown)}")
+    if args.quick:
+        args.repeats = 1
+        args.max_steps = args.max_steps or QUICK_STEPS
+        args.dp_size = args.full_ft_size = args.load_size = "micro"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import distributed, profile_step
+
+    args = parse(argv)
+    settings = replace(Settings(), dialogues=args.dialogues, max_steps=args.max_steps,
+                       warmup_steps=1 if args.quick else Settings.warmup_steps)
+    work = args.work.resolve()
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    for stale in ("throughput.jsonl", "distributed.jsonl"):
+        (work / "results" / stale).unlink(missing_ok=True)
+    if "torchtune" in args.runners and "throughput" in args.sections and not TORCHTUNE_PYTHON.exists():
+        print(f"error: {TORCHTUNE_PYTHON} is missing; `make bench-venv` creates it", file=sys.stderr)
+        return 2
+    machine = report.machine()
+    out = work / "results" / "report.md"
+    sections = {}
+    for name, run in (("throughput", lambda: run_throughput(args, settings, work)),
+                      ("distributed", lambda: distributed.run_all(args, settings, work)),
+                      ("profile", lambda: profile_step.run(args, settings, work))):
+        if name in args.sections:
+            sections[name] = run()
+            # written after every section: a long run that is cut short keeps what it measured
+            machine["load_after"] = report.machine()["load_before"]
+            out.write_text(report.render(machine, args, settings, sections))
+    print(f"[bench] report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
