@@ -46,7 +46,8 @@ def init_weights(model: torch.nn.Module) -> None:
                 # computes it once the base weights are loaded; NaN until then, so a missed
                 # call fails the non-finite check instead of training from garbage.
                 dora.to_empty(device="cpu")
-                dora.weight.fill_(float("nan"))
+                with torch.no_grad():
+                    dora.weight.fill_(float("nan"))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
