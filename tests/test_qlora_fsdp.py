@@ -79,6 +79,7 @@ def test_unsupported_combinations_are_refused(tmp_path, tiny_model):
     (tiny_model: 64 x 64 projections)."""
     for quantization in ("8bit", "4bit"):
         proc = torchrun(2, SHIM, ["--enable_fsdp", "--use_peft", "--quantization", quantization, "--model_name",
-                                  str(tiny_model), "--output_dir", str(tmp_path / "o"), "--num_workers_dataloader", "0"])
+                                  str(tiny_model), "--output_dir", str(tmp_path / "o"), "--num_workers_dataloader", "0",
+                                  "--context_length", "128", "--batch_size_training", "1"])
         assert proc.returncode != 0 and "src/shardtune" not in proc.stderr, proc.stderr[-3000:]  # no traceback of ours
         assert any("--quantization" in line for line in error_lines(proc.stderr)), proc.stderr[-3000:]
