@@ -27,7 +27,8 @@ BLOCK_SIZE, SCALER_BLOCK_SIZE = 64, 256
 
 
 def _nf4():
-    """torchao's NF4 module: moved in torchao 0.19 from torchao.dtypes.nf4tensor."""
+    """torchao's NF4 module: torchao.quantization.quantize_.workflows.nf4 from 0.18 on,
+    torchao.dtypes.nf4tensor before (0.17 and 0.18 tested)."""
     try:
         from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
         return nf4_tensor
