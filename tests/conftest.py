@@ -100,6 +100,51 @@ def tiny_lora(tmp_path_factory, tiny_model) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_nf4_model(tmp_path_factory) -> Path:
+    """Tiny Llama whose decoder-layer linear weights fit NF4's 64 x 256 blocks when split
+    over 2 ranks (every projection 256 x 256 or 512 x 256)."""
+    from shardtune.tiny import build_tiny
+
+    return build_tiny(str(tmp_path_factory.mktemp("tiny_nf4") / "model"), hidden_size=256, intermediate_size=512,
+                      num_heads=4, num_kv_heads=4, pretrain_steps=50)
+
+
+def examples_in_chunk(chunk) -> list[tuple]:
+    """Split a packed chunk back into its (input_ids, labels) examples at the position_id resets."""
+    pos = chunk["position_ids"].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    return [(chunk["input_ids"][a:b], chunk["labels"][a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def plain_loop_losses(model, chunks, steps: int, global_batch: int, lr: float, weight_decay: float,
+                      seed: int) -> list[float]:
+    """An independent reference for shardtune's loop: a plain (PEFT) model in one process,
+    every example unpacked and on its own, the documented global sample order (a seeded
+    permutation of the chunks), loss = summed token losses / target tokens of the step,
+    torch.optim.AdamW."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed)).tolist()
+    losses = []
+    for step in range(steps):
+        total, count = 0.0, 0
+        opt.zero_grad()
+        for idx in order[step * global_batch:(step + 1) * global_batch]:
+            for ids, labels in examples_in_chunk(chunks[idx]):
+                logits = model(input_ids=ids[None]).logits[0]
+                total = total + F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+                count += int((labels[1:] != -100).sum())
+        loss = total / count
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 # Tiny random-init models of today's families, as AutoConfig.for_model builds them.
 FAMILIES = {
     # Llama 3.1/3.2: grouped-query attention, llama3 RoPE scaling, tied embeddings (as 3.2 1B/3B)

@@ -4,11 +4,10 @@ The reference shares only the data (chunks and the documented global sample orde
 it runs every example on its own, unpacked, through a plain PeftModel, with its own
 loss and torch.optim.AdamW."""
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import SHIM, check, read_metrics, torchrun
+from conftest import SHIM, check, plain_loop_losses, read_metrics, torchrun
 from shardtune.args import parse_args
 from shardtune.data import build_split
 from shardtune.model import load_tokenizer
@@ -16,35 +15,12 @@ from shardtune.model import load_tokenizer
 LR, WD, STEPS, GLOBAL_BATCH, SEED = 2e-3, 0.01, 5, 4, 42
 
 
-def _examples_in_chunk(chunk):
-    """Split a packed chunk back into its examples at the position_id resets."""
-    pos = chunk["position_ids"].tolist()
-    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-    return [(chunk["input_ids"][a:b], chunk["labels"][a:b]) for a, b in zip(starts, starts[1:])]
-
-
 def _reference_losses(tiny_model, init_dir, args):
     cfgs = parse_args(args)
     chunks = build_split(cfgs, load_tokenizer(str(tiny_model)), "train").dataset.chunks
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, init_dir, is_trainable=True)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WD)
-    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(SEED)).tolist()
-    losses = []
-    for step in range(STEPS):
-        total, count = 0.0, 0
-        opt.zero_grad()
-        for idx in order[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH]:
-            for ids, labels in _examples_in_chunk(chunks[idx]):
-                logits = model(input_ids=ids[None]).logits[0]
-                total = total + F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
-                count += int((labels[1:] != -100).sum())
-        loss = total / count
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return plain_loop_losses(model, chunks, STEPS, GLOBAL_BATCH, LR, WD, SEED)
 
 
 def test_matches_plain_peft_loop(tmp_path, tiny_model, shared_data):

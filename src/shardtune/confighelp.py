@@ -42,7 +42,7 @@ HELP: dict[str, dict[str, str]] = {
         "output_dir": "where the adapter or fine-tuned model, and metrics.jsonl, go",
         "freeze_layers": "freeze the first num_freeze_layers decoder layers (full fine-tuning only)",
         "num_freeze_layers": "decoder layers frozen by freeze_layers (>= 0)",
-        "quantization": "8bit | 4bit (QLoRA) base weights via bitsandbytes, with use_peft, one process",
+        "quantization": "8bit | 4bit (QLoRA) base weights, with use_peft: bitsandbytes in one process; 4bit + enable_fsdp: torchao NF4 shards",
         "one_gpu": "llama-recipes' single-GPU switch; contradicts enable_fsdp",
         "save_model": "write the final adapter / model, and a step checkpoint at each epoch end",
         "dist_checkpoint_root_folder": "step checkpoints go to ROOT/FOLDER-MODELNAME (default ROOT: output_dir/checkpoints)",
@@ -77,6 +77,7 @@ HELP: dict[str, dict[str, str]] = {
         "task_type": "peft task type",
         "lora_dropout": "dropout on the LoRA input, in [0, 1)",
         "inference_mode": "peft's inference mode (adapter frozen)",
+        "use_dora": "DoRA: a trained magnitude per output row on top of LoRA (computed from the loaded base)",
     },
     "llama_adapter_config": {
         "adapter_len": "adaption prompt length",

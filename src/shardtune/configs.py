@@ -86,6 +86,7 @@ class lora_config:
     task_type: str = "CAUSAL_LM"
     lora_dropout: float = 0.05
     inference_mode: bool = False
+    use_dora: bool = False  # DoRA: a trained magnitude per output row on top of LoRA
 
 
 @dataclass

@@ -10,7 +10,9 @@ Features and the flags that turn them on:
   * PEFT through peft ....................... --use_peft --peft_method lora|llama_adapter|prefix,
                                               --lora_config.* / --llama_adapter_config.* / --prefix_config.*
   * full fine-tuning, first layers frozen ... (no --use_peft), --freeze_layers --num_freeze_layers
-  * 8-bit / 4-bit (QLoRA) base weights ...... --quantization 8bit|4bit (one process)
+  * 8-bit / 4-bit (QLoRA) base weights ...... --quantization 8bit|4bit (bitsandbytes, one process);
+                                              4bit with --enable_fsdp: NF4 base sharded by FSDP2 (torchao)
+  * DoRA .................................... --lora_config.use_dora (any world size, with FSDP)
   * precisions .............................. --mixed_precision (bf16), --use_fp16 (grad scaler),
                                               --pure_bf16, --optimizer anyprecision (Kahan sums)
   * activation checkpointing ................ --fsdp_activation_checkpointing (with FSDP)
@@ -47,7 +49,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import adapters, checkpoint, data, device, model as model_lib, parallel, train
+from . import adapters, checkpoint, data, device, model as model_lib, parallel, quant, train
 from .anyprecision import AnyPrecisionAdamW
 from .args import parse_args, usage
 from .checkpoint import manifest, state as ckpt_state
@@ -113,9 +115,12 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError(f"unknown --quantization {t.quantization!r}; choose 8bit or 4bit")
     if t.quantization and not t.use_peft:
         raise UserError("--quantization needs --use_peft: quantized weights cannot be fine-tuned directly")
-    if t.quantization and t.enable_fsdp:
-        raise UserError("--quantization with --enable_fsdp is not supported yet; run QLoRA/8-bit LoRA "
-                        "in one process (without torchrun and --enable_fsdp)")
+    if t.quantization and t.enable_fsdp and (t.quantization != "4bit" or t.peft_method != "lora"):
+        raise UserError(f"--quantization {t.quantization} --peft_method {t.peft_method} with --enable_fsdp is not "
+                        "supported; under FSDP use --quantization 4bit (NF4) with --peft_method lora, or run "
+                        "without torchrun and --enable_fsdp")
+    if t.quantization and t.enable_fsdp and cfgs.peft_config.use_dora:
+        raise UserError("--lora_config.use_dora with --quantization and --enable_fsdp is not supported; drop one")
     if f.optimizer.lower() not in ("adamw", "anyprecision"):
         raise UserError(f"unknown --optimizer {f.optimizer!r}; choose AdamW or anyprecision")
     if f.fsdp_cpu_offload and not t.enable_fsdp:
@@ -334,7 +339,7 @@ def freeze_first_layers(model: torch.nn.Module, n: int) -> None:
 def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, precision: parallel.Precision):
     """Meta model -> PEFT/freeze -> shard/DDP -> materialise. Returns (train_model, peft_model)."""
     t = cfgs.train
-    if t.quantization:
+    if t.quantization and not t.enable_fsdp:
         model = model_lib.load_quantized(spec, t.quantization, dist.device)
         torch.manual_seed(t.seed)
         peft_model = adapters.wrap(model, cfgs)
@@ -348,11 +353,13 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
     spec.dtype = precision.storage
     model = model_lib.build_meta_model(spec)
     new_params: dict[str, torch.Tensor] = {}
+    from_adapter: dict[str, torch.Tensor] = {}
     if t.use_peft:
         model = adapters.wrap(model, cfgs)
         new_params = adapters.init_new_params(model, t.peft_method, t.seed)
         if t.from_peft_checkpoint:
-            new_params.update(adapters.load_adapter_weights(model, t.peft_method, t.from_peft_checkpoint))
+            from_adapter = adapters.load_adapter_weights(model, t.peft_method, t.from_peft_checkpoint)
+            new_params.update(from_adapter)
     elif t.freeze_layers:
         freeze_first_layers(model, t.num_freeze_layers)
     if t.enable_fsdp and cfgs.fsdp.fsdp_activation_checkpointing:
@@ -362,10 +369,20 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
             log.warning("activation checkpointing is off for %s: its KV cache cannot be replayed", t.peft_method)
     if t.enable_fsdp:
         mesh = parallel.build_mesh(dist, cfgs.fsdp)
-        parallel.shard(model, mesh, cfgs.fsdp, precision, pin_memory=dist.is_accelerator)
-        model_lib.materialize(model, spec, dist.device, new_params, offloaded=cfgs.fsdp.fsdp_cpu_offload)
+        quantizer = (quant.LayerQuantizer(model, spec, dist.device, mesh["shard"].size())
+                     if t.quantization else None)
+        parallel.shard(model, mesh, cfgs.fsdp, precision, pin_memory=dist.is_accelerator, prepare_layer=quantizer)
+        model_lib.materialize(model, spec, dist.device, new_params, offloaded=cfgs.fsdp.fsdp_cpu_offload,
+                              loaded=quantizer.loaded if quantizer else frozenset())
+        if t.use_peft:
+            adapters.init_from_base(model, t.peft_method, new_params, keep=set(from_adapter))
+        if quantizer:
+            log.info("NF4 base: %d linear weights; this rank holds %.2f MiB of parameters",
+                     len(quantizer.loaded), quant.held_bytes(model) / 2**20)
         return model, model
     model_lib.materialize(model, spec, dist.device, new_params)
+    if t.use_peft:
+        adapters.init_from_base(model, t.peft_method, new_params, keep=set(from_adapter))
     if dist.world_size > 1:
         return parallel.wrap_ddp(model, dist), model
     return model, model

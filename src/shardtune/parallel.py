@@ -109,9 +109,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precision,
-          pin_memory: bool = True) -> torch.nn.Module:
+          pin_memory: bool = True, prepare_layer=None) -> torch.nn.Module:
     """fully_shard each decoder layer, then the root (embeddings, norm, head, and root-level
-    adapters such as the prefix encoder)."""
+    adapters such as the prefix encoder). prepare_layer(layer) -> parameters to leave
+    unsharded: runs on each layer just before it is sharded (quant.LayerQuantizer)."""
     reshard = fsdp_cfg.sharding_strategy != "SHARD_GRAD_OP"
     kwargs = {
         "mesh": mesh,
@@ -122,7 +123,8 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precisi
         # pinned host memory makes the copies async, but needs an accelerator
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=pin_memory)
     for layer in decoder_layers(model):
-        fully_shard(layer, **kwargs)
+        ignored = prepare_layer(layer) if prepare_layer else None
+        fully_shard(layer, ignored_params=ignored or None, **kwargs)
     fully_shard(model, **kwargs)
     return model
 

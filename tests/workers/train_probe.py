@@ -1,6 +1,7 @@
 """Test worker (run under torchrun): the real finetuning run, then the in-memory trained
 model's logits on a fixed probe batch, saved by rank 0 for comparison with a plain
-PEFT reload of the saved adapter.
+PEFT reload of the saved adapter, and the bytes of parameter storage each rank holds
+(`held_bytes`, one entry per rank).
 
     train_probe.py PROBE_FILE FLAGS... [--then PROBE_FILE FLAGS...]...
 
@@ -8,9 +9,10 @@ Each --then starts another run in the same processes (one launch, several runs).
 import sys
 
 import torch
+import torch.distributed
 from safetensors.torch import save_file
 
-from shardtune import device, finetuning
+from shardtune import device, finetuning, quant
 from shardtune.args import parse_args
 
 
@@ -34,8 +36,13 @@ def main() -> None:
         with torch.no_grad():
             result.train_model.eval()
             logits = result.train_model(input_ids=probe.to(dist.device)).logits
+        held = [quant.held_bytes(result.train_model)]
+        if torch.distributed.is_initialized():
+            held = [None] * dist.world_size
+            torch.distributed.all_gather_object(held, quant.held_bytes(result.train_model))
         if dist.is_main:
-            save_file({"logits": logits.float().cpu().contiguous(), "probe": probe}, out_file)
+            save_file({"logits": logits.float().cpu().contiguous(), "probe": probe,
+                       "held_bytes": torch.tensor(held, dtype=torch.int64)}, out_file)
         del result
     device.teardown()
 

@@ -34,6 +34,9 @@ class Method:
     # full trainable state -> peft's on-disk tensors, where peft's own save would run a
     # sharded module; None: peft's save_pretrained
     adapter_state: Optional[Callable] = None
+    # (model, initial values, names read from --from_peft_checkpoint) -> None: set what
+    # depends on the loaded base weights (DoRA's magnitude), after materialisation
+    init_from_base: Optional[Callable] = None
 
 
 def _method(module, **flags) -> Method:
@@ -41,7 +44,7 @@ def _method(module, **flags) -> Method:
 
 
 METHODS = {
-    "lora": _method(lora),
+    "lora": _method(lora, init_from_base=lora.init_from_base),
     "llama_adapter": _method(llama_adapter),
     # The learned prefix is a KV cache: transformers then stops isolating packed examples,
     # and each layer appends to it, so an activation-checkpoint replay would append twice.
@@ -78,6 +81,12 @@ def init_new_params(model: torch.nn.Module, method: str, seed: int) -> dict[str,
     torch.manual_seed(seed)
     METHODS[method].init_weights(model)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def init_from_base(model: torch.nn.Module, method: str, initial: dict[str, torch.Tensor], keep: set[str]) -> None:
+    """After materialisation: adapter weights computed from the loaded base weights."""
+    if METHODS[method].init_from_base is not None:
+        METHODS[method].init_from_base(model, initial, keep)
 
 
 def adapter_file(adapter_dir: str) -> Path:

@@ -1,0 +1,95 @@
+"""DoRA (--lora_config.use_dora) under FSDP2: the same per-step losses at 1 and 2 ranks and
+in an independent plain-peft DoRA loop from the same init; the magnitude of a fresh
+adapter is computed from the loaded base weights (not from the meta device); the saved
+adapter loads in plain peft and reproduces the trained logits."""
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, check, plain_loop_losses, read_metrics, torchrun
+from shardtune.args import parse_args
+from shardtune.data import build_split
+from shardtune.model import load_tokenizer
+
+WORKER = REPO / "tests" / "workers" / "train_probe.py"
+LR, WD, STEPS, GLOBAL_BATCH, SEED = 2e-3, 0.01, 5, 4, 42
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _args(model, shared_data, out):
+    return ["--use_peft", "--peft_method", "lora", "--lora_config.use_dora", "True", "--lora_config.lora_dropout", "0",
+            "--model_name", str(model), "--output_dir", str(out), "--num_workers_dataloader", "0",
+            "--samsum_dataset.data_path", str(shared_data / "samsum"), "--samsum_dataset.train_split", "validation",
+            "--context_length", "300", "--run_validation", "False", "--num_epochs", "1",
+            "--max_train_step", str(STEPS), "--lr", str(LR), "--weight_decay", str(WD), "--seed", str(SEED),
+            "--save_metrics", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, shared_data, tmp_path_factory):
+    """From a plain-peft DoRA init (non-zero B, so step 1 trains A too): 1 rank, 2 ranks;
+    in the 2-rank launch also a fresh adapter (shardtune's own init) with lr 0, which keeps
+    the initial magnitude."""
+    tmp = tmp_path_factory.mktemp("dora")
+    torch.manual_seed(0)
+    init = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                          LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, use_dora=True))
+    with torch.no_grad():
+        for name, param in init.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    init.save_pretrained(tmp / "init")
+    out = {k: tmp / k for k in ("one", "two", "fresh")}
+
+    def run(name, batch, *extra):
+        return [str(tmp / f"{name}.safetensors"), *_args(tiny_model, shared_data, out[name]), "--enable_fsdp",
+                "--batch_size_training", str(batch), *extra]
+
+    from_init = ["--from_peft_checkpoint", str(tmp / "init")]
+    check(torchrun(1, WORKER, run("one", GLOBAL_BATCH, *from_init)))
+    check(torchrun(2, WORKER, run("two", GLOBAL_BATCH // 2, *from_init) + ["--then"]
+                   + run("fresh", GLOBAL_BATCH // 2, "--lr", "0", "--weight_decay", "0", "--max_train_step", "1")))
+    out["init"] = tmp / "init"
+    return out
+
+
+def _reference_losses(tiny_model, shared_data, init_dir):
+    cfgs = parse_args(_args(tiny_model, shared_data, "unused"))
+    chunks = build_split(cfgs, load_tokenizer(str(tiny_model)), "train").dataset.chunks
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, init_dir, is_trainable=True)
+    return plain_loop_losses(model, chunks, STEPS, GLOBAL_BATCH, LR, WD, SEED)
+
+
+def test_losses_match_across_world_sizes_and_plain_peft(runs, tiny_model, shared_data):
+    one = [s["loss"] for s in read_metrics(runs["one"])[0]]
+    two = [s["loss"] for s in read_metrics(runs["two"])[0]]
+    ref = _reference_losses(tiny_model, shared_data, runs["init"])
+    assert len(one) == len(two) == len(ref) == STEPS
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
+    assert max(abs(a - b) for a, b in zip(two, ref)) <= 1e-5, (two, ref)
+    assert ref[0] != ref[-1]
+
+
+def test_fresh_magnitude_is_the_base_weight_norm(runs, tiny_model):
+    """peft's fresh init has B = 0, so m = ||W|| per output row of the checkpoint's weight."""
+    saved = load_file(runs["fresh"] / "adapter_model.safetensors")
+    magnitudes = {k: v for k, v in saved.items() if k.endswith("lora_magnitude_vector")}
+    assert len(magnitudes) == 2 * len(TARGETS)  # 2 layers
+    with safe_open(tiny_model / "model.safetensors", "pt") as f:
+        for key, magnitude in magnitudes.items():
+            weight = f.get_tensor(key.removeprefix("base_model.model.").replace("lora_magnitude_vector", "weight"))
+            assert torch.allclose(magnitude, torch.linalg.norm(weight, dim=1), rtol=0, atol=1e-6), key
+
+
+@pytest.mark.parametrize("name", ["one", "two", "fresh"])
+def test_adapter_reproduces_trained_logits(runs, tiny_model, name):
+    probe = load_file(runs[name].parent / f"{name}.safetensors")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), runs[name])
+    assert model.peft_config["default"].use_dora
+    with torch.no_grad():
+        logits = model.eval()(input_ids=probe["probe"]).logits
+    assert (logits - probe["logits"]).abs().max().item() <= 1e-5
