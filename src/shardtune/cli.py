@@ -63,6 +63,8 @@ COMMANDS = {
                  "summarise one dialogue with a base model and an adapter", _generate),
     "prepare": ("grammar --jfleg DIR [--c4 FILE] --out DIR",
                 "build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M)", _entry(".prepare:main")),
+    "plot": ("METRICS_JSONL [-o loss.png]", "draw a run's train/eval loss and perplexity curves from its metrics",
+             _entry(".plot:main")),
     "tiny": ("OUT_DIR", "build a random-init tiny Llama with a tokenizer trained on bundled text", _tiny),
 }
 
