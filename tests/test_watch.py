@@ -186,3 +186,29 @@ def test_peak_table_tells_variants_apart():
 def test_bad_watch_flags(flags, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
         finetuning.check_supported(parse_args(flags))
+
+
+def test_resume_rewinds_eval_lines_and_purges_tensorboard(tmp_path):
+    """What a killed run logged past its checkpoint (step 2) is gone after the resume: the
+    metrics file's step and eval lines, and the TensorBoard points (purge_step)."""
+    from shardtune.logs import MetricsWriter
+    from shardtune.sinks import TensorBoardSink
+
+    path, log_dir = tmp_path / "metrics.jsonl", tmp_path / "tb"
+    killed = MetricsWriter(path, sinks=[TensorBoardSink(log_dir, resume_step=None)])
+    for step in (1, 2, 3):
+        killed.write("step", epoch=1, step=step, loss=10.0 + step)
+        killed.write("eval", epoch=1, step=step, eval_loss=20.0 + step)
+    killed.close()
+
+    resumed = MetricsWriter(path, sinks=[TensorBoardSink(log_dir, resume_step=2)])
+    resumed.rewind(2, 0)
+    for step in (3, 4):
+        resumed.write("step", epoch=1, step=step, loss=30.0 + step)
+    resumed.close()
+    curves = plot.read_curves(path)
+    assert (curves.train_steps, curves.train_loss) == ([1, 2, 3, 4], [11.0, 12.0, 33.0, 34.0])
+    assert (curves.eval_steps, curves.eval_loss) == ([1, 2], [21.0, 22.0])
+    scalars = tensorboard_scalars(log_dir)
+    assert scalars["train/loss"] == [(1, 11.0), (2, 12.0), (3, 33.0), (4, 34.0)]
+    assert scalars["eval/loss"] == [(1, 21.0), (2, 22.0)]
