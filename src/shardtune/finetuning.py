@@ -520,7 +520,8 @@ def after_step(recipe: Recipe, stop: StopRequest, sync: Callable[[], None]) -> b
         recipe.scheduler.step()  # before any checkpoint, which must hold the next step's LR
     stopping = stop.agreed(recipe.dist)
     eval_loss = None
-    if recipe.eval_loader and t.eval_steps and state.step % t.eval_steps == 0:
+    # not while stopping: a preempted job's grace period is for the checkpoint
+    if recipe.eval_loader and t.eval_steps and state.step % t.eval_steps == 0 and not stopping:
         sync()  # the steps up to this one are logged before their evaluation
         eval_loss = validate(recipe)
         recipe.train_model.train()

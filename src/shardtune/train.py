@@ -146,7 +146,7 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         tokens_per_s = sum(v[3] for v in vals) / elapsed
         step_mfu = mfu(cfg.flops_per_token, tokens_per_s, cfg.peak_flops)
         speed = {"tokens_per_s": tokens_per_s, **({"mfu": step_mfu} if step_mfu is not None else {}),
-                 "peak_memory_mib": round(dist.peak_memory_bytes() / 2**20, 1)}  # this rank's, this epoch
+                 "peak_memory_mib": round(dist.peak_memory_bytes() / 2**20, 1)}  # see Dist.peak_memory_bytes
         step_lrs = lrs[:]
         pending.clear()
         lrs.clear()
