@@ -40,10 +40,11 @@ def run_cmd(args: list[str], timeout: int = 600, extra_env: dict | None = None) 
                           timeout=timeout, cwd=REPO)
 
 
-def torchrun(nproc: int, script: str | Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, script: str | Path, args: list[str], timeout: int = 600,
+             extra_env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc_per_node", str(nproc), str(script), *args]
-    return run_cmd(cmd, timeout)
+    return run_cmd(cmd, timeout, extra_env)
 
 
 def python(script: str | Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -344,3 +345,47 @@ def error_lines(stderr: str) -> list[str]:
     shared terminal line."""
     marker = "shardtune: error:"
     return [line[line.index(marker):] for line in stderr.splitlines() if marker in line]
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of every scalar in a TensorBoard log directory, read back with
+    tensorboard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def wandb_offline_run(wandb_dir: Path) -> tuple[object, dict[int, dict[str, float]]]:
+    """(run record, {step: {key: value}}) of the one offline run under WANDB_DIR, parsed from
+    its run-ID.wandb file with wandb's own protobuf Record. wandb ships no Python reader for
+    the file: it is a LevelDB-style log, a 7-byte header (":W&B", magic, version) then
+    32 KiB blocks of chunks, each with a 7-byte header (crc32c, little-endian length, type:
+    1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (run_file,) = Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} does not start with wandb's header"
+    block, pos, parts, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's zero-filled tail
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            records.append(record)
+            parts = b""
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    history: dict[int, dict[str, float]] = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            row = history.setdefault(record.history.step.num, {})
+            for item in record.history.item:
+                row[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return run, history

@@ -30,6 +30,8 @@ COMMANDS = {
              _entry(".evaluation:main")),
     "prepare": ("grammar --jfleg DIR [--c4 FILE] --out DIR",
                 "build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M)", _entry(".prepare:main")),
+    "plot": ("METRICS_JSONL [-o loss.png]", "draw a run's train/eval loss and perplexity curves from its metrics",
+             _entry(".plot:main")),
     "tiny": ("OUT_DIR", "build a random-init tiny Llama with a tokenizer trained on bundled text",
              _entry(".tiny:main")),
     "plan": ("[finetune flags] --world_size N [--device_memory 80GiB]",

@@ -60,6 +60,11 @@ class train_config:
     save_metrics: bool = False
     dist_timeout: int = 1800  # seconds a collective may wait for a peer before the run fails
     log_every: int = 10  # optimizer steps between progress-bar loss updates
+    eval_steps: int = 0  # with run_validation: also evaluate every N optimizer steps; 0 = epoch ends only
+    use_tensorboard: bool = False  # rank 0 writes TensorBoard scalars
+    tensorboard_dir: str = ""  # "" = output_dir/tensorboard
+    use_wandb: bool = False  # rank 0 logs to Weights & Biases (wandb_config; WANDB_MODE=offline works)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = detect known GPUs
 
 
 @dataclass
@@ -149,9 +154,24 @@ class chat_dataset:
     test_split: str = "validation"
 
 
+@dataclass
+class wandb_config:
+    """llama-recipes' configs/wandb.py, plus the run name: wandb.init's arguments."""
+
+    project: str = "llama_recipes"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    job_type: Optional[str] = None
+    tags: Optional[list[str]] = None
+    group: Optional[str] = None
+    notes: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | disabled; None = WANDB_MODE or online
+
+
 DATASET_CONFIGS = (samsum_dataset, grammar_dataset, alpaca_dataset, custom_dataset, chat_dataset)
 PEFT_CONFIGS = {"lora": lora_config, "llama_adapter": llama_adapter_config, "prefix": prefix_config}
-ALL_CONFIGS = (train_config, fsdp_config, lora_config, llama_adapter_config, prefix_config, *DATASET_CONFIGS)
+ALL_CONFIGS = (train_config, fsdp_config, lora_config, llama_adapter_config, prefix_config, *DATASET_CONFIGS,
+               wandb_config)
 
 
 @dataclass
@@ -163,9 +183,10 @@ class Configs:
     peft: dict  # config class name -> instance
     datasets: dict  # dataset name -> instance
     explicit: set = field(default_factory=set)  # "config_name.field" set by YAML or CLI
+    wandb: wandb_config = field(default_factory=wandb_config)
 
     def all(self) -> list:
-        return [self.train, self.fsdp, *self.peft.values(), *self.datasets.values()]
+        return [self.train, self.fsdp, *self.peft.values(), *self.datasets.values(), self.wandb]
 
     def was_set(self, config, name: str) -> bool:
         return f"{type(config).__name__}.{name}" in self.explicit

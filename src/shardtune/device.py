@@ -54,6 +54,12 @@ class Dist:
         check = getattr(mod, "is_bf16_supported", None)
         return bool(check()) if check else True
 
+    def device_name(self) -> str:
+        """The accelerator's marketing name ("NVIDIA H100 80GB HBM3"), or "cpu"."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return self.device.type
+
     def synchronize(self) -> None:
         if self.is_accelerator:
             torch.accelerator.synchronize(self.device)

@@ -21,10 +21,12 @@ Features and the flags that turn them on:
                                               or --gradient_accumulation_steps
   * gradient clipping (global norm) ......... --gradient_clipping --gradient_clipping_threshold
   * packing with per-example attention ...... --batching_strategy packing --context_length
-  * validation each epoch ................... --run_validation --val_batch_size --max_eval_step
+  * validation each epoch (and every N steps)  --run_validation --val_batch_size --max_eval_step --eval_steps
   * step limit .............................. --max_train_step
   * learning-rate schedule .................. --lr_scheduler step|cosine|linear|constant, --warmup_steps, --gamma
   * metrics as JSON lines ................... --save_metrics (output_dir/metrics.jsonl)
+  * TensorBoard, Weights & Biases, loss.png .. --use_tensorboard --tensorboard_dir, --use_wandb --wandb_config.*
+  * tokens/s and MFU per step ............... --peak_tflops (detected for known GPUs)
   * step checkpoints (DCP, atomic) .......... --save_steps N, --save_total_limit K, best/ by eval loss
   * exact resume, also at another world size  --resume auto|PATH
   * preemption (SIGTERM, SIGUSR1) ........... always on: finish the step, checkpoint, exit 0
@@ -49,7 +51,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import adapters, checkpoint, data, device, model as model_lib, parallel, quant, train
+from . import adapters, checkpoint, data, device, model as model_lib, parallel, plot, quant, sinks, throughput, train
 from .anyprecision import AnyPrecisionAdamW
 from .args import parse_args, usage
 from .checkpoint import manifest, state as ckpt_state
@@ -149,6 +151,13 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError(f"--warmup_steps must be >= 0, got {t.warmup_steps}")
     if t.warmup_steps and t.lr_scheduler == "step":
         raise UserError("--warmup_steps needs a per-step schedule: add --lr_scheduler cosine, linear or constant")
+    if t.eval_steps < 0:
+        raise UserError(f"--eval_steps must be >= 0 (0 = evaluate at epoch ends only), got {t.eval_steps}")
+    if t.eval_steps and not t.run_validation:
+        raise UserError("--eval_steps evaluates the validation split: drop --run_validation False or --eval_steps")
+    if t.peak_tflops < 0:
+        raise UserError(f"--peak_tflops must be >= 0 (0 = detect the GPU), got {t.peak_tflops}")
+    sinks.check_flags(cfgs)
 
 
 @dataclass
@@ -175,6 +184,7 @@ class Recipe:
     run_dir: Path  # this run's step checkpoints
     epochs: list[dict] = field(default_factory=list)
     last_checkpoint: Optional[Path] = None
+    last_eval: Optional[tuple[int, float]] = None  # (step, eval loss) of the latest evaluation
 
 
 @dataclass
@@ -407,8 +417,20 @@ def setup_data(cfgs: Configs, dist: device.Dist, tokenizer, batching: Batching) 
     return train_split, eval_split, loader, sampler, eval_loader
 
 
+def peak_flops(cfgs: Configs, dist: device.Dist) -> float:
+    """FLOP/s of all ranks' devices together (--peak_tflops, else the known GPU's), 0 if unknown."""
+    t = cfgs.train
+    name = dist.device_name()
+    tflops = t.peak_tflops or throughput.peak_tflops(name)
+    if not tflops:
+        log.info("MFU not reported: no known peak for %s; pass --peak_tflops", name)
+        return 0.0
+    log.info("MFU against %.0f TFLOP/s per device (%s)", tflops, "--peak_tflops" if t.peak_tflops else name)
+    return tflops * 1e12 * dist.world_size
+
+
 def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision: parallel.Precision,
-                global_batch: int, before_step: Callable | None) -> train.LoopConfig:
+                global_batch: int, before_step: Callable | None, flops: throughput.ModelFlops) -> train.LoopConfig:
     t = cfgs.train
     return train.LoopConfig(
         accum=batching.accum, world=dist.world_size, max_train_step=t.max_train_step,
@@ -419,6 +441,7 @@ def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision:
                         else None),
         grad_scaler=build_grad_scaler(cfgs, dist, precision),
         mask_from_positions=needs_unpacked(cfgs), global_batch=global_batch, before_step=before_step,
+        flops_per_token=flops.per_token, peak_flops=peak_flops(cfgs, dist),
     )
 
 
@@ -449,8 +472,9 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
     optimizer = build_optimizer(trainable, cfgs)
     scheduler = build_scheduler(optimizer, cfgs, sampler.steps_per_epoch)
-    loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, before_step)
-    metrics = MetricsWriter(Path(t.output_dir) / "metrics.jsonl" if t.save_metrics and dist.is_main else None)
+    flops = throughput.model_flops(peft_model, spec.config, t.context_length)
+    loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, before_step, flops)
+    metrics = build_metrics(cfgs, dist, ckpt)
     recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loader,
                     train_model, peft_model, optimizer, scheduler, loop_cfg, train.LoopState(), metrics, run_dir)
     if ckpt:
@@ -459,6 +483,16 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
         log.info("--resume auto: no complete checkpoint in %s; starting fresh", run_dir)
         metrics.rewind(0, 0)  # a first attempt that died before its first checkpoint
     return recipe
+
+
+def build_metrics(cfgs: Configs, dist: device.Dist, ckpt: Optional[ckpt_state.Checkpoint]) -> MetricsWriter:
+    """metrics.jsonl (--save_metrics) and the sinks, on rank 0; nothing on the others."""
+    t = cfgs.train
+    if not dist.is_main:
+        return MetricsWriter(None)
+    path = Path(t.output_dir) / "metrics.jsonl" if t.save_metrics else None
+    loss_curve = plot.LossCurve(Path(t.output_dir) / "loss.png", history=path)
+    return MetricsWriter(path, sinks=[*sinks.build_sinks(cfgs, ckpt.step if ckpt else None), loss_curve])
 
 
 def restore(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
@@ -511,15 +545,23 @@ def fit(recipe: Recipe) -> Optional[str]:
 
 
 def after_step(recipe: Recipe, stop: StopRequest, sync: Callable[[], None]) -> bool:
-    """Runs after every optimizer step: the per-step LR schedule, step checkpoints, and the
-    stop on a signal."""
+    """Runs after every optimizer step: the per-step LR schedule, evaluation every
+    eval_steps, step checkpoints, and the stop on a signal."""
     t, state = recipe.cfgs.train, recipe.state
     if t.lr_scheduler != "step":
         recipe.scheduler.step()  # before any checkpoint, which must hold the next step's LR
     stopping = stop.agreed(recipe.dist)
-    if stopping or (t.save_steps and state.step % t.save_steps == 0):
+    eval_loss = None
+    # not while stopping: a preempted job's grace period is for the checkpoint
+    if recipe.eval_loader and t.eval_steps and state.step % t.eval_steps == 0 and not stopping:
+        sync()  # the steps up to this one are logged before their evaluation
+        eval_loss = validate(recipe)
+        recipe.train_model.train()
+    # a new best evaluation gets a checkpoint, so that best/ can point at it
+    new_best = eval_loss is not None and improves_best(state, eval_loss) and t.save_model
+    if stopping or new_best or (t.save_steps and state.step % t.save_steps == 0):
         sync()  # log the pending steps; a non-finite one stops the run before the save
-        save_checkpoint(recipe)
+        save_checkpoint(recipe, eval_loss)
     if stopping:
         log.warning("stopping after step %d on %s: checkpoint %s; continue with --resume auto",
                     state.step, stop.signal_name or "a signal on another rank", recipe.last_checkpoint)
@@ -536,7 +578,9 @@ def fit_epoch(recipe: Recipe) -> bool:
         return False
     r.dist.synchronize()
     elapsed = time.perf_counter() - start
-    eval_loss = train.evaluate(r.train_model, r.eval_loader, r.dist, r.loop_cfg) if r.eval_loader else None
+    eval_loss = None
+    if r.eval_loader:  # an --eval_steps evaluation of this very step is not repeated
+        eval_loss = r.last_eval[1] if r.last_eval and r.last_eval[0] == state.step else validate(r)
     peaks = train.peak_memory_all_ranks(r.dist)
     summary = {
         "epoch": state.epoch + 1, "steps": state.samples_in_epoch // r.sampler.global_batch,
@@ -562,6 +606,21 @@ def fit_epoch(recipe: Recipe) -> bool:
     return True
 
 
+def validate(recipe: Recipe) -> float:
+    """Evaluate at the current step; the loss goes to the metrics (an "eval" event) and the log."""
+    state = recipe.state
+    eval_loss = train.evaluate(recipe.train_model, recipe.eval_loader, recipe.dist, recipe.loop_cfg)
+    recipe.last_eval = (state.step, eval_loss)
+    recipe.metrics.write("eval", epoch=state.epoch + 1, step=state.step, eval_loss=eval_loss,
+                         eval_perplexity=train.perplexity(eval_loss))
+    log.info("step %d: eval loss %.4f ppl %.2f", state.step, eval_loss, train.perplexity(eval_loss))
+    return eval_loss
+
+
+def improves_best(state: train.LoopState, eval_loss: float) -> bool:
+    return state.best_eval_loss is None or eval_loss < state.best_eval_loss
+
+
 def checkpoint_info(recipe: Recipe) -> dict:
     t, r = recipe.cfgs.train, recipe
     scaler = r.loop_cfg.grad_scaler
@@ -583,7 +642,7 @@ def save_checkpoint(recipe: Recipe, eval_loss: Optional[float] = None) -> Path:
     """A step checkpoint (collective); with an eval loss, best/ follows the lowest one."""
     r, t, state = recipe, recipe.cfgs.train, recipe.state
     require_finite(recipe)
-    best = eval_loss is not None and (state.best_eval_loss is None or eval_loss < state.best_eval_loss)
+    best = eval_loss is not None and improves_best(state, eval_loss)
     if best:
         state.best_eval_loss, state.best_step = eval_loss, state.step
     path = ckpt_state.save(r.run_dir, state.step, r.train_model, r.optimizer, checkpoint_info(r), r.dist)
@@ -634,13 +693,16 @@ def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -
     check_supported(cfgs)
     recipe = setup(cfgs, dist, before_step)
     try:
-        stopped_by = fit(recipe)
-    except train.NonFiniteError as err:
-        newest = ckpt_state.complete_steps(recipe.run_dir)
-        keep = f"; the last good checkpoint is {newest[-1]}" if newest else "; no checkpoint was written"
-        raise train.NonFiniteError(f"{err}{keep}") from None
-    if stopped_by is None:
-        save(recipe)
+        try:
+            stopped_by = fit(recipe)
+        except train.NonFiniteError as err:
+            newest = ckpt_state.complete_steps(recipe.run_dir)
+            keep = f"; the last good checkpoint is {newest[-1]}" if newest else "; no checkpoint was written"
+            raise train.NonFiniteError(f"{err}{keep}") from None
+        if stopped_by is None:
+            save(recipe)
+    finally:
+        recipe.metrics.close()  # flush TensorBoard / wandb and draw loss.png, also after a failure
     report_skipped(recipe)
     return RunResult(recipe.epochs, recipe.state.step, recipe.train_model, recipe.peft_model, stopped_by)
 

@@ -7,6 +7,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sinks import MetricsSink
 
 
 class _RankZero(logging.Filter):
@@ -30,20 +34,41 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
     root.propagate = False
 
 
-class MetricsWriter:
-    """Appends one JSON object per line; only rank 0 writes."""
+# The fields of each metrics event that the sinks (TensorBoard, wandb, loss.png) receive,
+# by tag. A step event also carries targets, epoch and run_id, which stay in the file.
+SINK_TAGS = {
+    "step": {"loss": "train/loss", "perplexity": "train/perplexity", "lr": "train/lr",
+             "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu",
+             "peak_memory_mib": "train/peak_memory_mib"},
+    "eval": {"eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity"},
+}
 
-    def __init__(self, path: Path | None, run_id: str | None = None) -> None:
+
+class MetricsWriter:
+    """Appends one JSON object per line, and passes each step's and evaluation's scalars to
+    the sinks (see sinks.MetricsSink). Only rank 0 writes: the others get no path, no sinks."""
+
+    def __init__(self, path: Path | None, run_id: str | None = None, sinks: list[MetricsSink] | None = None) -> None:
         self.path = path
         self.run_id = run_id or time.strftime("%Y%m%d-%H%M%S")
+        self.sinks = sinks or []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, event: str, **fields) -> None:
-        if self.path is None:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"event": event, "run_id": self.run_id, **fields}) + "\n")
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"event": event, "run_id": self.run_id, **fields}) + "\n")
+        tags = SINK_TAGS.get(event)
+        if tags and self.sinks:
+            scalars = {tag: float(fields[name]) for name, tag in tags.items() if fields.get(name) is not None}
+            for sink in self.sinks:
+                sink.log(fields["step"], scalars)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def rewind(self, step: int, epochs_done: int) -> None:
         """On resume: drop what a killed run logged past its checkpoint, so each step and
@@ -56,7 +81,7 @@ class MetricsWriter:
                 rec = json.loads(line)
             except ValueError:  # a line torn by the kill
                 continue
-            if rec.get("event") == "step" and rec.get("step", 0) > step:
+            if rec.get("event") in ("step", "eval") and rec.get("step", 0) > step:
                 continue
             if rec.get("event") == "epoch" and rec.get("epoch", 0) > epochs_done:
                 continue

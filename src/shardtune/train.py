@@ -25,6 +25,7 @@ from .data.tokenize import IGNORE_INDEX
 from .device import Dist
 from .errors import UserError
 from .logs import MetricsWriter
+from .throughput import mfu
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class LoopConfig:
     log_every: int
     autocast_dtype: torch.dtype | None = None  # mixed precision without FSDP
     grad_scaler: object | None = None  # torch.amp.GradScaler / ShardedGradScaler for fp16
+    flops_per_token: float = 0.0  # model FLOPs per trained token (throughput.ModelFlops)
+    peak_flops: float = 0.0  # FLOP/s of all ranks' devices together; 0 = unknown, no MFU
     mask_from_positions: bool = False  # one example per row + attention_mask (prefix tuning)
     global_batch: int = 0  # samples per optimizer step, all ranks: advances the data position
     before_step: Callable | None = None  # called after backward, before the optimizer step
@@ -129,6 +132,9 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     pending: list[torch.Tensor] = []
     lrs: list[float] = []  # the LR each pending step used (host floats: no device sync)
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}", disable=not dist.is_main, dynamic_ncols=True)
+    # Throughput is measured over the pending window: the reduce below is the only point
+    # where the host knows the device has finished those steps.
+    window_start = time.perf_counter()
 
     def flush() -> None:
         if not pending:
@@ -136,6 +142,11 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         stacked = torch.stack(pending)
         stacked[:, 1:3] /= cfg.world  # every rank carries the same global count and norm
         vals = _all_reduce(stacked, dist).tolist()
+        elapsed = time.perf_counter() - window_start
+        tokens_per_s = sum(v[3] for v in vals) / elapsed
+        step_mfu = mfu(cfg.flops_per_token, tokens_per_s, cfg.peak_flops)
+        speed = {"tokens_per_s": tokens_per_s, **({"mfu": step_mfu} if step_mfu is not None else {}),
+                 "peak_memory_mib": round(dist.peak_memory_bytes() / 2**20, 1)}  # see Dist.peak_memory_bytes
         step_lrs = lrs[:]
         pending.clear()
         lrs.clear()
@@ -145,9 +156,12 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
             state.epoch_loss_sum += loss * n
             state.epoch_targets += n
             state.epoch_tokens += int(tokens)
-            extra = {"grad_norm": norm} if cfg.grad_clip else {}
-            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, targets=int(n), lr=lr, **extra)
-        bar.set_postfix(loss=f"{vals[-1][0]:.4f}")
+            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, perplexity=perplexity(loss),
+                          targets=int(n), lr=lr, grad_norm=norm, **speed)
+        postfix = {"loss": f"{vals[-1][0]:.4f}", "tok/s": f"{tokens_per_s:.0f}"}
+        if step_mfu is not None:
+            postfix["mfu"] = f"{step_mfu:.1%}"
+        bar.set_postfix(postfix)
 
     stopped = False
     for _ in range(steps):
@@ -168,7 +182,6 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
         state.samples_in_epoch += cfg.global_batch
-        norm = torch.full_like(n_global, float("nan")) if norm is None else norm  # no host copy
         pending.append(torch.stack([step_loss / n_global, n_global, norm.to(n_global), tokens_local]))
         bar.update(1)
         if len(pending) >= cfg.log_every:
@@ -176,6 +189,8 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         if cfg.after_step and cfg.after_step(state, flush):
             stopped = True
             break
+        if not pending:  # flushed: the next window starts now, after any evaluation or checkpoint
+            window_start = time.perf_counter()
     flush()
     bar.close()
     return stopped
@@ -204,17 +219,19 @@ def all_finite(params, dist: Dist) -> bool:
     return _all_reduce(bad, dist).item() == 0
 
 
-def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> torch.Tensor | None:
+def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> torch.Tensor:
     """Clip (global norm over all shards) and step; with a scaler, a step whose gradients
     hold inf/nan on any rank is skipped on every rank and the scale backs off. Returns the
-    pre-clip global gradient norm (None without clipping), still on the device."""
+    pre-clip global gradient norm, still on the device (no host sync)."""
     if scaler:
         scaler.unscale_(optimizer)
-    norm = None
+    params = [p for p in model.parameters() if p.requires_grad]
     if grad_clip:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):  # FSDP2: the norm of the local shards, reduced here
+        norm = norm.full_tensor()
     if scaler:
         scaler.step(optimizer)
         scaler.update()

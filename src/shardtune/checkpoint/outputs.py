@@ -20,7 +20,7 @@ from . import manifest
 
 # Files that mark output_dir as holding a run's results.
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
-                "model.safetensors.index.json", manifest.MANIFEST, "metrics.jsonl")
+                "model.safetensors.index.json", manifest.MANIFEST, "metrics.jsonl", "loss.png", "tensorboard")
 
 
 def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
