@@ -17,14 +17,13 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from .data.tokenize import IGNORE_INDEX
 from .device import Dist
 from .errors import UserError
 from .logs import MetricsWriter
+from .loss import token_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +74,6 @@ class LoopConfig:
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
-                   mask_from_positions: bool = False) -> torch.Tensor:
-    """Summed next-token cross-entropy over target tokens."""
-    # Packed batches carry restarting position_ids and no attention_mask (transformers then
-    # isolates examples); a custom collator may send an attention_mask instead.
-    inputs = {k: batch[k].to(device, non_blocking=True)
-              for k in ("input_ids", "position_ids", "attention_mask") if batch.get(k) is not None}
-    if mask_from_positions:
-        # One example per row: real tokens are exactly where position == column. Send the
-        # mask a plain peft user would, and let the model place positions after the prefix.
-        pos = inputs.pop("position_ids")
-        inputs["attention_mask"] = (pos == torch.arange(pos.shape[1], device=device)).long()
-    labels = batch["labels"].to(device, non_blocking=True)
-    logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
 
 
 def _all_reduce(t: torch.Tensor, dist: Dist) -> torch.Tensor:
