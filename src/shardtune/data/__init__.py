@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
 from . import alpaca, cache, custom, grammar, samsum
-from .packing import ChunkDataset, ExampleDataset, PackStats, collate, fit, pack
+from .packing import PACKING_ALGORITHM, ChunkDataset, ExampleDataset, PackStats, collate, fit, pack
 from .records import BadRecords
 from .sampler import EvalSampler, GlobalBatchSampler
 from .source import Source
@@ -75,6 +75,7 @@ def _cache_path(cfgs, tokenizer, src: Source) -> Optional[Path]:
         "dataset": t.dataset, "data": src.fingerprint, "template": src.template,
         "tokenizer": cache.tokenizer_fingerprint(tokenizer), "context_length": t.context_length,
         "batching_strategy": t.batching_strategy, "drop_last": t.drop_last, "on_bad_record": t.on_bad_record,
+        "packing": PACKING_ALGORITHM,
     })
     return root / f"{t.dataset}-{key[:32]}.safetensors"
 
@@ -194,6 +195,8 @@ def _log_summary(split: str, source: str, stats: PackStats, t, dataset: Optional
         stats.skipped_no_target, stats.bad_records, stats.chunks, "packed chunks" if packing else "sequences",
     )
     if packing:
+        log.info("%s split: chunks are %.1f%% full (%d tokens in %d chunks of %d)", split, 100 * stats.fill_ratio,
+                 stats.tokens, stats.chunks, t.context_length)
         if stats.dropped_last:
             log.info("%s split: the last, partly filled chunk (%d examples) was dropped (--drop_last)",
                      split, stats.dropped_last)
