@@ -76,6 +76,10 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
+def _to_device(count: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(float(count)).to(device, non_blocking=True)
+
+
 def _all_reduce(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     if dist.distributed:
         tdist.all_reduce(t)
@@ -131,9 +135,11 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     stopped = False
     for _ in range(steps):
         micro = [next(it) for _ in range(cfg.accum)]
-        n_local = sum(b["num_targets"] for b in micro)
-        n_global = _all_reduce(torch.tensor(float(n_local), device=dist.device), dist).clamp_min(1.0)
-        tokens_local = torch.tensor(float(sum(b["num_tokens"] for b in micro)), device=dist.device)
+        # counted by the collate on the host; non_blocking: a copy from host memory does not
+        # wait for the device to finish queued work, so the step never stalls on these
+        n_local = _to_device(sum(b["num_targets"] for b in micro), dist.device)
+        n_global = _all_reduce(n_local, dist).clamp_min(1.0)
+        tokens_local = _to_device(sum(b["num_tokens"] for b in micro), dist.device)
         step_loss = torch.zeros((), device=dist.device)
         for i, batch in enumerate(micro):
             with _no_sync(model, i == cfg.accum - 1), autocast:

@@ -213,7 +213,7 @@ def _collate_fn(split: SplitData, pad_id: int) -> Callable:
 
 
 def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int, seed: int,
-                 pad_id: int, num_workers: int) -> tuple[DataLoader, GlobalBatchSampler]:
+                 pad_id: int, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, GlobalBatchSampler]:
     sampler = GlobalBatchSampler(len(split.dataset), micro, world, rank, accum, seed, lengths=split.lengths)
     if sampler.steps_per_epoch == 0:
         raise UserError(
@@ -221,20 +221,22 @@ def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int
             f"{sampler.global_batch} (micro batch {micro} x {world} ranks x {accum} accumulation); "
             "lower --batch_size_training or use more data"
         )
-    return _loader(split, sampler, pad_id, num_workers), sampler
+    return _loader(split, sampler, pad_id, num_workers, pin_memory), sampler
 
 
-def eval_loader(split: SplitData, batch: int, world: int, rank: int, pad_id: int, num_workers: int) -> DataLoader:
+def eval_loader(split: SplitData, batch: int, world: int, rank: int, pad_id: int, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
     sampler = EvalSampler(len(split.dataset), batch, world, rank)
-    return _loader(split, sampler, pad_id, num_workers)
+    return _loader(split, sampler, pad_id, num_workers, pin_memory)
 
 
-def _loader(split: SplitData, batch_sampler, pad_id: int, num_workers: int) -> DataLoader:
+def _loader(split: SplitData, batch_sampler, pad_id: int, num_workers: int, pin_memory: bool) -> DataLoader:
     # Its own generator: creating an iterator then draws no number from the global RNG,
-    # whose state a checkpoint restores for dropout (exact resume).
+    # whose state a checkpoint restores for dropout (exact resume). Pinned batches (on an
+    # accelerator) let the loop's non_blocking copies overlap compute.
     return DataLoader(split.dataset, batch_sampler=batch_sampler, num_workers=num_workers,
                       collate_fn=_collate_fn(split, pad_id), generator=torch.Generator().manual_seed(0),
-                      **_worker_options(num_workers))
+                      pin_memory=pin_memory, **_worker_options(num_workers))
 
 
 def _worker_options(num_workers: int) -> dict:
