@@ -17,7 +17,7 @@ from shardtune.model import load_tokenizer
 from shardtune.tiny import build_tiny
 
 WORKER = REPO / "tests" / "workers" / "loss_probe.py"
-CHUNK = 64  # several chunks per batch, the last one partial
+CHUNK = 32  # several chunks per batch, the last one partial
 
 
 def _args(model_dir, shared_data, *extra):
