@@ -104,14 +104,14 @@ def test_eval_under_no_grad_gives_the_same_loss(tiny_model, shared_data):
     assert abs(ours - plain) <= 1e-6 * plain
 
 
-def test_fsdp_two_ranks_same_loss_and_gradients(llama2_models, shared_data, tmp_path):
+def test_two_ranks_same_loss_and_gradients(llama2_models, shared_data, tmp_path):
     """Full fine-tuning under FSDP2 (FULL_SHARD, activation checkpointing), so the root
-    unit's head and embedding gradients are reduce-scattered too; untied and tied."""
+    unit's head and embedding gradients are reduce-scattered too, untied and tied; and DDP."""
     runs = []
-    for tied, model_dir in llama2_models.items():
-        out = tmp_path / f"tied-{tied}.safetensors"
-        check(torchrun(2, WORKER, [str(out), str(CHUNK), *_args(model_dir, shared_data, "--enable_fsdp",
-                                                                "--data_cache_dir", str(tmp_path / "cache"))]))
+    for tied, wrap in ((False, "--enable_fsdp"), (True, "--enable_fsdp"), (False, None)):
+        out = tmp_path / f"{tied}-{wrap}.safetensors"
+        args = _args(llama2_models[tied], shared_data, "--data_cache_dir", str(tmp_path / "cache"), *filter(None, [wrap]))
+        check(torchrun(2, WORKER, [str(out), str(CHUNK), *args]))
         runs.append(load_file(out))
     for saved in runs:
         grads = {prefix: {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith(prefix + "/")}

@@ -1,4 +1,4 @@
-"""Test worker (run under torchrun): on a real FSDP2 model built by the recipe, the loss
+"""Test worker (run under torchrun): on a real FSDP2 (or DDP) model built by the recipe, the loss
 and full gradients of shardtune's loss (head and CE only at labelled positions, chunked)
 and of the plain path (full logits, then CE), on the same batch. Rank 0 saves both.
 
@@ -8,6 +8,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from shardtune import device, finetuning, loss, model as model_lib, parallel
 from shardtune.args import parse_args
@@ -16,14 +17,15 @@ from shardtune.data.packing import collate
 
 
 def grads(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad.full_tensor().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+            for name, p in model.named_parameters() if p.grad is not None}
 
 
 def main() -> None:
     out_file, chunk, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     loss.CE_CHUNK_TOKENS = chunk
     cfgs = parse_args(argv)
-    dist = device.setup(require_distributed=True)
+    dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
     spec = model_lib.load_spec(cfgs.train.model_name)
     tokenizer = model_lib.load_tokenizer(cfgs.train.model_name)
     split = build_split(cfgs, tokenizer, "train", dist)
