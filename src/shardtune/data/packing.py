@@ -122,7 +122,7 @@ def _drop_last_chunk(chunks: list[dict], stats: PackStats) -> None:
 
 def fit(examples: list[Example], context_length: int) -> tuple[list[dict], PackStats]:
     """Truncate and filter like pack(), one plain example per item (for a user's collator)."""
-    stats = PackStats(examples=len(examples))
+    stats = PackStats(examples=len(examples), context_length=context_length)
     out = []
     for ex in examples:
         seg = _segment(ex, context_length, stats)
