@@ -111,9 +111,11 @@ def test_packing_keeps_tail_and_truncates():
     examples.append({"input_ids": list(range(50)), "labels": list(range(50))})
     chunks, stats = pack(examples, context_length=25)
     assert stats.truncated == 1 and stats.chunks == 4
-    assert [len(c["input_ids"]) for c in chunks] == [20, 20, 10, 25]  # the 10-token tail chunk is kept
-    assert chunks[0]["position_ids"].tolist() == list(range(10)) * 2
-    assert chunks[0]["labels"][10].item() == IGNORE_INDEX  # boundary not trained
+    # best-fit-decreasing: the truncated example fills a chunk, the 10-token ones pair up, the
+    # emptiest chunk (one example) comes last and is kept
+    assert [len(c["input_ids"]) for c in chunks] == [25, 20, 20, 10]
+    assert chunks[1]["position_ids"].tolist() == list(range(10)) * 2
+    assert chunks[1]["labels"][10].item() == IGNORE_INDEX  # boundary not trained
 
 
 def test_global_batch_does_not_depend_on_world_or_accum():

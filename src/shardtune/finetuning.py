@@ -408,9 +408,9 @@ def setup_data(cfgs: Configs, dist: device.Dist, tokenizer, batching: Batching) 
     eval_split = data.build_split(cfgs, tokenizer, "validation", dist) if t.run_validation else None
     pad_id = tokenizer.pad_token_id
     loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size,
-                                        dist.rank, t.seed, pad_id, t.num_workers_dataloader)
+                                        dist.rank, t.seed, pad_id, t.num_workers_dataloader, dist.is_accelerator)
     eval_loader = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank, pad_id,
-                                    t.num_workers_dataloader) if eval_split else None)
+                                    t.num_workers_dataloader, dist.is_accelerator) if eval_split else None)
     log.info("global batch %d = micro batch %d x %d ranks x %d accumulation; %d steps per epoch (%d sequences past the last full batch are left to the next shuffle)",
              sampler.global_batch, batching.micro, dist.world_size, batching.accum,
              sampler.steps_per_epoch, sampler.dropped_per_epoch)

@@ -17,14 +17,13 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from .data.tokenize import IGNORE_INDEX
 from .device import Dist
 from .errors import UserError
 from .logs import MetricsWriter
+from .loss import token_loss_sum
 from .throughput import mfu
 
 log = logging.getLogger(__name__)
@@ -80,24 +79,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
-                   mask_from_positions: bool = False) -> torch.Tensor:
-    """Summed next-token cross-entropy over target tokens."""
-    # Packed batches carry restarting position_ids and no attention_mask (transformers then
-    # isolates examples); a custom collator may send an attention_mask instead.
-    inputs = {k: batch[k].to(device, non_blocking=True)
-              for k in ("input_ids", "position_ids", "attention_mask") if batch.get(k) is not None}
-    if mask_from_positions:
-        # One example per row: real tokens are exactly where position == column. Send the
-        # mask a plain peft user would, and let the model place positions after the prefix.
-        pos = inputs.pop("position_ids")
-        inputs["attention_mask"] = (pos == torch.arange(pos.shape[1], device=device)).long()
-    labels = batch["labels"].to(device, non_blocking=True)
-    logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
+def _to_device(count: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(float(count)).to(device, non_blocking=True)
 
 
 def _all_reduce(t: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -166,9 +149,11 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     stopped = False
     for _ in range(steps):
         micro = [next(it) for _ in range(cfg.accum)]
-        n_local = sum(b["num_targets"] for b in micro)
-        n_global = _all_reduce(torch.tensor(float(n_local), device=dist.device), dist).clamp_min(1.0)
-        tokens_local = torch.tensor(float(sum(b["num_tokens"] for b in micro)), device=dist.device)
+        # counted by the collate on the host; non_blocking: a copy from host memory does not
+        # wait for the device to finish queued work, so the step never stalls on these
+        n_local = _to_device(sum(b["num_targets"] for b in micro), dist.device)
+        n_global = _all_reduce(n_local, dist).clamp_min(1.0)
+        tokens_local = _to_device(sum(b["num_tokens"] for b in micro), dist.device)
         step_loss = torch.zeros((), device=dist.device)
         for i, batch in enumerate(micro):
             with _no_sync(model, i == cfg.accum - 1), autocast:

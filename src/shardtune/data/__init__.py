@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
 from . import alpaca, cache, chat, custom, grammar, samsum
-from .packing import ChunkDataset, ExampleDataset, PackStats, collate, fit, pack
+from .packing import PACKING_ALGORITHM, ChunkDataset, ExampleDataset, PackStats, collate, fit, pack
 from .records import BadRecords
 from .sampler import EvalSampler, GlobalBatchSampler
 from .source import Source
@@ -76,6 +76,7 @@ def _cache_path(cfgs, tokenizer, src: Source) -> Optional[Path]:
         "dataset": t.dataset, "data": src.fingerprint, "template": src.template,
         "tokenizer": cache.tokenizer_fingerprint(tokenizer), "context_length": t.context_length,
         "batching_strategy": t.batching_strategy, "drop_last": t.drop_last, "on_bad_record": t.on_bad_record,
+        "packing": PACKING_ALGORITHM,
     })
     return root / f"{t.dataset}-{key[:32]}.safetensors"
 
@@ -197,6 +198,8 @@ def _log_summary(split: str, source: str, stats: PackStats, t, dataset: Optional
         stats.skipped_no_target, stats.bad_records, stats.chunks, "packed chunks" if packing else "sequences",
     )
     if packing:
+        log.info("%s split: chunks are %.1f%% full (%d tokens in %d chunks of %d)", split, 100 * stats.fill_ratio,
+                 stats.tokens, stats.chunks, t.context_length)
         if stats.dropped_last:
             log.info("%s split: the last, partly filled chunk (%d examples) was dropped (--drop_last)",
                      split, stats.dropped_last)
@@ -213,7 +216,7 @@ def _collate_fn(split: SplitData, pad_id: int) -> Callable:
 
 
 def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int, seed: int,
-                 pad_id: int, num_workers: int) -> tuple[DataLoader, GlobalBatchSampler]:
+                 pad_id: int, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, GlobalBatchSampler]:
     sampler = GlobalBatchSampler(len(split.dataset), micro, world, rank, accum, seed, lengths=split.lengths)
     if sampler.steps_per_epoch == 0:
         raise UserError(
@@ -221,20 +224,22 @@ def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int
             f"{sampler.global_batch} (micro batch {micro} x {world} ranks x {accum} accumulation); "
             "lower --batch_size_training or use more data"
         )
-    return _loader(split, sampler, pad_id, num_workers), sampler
+    return _loader(split, sampler, pad_id, num_workers, pin_memory), sampler
 
 
-def eval_loader(split: SplitData, batch: int, world: int, rank: int, pad_id: int, num_workers: int) -> DataLoader:
+def eval_loader(split: SplitData, batch: int, world: int, rank: int, pad_id: int, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
     sampler = EvalSampler(len(split.dataset), batch, world, rank)
-    return _loader(split, sampler, pad_id, num_workers)
+    return _loader(split, sampler, pad_id, num_workers, pin_memory)
 
 
-def _loader(split: SplitData, batch_sampler, pad_id: int, num_workers: int) -> DataLoader:
+def _loader(split: SplitData, batch_sampler, pad_id: int, num_workers: int, pin_memory: bool) -> DataLoader:
     # Its own generator: creating an iterator then draws no number from the global RNG,
-    # whose state a checkpoint restores for dropout (exact resume).
+    # whose state a checkpoint restores for dropout (exact resume). Pinned batches (on an
+    # accelerator) let the loop's non_blocking copies overlap compute.
     return DataLoader(split.dataset, batch_sampler=batch_sampler, num_workers=num_workers,
                       collate_fn=_collate_fn(split, pad_id), generator=torch.Generator().manual_seed(0),
-                      **_worker_options(num_workers))
+                      pin_memory=pin_memory, **_worker_options(num_workers))
 
 
 def _worker_options(num_workers: int) -> dict:

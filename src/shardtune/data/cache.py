@@ -2,7 +2,8 @@
 
 The key covers everything the result depends on: the tokenizer, the content of the data
 file(s) and which records are selected, the prompt template, context_length, the batching
-strategy, drop_last, on_bad_record and CACHE_VERSION (bumped when preparation changes).
+strategy, drop_last, on_bad_record, the packing algorithm (packing.PACKING_ALGORITHM) and
+CACHE_VERSION (bumped when preparation changes).
 A split is one safetensors file: integer arrays plus a JSON metadata string (no pickle).
 Writes go to a temporary file that os.replace() moves into place, so a reader never sees
 a partial file and concurrent writers of the same key are harmless.
