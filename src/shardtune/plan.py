@@ -14,10 +14,11 @@ counts what the recipe allocates, from the model's shape alone (nothing is loade
   optimizer    AdamW: 2 states of the parameter dtype; anyprecision: 2 fp32 states, and a
                bf16 Kahan buffer when the weights are bf16
   activations  what autograd saves per token in each decoder layer (counted tensor by
-               tensor for Llama's layer, below), the 12 bytes per token per vocabulary
-               entry of the loss (logits, their log-softmax and its gradient), at the
-               start of backward; with activation checkpointing, each layer's input plus
-               one replayed layer
+               tensor for Llama's layer, below), at the start of backward; with
+               activation checkpointing, each layer's input plus one replayed layer; and
+               the loss: 12 bytes per vocabulary entry (logits, their log-softmax and its
+               gradient) for one chunk of at most loss.CE_CHUNK_TOKENS labelled positions
+               (an upper bound: only labelled positions reach the head)
   overhead     cuda: 1 GiB (context, NCCL, allocator slack); cpu: the resident memory of
                a process that imported what a rank imports, measured here
 Peak = parameters + optimizer + max(activations + the head's gradient, all gradients): the
@@ -36,6 +37,7 @@ from pathlib import Path
 from .args import parse_args
 from .configs import Configs
 from .errors import UserError, exit_on_user_error
+from .loss import CE_CHUNK_TOKENS
 
 GiB = 2**30
 
@@ -293,8 +295,10 @@ def plan_memory(cfgs: Configs, shape: ModelShape, launch: Launch) -> MemoryPlan:
     else:
         per_token = shape.layers * layer
     per_token += 4 * shape.hidden + s.compute * shape.hidden  # final norm, the head's input
-    loss = 12 * shape.vocab  # logits, their fp32 log-softmax, its gradient
-    activations = tokens * (per_token + loss)
+    # logits, their fp32 log-softmax and its gradient, for one checkpointed chunk of the
+    # labelled positions (loss.py); the labelled share is the data's, so bound it by tokens
+    loss = 12 * shape.vocab * min(tokens, CE_CHUNK_TOKENS)
+    activations = tokens * per_token + loss
 
     overhead = launch.overhead if launch.overhead is not None else default_overhead(launch.device)
     host = 0
