@@ -93,7 +93,7 @@ def main() -> int:
                    help="measure with glibc's default malloc thresholds (peak RSS then includes freed heap memory)")
     a = p.parse_args()
     from shardtune.args import parse_args
-    from shardtune.plan import Launch, measured_cpu_baseline, model_shape, plan_memory
+    from shardtune.plan import Launch, measured_cpu_baseline, model_shape, measured_label_share, plan_memory
 
     baseline = measured_cpu_baseline()
     rows = []
@@ -105,7 +105,8 @@ def main() -> int:
             continue
         with tempfile.TemporaryDirectory() as out_dir:
             flags = finetune_flags(model, peft, ac, out_dir)
-            plan = plan_memory(parse_args(flags), model_shape(model), Launch(world, 1, "cpu", baseline))
+            cfgs = parse_args(flags)
+            plan = plan_memory(cfgs, model_shape(model), Launch(world, 1, "cpu", baseline, measured_label_share(cfgs)))
             measured = measure(world, flags, live_only=not a.glibc_default)
         error = plan.peak / max(measured) - 1
         rows.append({"case": name, "predicted": plan.peak, "measured": measured, "error": error,

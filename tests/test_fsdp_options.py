@@ -100,7 +100,7 @@ def test_fp16_scaler_skips_step_with_inf_on_one_rank(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("flags, needle", [
     (["--use_fp16", "--pure_bf16"], "contradict"),
-    (["--quantization", "4bit", "--enable_fsdp"], "not supported yet"),
+    (["--quantization", "8bit", "--enable_fsdp"], "not supported"),
     (["--freeze_layers"], "applies to full fine-tuning"),
     (["--fsdp_cpu_offload"], "needs --enable_fsdp"),
     (["--sharding_strategy", "HALF_SHARD"], "unknown --sharding_strategy"),

@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, check, run_cmd
 from shardtune.args import parse_args
-from shardtune.plan import KNOWN_MODELS, Launch, main, measured_cpu_baseline, model_shape, parse_size, plan_memory
+from shardtune.plan import KNOWN_MODELS, Launch, main, measured_cpu_baseline, measured_label_share, model_shape, parse_size, plan_memory
 
 BENCH = REPO / "benchmarks" / "plan_vs_measured.py"
 sys.path.insert(0, str(BENCH.parent))
@@ -91,7 +91,10 @@ def _measured_peaks(world: int, flags: list[str], probe_dir: Path) -> list[int]:
 def test_prediction_within_20_percent_of_measured(world, peft, checkpointing, tiny_llama2_tok, shared_data, tmp_path):
     flags = finetune_flags(str(tiny_llama2_tok), peft, checkpointing, str(tmp_path / "out"))
     flags[flags.index("--samsum_dataset.data_path") + 1] = str(shared_data / "samsum")
-    plan = plan_memory(parse_args(flags), model_shape(str(tiny_llama2_tok)), Launch(world, 1, "cpu", measured_cpu_baseline()))
+    cfgs = parse_args(flags)
+    launch = Launch(world, 1, "cpu", measured_cpu_baseline(), measured_label_share(cfgs))
+    assert 0 < launch.label_share < 0.5  # SAMSum's prompts are not trained
+    plan = plan_memory(cfgs, model_shape(str(tiny_llama2_tok)), launch)
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
     measured = max(_measured_peaks(world, flags, probe_dir))

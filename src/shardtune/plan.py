@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -128,6 +129,7 @@ class Launch:
     nnodes: int = 1
     device: str = "cuda"  # cuda | cpu
     overhead: int | None = None  # bytes; None = the default for the device
+    label_share: float = 1.0  # share of positions with labels (1.0: the upper bound)
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,7 @@ def plan_memory(cfgs: Configs, shape: ModelShape, launch: Launch) -> MemoryPlan:
     per_token += 4 * shape.hidden + s.compute * shape.hidden  # final norm, the head's input
     # logits, their fp32 log-softmax and its gradient, for one checkpointed chunk of the
     # labelled positions (loss.py); the labelled share is the data's, so bound it by tokens
-    loss = 12 * shape.vocab * min(tokens, CE_CHUNK_TOKENS)
+    loss = 12 * shape.vocab * min(math.ceil(tokens * launch.label_share), CE_CHUNK_TOKENS)
     activations = tokens * per_token + loss
 
     overhead = launch.overhead if launch.overhead is not None else default_overhead(launch.device)
@@ -417,8 +419,39 @@ def launch_parser() -> argparse.ArgumentParser:
                    help="cuda: accelerator memory; cpu: host RAM per rank (peak RSS)")
     p.add_argument("--device_memory", help="memory per rank, e.g. 80GiB; says whether it fits and what would")
     p.add_argument("--overhead", help="runtime overhead per rank instead of the default (cuda 1GiB; cpu measured)")
+    p.add_argument("--label_share", default="1.0",
+                   help="share of positions with labels, which alone reach the output head: a number, or auto "
+                        "to count it in the training split (tokenizes the data; default 1.0, the upper bound)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
+
+
+def measured_label_share(cfgs: Configs) -> float:
+    """Labelled positions / all positions of the packed (or padded) training split."""
+    from . import data
+    from .model import load_tokenizer, resolve_model_dir
+
+    t = cfgs.train
+    tokenizer = load_tokenizer(t.tokenizer_name or str(resolve_model_dir(t.model_name)))
+    split = data.build_split(cfgs, tokenizer, "train")
+    labelled = positions = 0
+    for index in range(len(split.dataset)):
+        labels = split.dataset[index]["labels"]
+        labelled += int((labels != -100).sum())
+        positions += labels.numel()
+    return labelled / max(positions, 1)
+
+
+def label_share(text: str, cfgs: Configs) -> float:
+    if text == "auto":
+        return measured_label_share(cfgs)
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise UserError(f"--label_share {text!r}: give a share in (0, 1], or auto")
+    return share
 
 
 def _gib(n: int) -> str:
@@ -454,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     launch_args, finetune_argv = parser.parse_known_args(argv)
     cfgs = parse_args(finetune_argv)
     overhead = parse_size(launch_args.overhead) if launch_args.overhead else None
-    launch = Launch(launch_args.world_size, launch_args.nnodes, launch_args.device, overhead)
+    launch = Launch(launch_args.world_size, launch_args.nnodes, launch_args.device, overhead,
+                    label_share(launch_args.label_share, cfgs))
     if overhead is None:
         launch = replace(launch, overhead=default_overhead(launch.device))  # measured once for all variants
     shape = model_shape(cfgs.train.model_name)
