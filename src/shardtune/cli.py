@@ -1,7 +1,6 @@
 """The `shardtune` console script: a table of subcommands, each a main(argv) -> exit code."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
