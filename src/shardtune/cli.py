@@ -6,6 +6,7 @@ import sys
 
 from .errors import exit_on_user_error, take_debug_flag
 
+
 def _entry(target: str):
     def run(argv: list[str]) -> int:
         module, func = target.split(":")
