@@ -9,8 +9,25 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .sinks import MetricsSink
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file; a torn last line (a run killed mid-write) is
+    skipped, any other line that is not JSON is an error naming the file and line."""
+    records = []
+    lines = Path(path).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                continue
+            raise UserError(f"{path} line {number} is not JSON; is this a shardtune metrics.jsonl?") from None
+    return records
 
 
 class _RankZero(logging.Filter):

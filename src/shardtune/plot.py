@@ -4,7 +4,6 @@ the metrics file, also of a run that crashed (a torn last line is skipped)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 
 from .errors import UserError
+from .logs import read_metrics
 from .train import perplexity
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,7 @@ def read_curves(path: Path) -> Curves:
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass the metrics.jsonl of a run trained with --save_metrics")
     curves = Curves()
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines):
-                continue  # the last line of a run killed mid-write
-            raise UserError(f"{path} line {number} is not JSON; is this a shardtune metrics.jsonl?") from None
+    for record in read_metrics(path):
         if record.get("event") == "step":
             curves.train_steps.append(record["step"])
             curves.train_loss.append(record["loss"])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .args import parse_args
 from .errors import UserError, exit_on_user_error
+from .logs import read_metrics
 
 EXAMPLE = """example:
   shardtune verify --nproc_per_node 2 --verify_steps 5 \\
@@ -94,8 +95,7 @@ def step_losses(out_dir: Path) -> dict[int, float]:
     metrics = out_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{metrics} was not written; the run trained no step (is the dataset empty?)")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if r["event"] == "step"}
+    return {r["step"]: r["loss"] for r in read_metrics(metrics) if r.get("event") == "step"}
 
 
 def compare(one: dict[int, float], many: dict[int, float]) -> list[dict]:
