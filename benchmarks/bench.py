@@ -118,8 +118,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", default="tiny,small")
     parser.add_argument("--runners", default=",".join(RUNNERS))
-    parser.add_argument("--sections", default="throughput,distributed,profile",
-                        help="comma-separated: throughput, distributed, profile")
+    parser.add_argument("--sections", default="throughput,mfu,distributed,profile",
+                        help="comma-separated: throughput, mfu, distributed, profile")
     parser.add_argument("--threads", type=int, default=2, help="threads of a single-process run")
     parser.add_argument("--dialogues", type=int, default=Settings.dialogues)
     parser.add_argument("--max_steps", type=int, default=0, help="cut every run to N steps (0 = one epoch)")
@@ -127,23 +127,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dp_size", default="tiny", help="model of the data-parallel efficiency runs")
     parser.add_argument("--full_ft_size", default="small", help="model of the FULL_SHARD / NO_SHARD runs")
     parser.add_argument("--load_size", default="small", help="model of the load-time runs")
+    parser.add_argument("--mfu_size", default="small", help="model of the needed-FLOPs / GEMM-peak run")
+    parser.add_argument("--mfu_steps", type=int, default=10, help="timed steps of the MFU run")
     args = parser.parse_args(argv)
     args.sizes = args.sizes.split(",")
     args.runners = args.runners.split(",")
     args.sections = args.sections.split(",")
-    sizes = [*args.sizes, args.dp_size, args.full_ft_size, args.load_size]
+    sizes = [*args.sizes, args.dp_size, args.full_ft_size, args.load_size, args.mfu_size]
     unknown = [s for s in sizes if s not in SIZES] + [r for r in args.runners if r not in RUNNERS]
     if unknown:
         parser.error(f"unknown size or runner: {', '.join(unknown)}")
     if args.quick:
         args.repeats = 1
         args.max_steps = args.max_steps or QUICK_STEPS
-        args.dp_size = args.full_ft_size = args.load_size = "micro"
+        args.dp_size = args.full_ft_size = args.load_size = args.mfu_size = "micro"
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import distributed, profile_step
+    from . import distributed, mfu, profile_step
 
     args = parse(argv)
     settings = replace(Settings(), dialogues=args.dialogues, max_steps=args.max_steps,
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "results" / "report.md"
     sections = {}
     for name, run in (("throughput", lambda: run_throughput(args, settings, work)),
+                      ("mfu", lambda: mfu.run(args, settings, work)),
                       ("distributed", lambda: distributed.run_all(args, settings, work)),
                       ("profile", lambda: profile_step.run(args, settings, work))):
         if name in args.sections:

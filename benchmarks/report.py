@@ -55,7 +55,7 @@ def throughput_table(rows: list[dict]) -> str:
 
 
 def render(info: dict, args, settings, sections: dict) -> str:
-    from . import distributed, profile_step
+    from . import distributed, mfu, profile_step
 
     parts = [
         "## Machine", "",
@@ -67,6 +67,8 @@ def render(info: dict, args, settings, sections: dict) -> str:
     ]
     if "throughput" in sections:
         parts += ["## Throughput", "", throughput_table(sections["throughput"]), ""]
+    if "mfu" in sections:
+        parts += ["## Needed FLOPs against the GEMM peak", "", mfu.render(sections["mfu"]), ""]
     if "distributed" in sections:
         parts += ["## Distributed", "", distributed.render(sections["distributed"]), ""]
     if "profile" in sections:

@@ -25,7 +25,7 @@ SHIM = REPO / "llama_finetuning.py"
 def _env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", SHARDTUNE_DEVICE="cpu")
+               HF_HUB_OFFLINE="1", SHARDTUNE_DEVICE=os.environ.get("SHARDTUNE_TEST_DEVICE", "cpu"))
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -31,6 +31,7 @@ HELP: dict[str, dict[str, str]] = {
         "tensorboard_dir": "TensorBoard directory (\"\" = output_dir/tensorboard)",
         "use_wandb": "rank 0 logs the same scalars to Weights & Biases (wandb_config; WANDB_MODE=offline works)",
         "peak_tflops": "per-device peak TFLOP/s for MFU (0 = detect known GPUs; CPU: no MFU unless set)",
+        "compile": "torch.compile each decoder layer before sharding (inductor; the first steps pay the compile)",
         "seed": "seeds adapter init and the data order",
         "use_fp16": "fp16 compute with fp32 master weights and a gradient scaler",
         "mixed_precision": "bf16 compute with fp32 master weights (default on devices with fast bf16)",

@@ -66,6 +66,7 @@ class train_config:
     tensorboard_dir: str = ""  # "" = output_dir/tensorboard
     use_wandb: bool = False  # rank 0 logs to Weights & Biases (wandb_config; WANDB_MODE=offline works)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = detect known GPUs
+    compile: bool = False  # torch.compile each decoder layer (before fully_shard)
 
 
 @dataclass

@@ -121,6 +121,8 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError(f"--quantization {t.quantization} --peft_method {t.peft_method} with --enable_fsdp is not "
                         "supported; under FSDP use --quantization 4bit (NF4) with --peft_method lora, or run "
                         "without torchrun and --enable_fsdp")
+    if t.compile and t.quantization:
+        raise UserError("--compile with --quantization is not supported; drop one")
     if t.quantization and t.enable_fsdp and cfgs.peft_config.use_dora:
         raise UserError("--lora_config.use_dora with --quantization and --enable_fsdp is not supported; drop one")
     if f.optimizer.lower() not in ("adamw", "anyprecision"):
@@ -377,6 +379,8 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
             parallel.enable_activation_checkpointing(model)
         else:
             log.warning("activation checkpointing is off for %s: its KV cache cannot be replayed", t.peft_method)
+    if t.compile:
+        parallel.compile_layers(model)
     if t.enable_fsdp:
         mesh = parallel.build_mesh(dist, cfgs.fsdp)
         quantizer = (quant.LayerQuantizer(model, spec, dist.device, mesh["shard"].size())

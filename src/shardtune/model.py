@@ -1,8 +1,9 @@
 """Model stage: tokenizer, a meta-device model, and loading weights into (sharded) params.
 
 The model is built on the meta device, wrapped and sharded, and only then
-materialised: each rank allocates just its own shards and reads one tensor at a time
-from the safetensors files, so host RAM never holds the full model per rank.
+materialised: each rank allocates just its own shards and reads only their rows from the
+safetensors files (`get_slice`), so host RAM never holds the full model per rank and the
+bytes read per node fall with the number of ranks sharing it.
 """
 from __future__ import annotations
 
@@ -77,11 +78,23 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only rows [start, stop) of its first dimension (read from disk alone)."""
         path = self.files[key]
         try:
             with safe_open(path, "pt") as f:
-                return f.get_tensor(key)
+                if rows is None:
+                    return f.get_tensor(key)
+                return f.get_slice(key)[rows[0]:rows[1]]
+        except SafetensorError as err:
+            raise UserError(f"cannot read tensor {key} from {path} ({err}); the file is damaged or "
+                            "does not match its index: download or save the model again") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        path = self.files[key]
+        try:
+            with safe_open(path, "pt") as f:
+                return tuple(f.get_slice(key).get_shape())
         except SafetensorError as err:
             raise UserError(f"cannot read tensor {key} from {path} ({err}); the file is damaged or "
                             "does not match its index: download or save the model again") from None
@@ -196,13 +209,17 @@ def materialize(model: torch.nn.Module, spec: ModelSpec, device: torch.device,
         if name in loaded:
             continue
         if name in new_params:
-            full = new_params[name]
+            _copy_full(param, new_params[name])
+            continue
+        key = checkpoint_key(name, ckpt)  # tied parameters are listed once, under their first name
+        if key is None:
+            raise UserError(f"{spec.model_dir}: checkpoint has no tensor for parameter {name}")
+        _check_shape(ckpt.shape(key), param)
+        rows = local_rows(param)
+        if rows is None:
+            _copy_full(param, ckpt.get(key))
         else:
-            key = checkpoint_key(name, ckpt)  # tied parameters are listed once, under their first name
-            if key is None:
-                raise UserError(f"{spec.model_dir}: checkpoint has no tensor for parameter {name}")
-            full = ckpt.get(key)
-        _copy_full(param, full)
+            param.to_local().copy_(ckpt.get(key, rows))
     _fill_buffers(model, spec, ckpt, device)
 
 
@@ -220,9 +237,36 @@ def _tied_parameters(model: torch.nn.Module) -> list[tuple]:
     return ties
 
 
+def local_rows(param: torch.Tensor) -> tuple[int, int] | None:
+    """The rows [start, stop) of dim 0 that this rank's shard of `param` holds, when every
+    sharded mesh dimension shards dim 0 (FSDP2: Shard(0), with Replicate across HSDP
+    replicas); None for a plain tensor or any other layout (read whole, sliced in memory).
+    Shard(0) splits as torch.chunk does: ceil(rows / shards) rows each, the last ranks
+    shorter or empty. tests/test_load.py compares every shard with distribute_tensor's."""
+    if not isinstance(param, DTensor):
+        return None
+    start, length = 0, param.shape[0]
+    coordinate = param.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_replicate():
+            continue
+        if not placement.is_shard(dim=0):
+            return None
+        chunk = -(-length // param.device_mesh.size(mesh_dim))
+        offset = min(coordinate[mesh_dim] * chunk, length)
+        start, length = start + offset, min(chunk, length - offset)
+    if param.to_local().shape[0] != length:  # a layout this arithmetic does not know
+        return None
+    return start, start + length
+
+
+def _check_shape(shape: tuple[int, ...], param: torch.Tensor) -> None:
+    if tuple(shape) != tuple(param.shape):
+        raise UserError(f"checkpoint tensor has shape {tuple(shape)}, model expects {tuple(param.shape)}")
+
+
 def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
-    if tuple(full.shape) != tuple(param.shape):
-        raise UserError(f"checkpoint tensor has shape {tuple(full.shape)}, model expects {tuple(param.shape)}")
+    _check_shape(full.shape, param)
     full = full.to(device=param.device, dtype=param.dtype)
     if isinstance(param, DTensor):
         # src_data_rank=None: every rank holds the full tensor, so slice locally, no comms
