@@ -25,6 +25,7 @@ TORCHTUNE_PYTHON = REPO / "benchmarks" / ".venv-torchtune" / "bin" / "python"
 # runner name -> (module, extra arguments)
 RUNNERS = {
     "shardtune": ("benchmarks.run_shardtune", []),
+    "shardtune_compile": ("benchmarks.run_shardtune", ["--shardtune_flag=--compile"]),
     "handloop": ("benchmarks.run_handloop", []),
     "hf_trainer_padded": ("benchmarks.run_hf_trainer", ["--mode", "padded"]),
     "hf_trainer_packed": ("benchmarks.run_hf_trainer", ["--mode", "packed"]),
@@ -94,7 +95,7 @@ class Workload:
         process_s = timed_process(self.command(python, module, extra, run_dir, threads),
                                   runner_env(threads, self.work), run_dir / "log.txt")
         (result,) = read_results(run_dir / "result.json")
-        return {**result, "process_s": process_s}
+        return {**result, "runner": runner, "process_s": process_s}
 
 
 def run_throughput(args, settings: Settings, work: Path) -> list[dict]:

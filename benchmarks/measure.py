@@ -47,6 +47,15 @@ class RunResult:
 FINAL_WINDOW = 5
 
 
+def vm_hwm_bytes() -> int:
+    """This process's peak resident set so far (Linux VmHWM: per process, unlike ru_maxrss,
+    which keeps a launcher's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 

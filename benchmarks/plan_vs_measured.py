@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .measure import vm_hwm_bytes
+
 SHARED_DATA = Path(os.environ.get("SHARDTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -30,13 +32,6 @@ def finetune_flags(model: str, peft: bool, checkpointing: bool, out_dir: str) ->
              "--batch_size_training", "2", "--num_workers_dataloader", "0", "--save_model", "False",
              "--fsdp_activation_checkpointing", str(checkpointing)]
     return flags + (["--use_peft", "--peft_method", "lora"] if peft else [])
-
-
-def vm_hwm_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def probe(out_dir: str, argv: list[str]) -> int:

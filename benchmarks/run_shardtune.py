@@ -13,7 +13,7 @@ import torch
 from shardtune import finetuning
 
 from .batchfile import load_batches
-from .measure import StepRecord, emit, runner_args, summarize
+from .measure import StepRecord, emit, runner_args, summarize, vm_hwm_bytes
 from .workload import Settings, shardtune_args
 
 
@@ -31,9 +31,11 @@ def main() -> None:
     argv = shardtune_args(Path(args.model), Path(args.data), work / "out", settings) + own.shardtune_flag
 
     stamps: list[float] = []  # after each step's backward, before its optimizer step
+    training_peak = [0]  # VmHWM when the last step ends: the peak of loading and training, not of saving
 
     def clock(model, state) -> None:
         stamps.append(time.perf_counter())
+        training_peak[0] = vm_hwm_bytes()
 
     finetuning.main(argv, before_step=clock)
     # main() tore the process group down: rank and world come from torchrun's environment
@@ -49,7 +51,7 @@ def main() -> None:
     records = [StepRecord(stamps[i], losses[i], batches[i]["num_tokens"], batches[i]["input_ids"].numel())
                for i in range(len(stamps))]
     result = summarize("shardtune", args.size, records, None, settings.warmup_steps, args.threads,
-                       rank=rank, world=world)
+                       rank=rank, world=world, extra={"training_peak_rss_mib": training_peak[0] / 2**20})
     emit(result, f"{args.result}.rank{rank}" if world > 1 else args.result)
 
 

@@ -3,9 +3,10 @@ where there are targets and without ever holding [tokens, vocab] fp32 logits.
 
 Only ~14% of SAMSum tokens carry labels, yet a causal LM's forward projects every
 position onto the vocabulary. So the output head runs inside the model's own forward
-(under FSDP2 that is the root unit's forward, which has gathered the head's weight, and
-the loss leaves it as an output, so FSDP's backward hooks fire on it as on logits), but
-two hooks on the head change what it computes:
+(under FSDP2 the head is its own unit, or in the root's when tied to the embedding:
+either way its weight is gathered there, and the loss leaves the unit as its output, so
+FSDP's backward hooks fire on it as on logits), but two hooks on the head change what it
+computes:
 
   * a pre-hook swaps its input, the hidden states [batch, seq, hidden], for an empty
     [0, hidden] batch and keeps the rows at labelled positions (gathered with indices
@@ -129,9 +130,12 @@ def _head_at_targets(head: torch.nn.Module, targets: Targets, fused: bool):
         fused_loss.append(chunked_ce_sum(module, labelled.pop(), targets.labels))
         return fused_loss[-1]
 
+    # FSDP2's pre-forward hook is prepended (it gathers the weight before `gather` runs); its
+    # post-forward hook must see the loss, not the empty logits, to hook backward on it, so
+    # replace_output goes before it.
     handles = [head.register_forward_pre_hook(gather)]
     if fused:
-        handles.append(head.register_forward_hook(replace_output))
+        handles.append(head.register_forward_hook(replace_output, prepend=True))
     try:
         yield fused_loss
     finally:

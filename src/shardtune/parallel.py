@@ -126,7 +126,19 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precisi
     for layer in layers:
         ignored = prepare_layer(layer) if prepare_layer else None
         fully_shard(layer, ignored_params=ignored or None, **kwargs)
-    fully_shard(model, **kwargs)
+    embedding = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    if output is None or output.weight is not embedding.weight:
+        # Its own unit: gathered for the lookup, then freed, and gathered again in backward only
+        # when it trains. In the root it would stay gathered, with the head, for all of backward.
+        fully_shard(embedding, **kwargs)
+        if output is not None:
+            # Gathered when forward reaches it, not at the root's start beside the embedding;
+            # kept for backward, which starts with it.
+            fully_shard(output, **{**kwargs, "reshard_after_forward": False})
+    # The root (embeddings, final norm, head) stays gathered from forward into backward, which
+    # needs the head first (torch's own default for the root): one all-gather per step, not two.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     set_prefetch(layers)
     return model
 
