@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .bench import Workload, read_results, runner_env, timed_process
+from .measure import LIVE_ONLY_MMAP_THRESHOLD
 from .report import table
 from .workload import Settings, build_model
 
@@ -23,8 +24,7 @@ def torchrun(nproc: int) -> list[str]:
             "--nproc_per_node", str(nproc)]
 
 
-# glibc: every allocation of 128 KiB or more gets its own mapping, returned on free
-LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": LIVE_ONLY_MMAP_THRESHOLD}
 
 
 def shardtune_job(workload: Workload, name: str, world: int, threads: int, settings: Settings,

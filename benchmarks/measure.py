@@ -47,6 +47,14 @@ class RunResult:
 FINAL_WINDOW = 5
 
 
+# glibc's malloc serves blocks below its mmap threshold from its heaps and keeps them after
+# free; the threshold grows (up to 32 MiB) as large blocks are freed, so by default the
+# peak RSS also holds memory freed earlier in the step. A fixed 128 KiB threshold gives
+# every tensor its own mapping, returned on free: the peak RSS is then the peak of live
+# memory, which is what plan predicts (and what an accelerator's caching allocator holds).
+LIVE_ONLY_MMAP_THRESHOLD = "131072"
+
+
 def vm_hwm_bytes() -> int:
     """This process's peak resident set so far (Linux VmHWM: per process, unlike ru_maxrss,
     which keeps a launcher's peak across exec)."""

@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .measure import vm_hwm_bytes
+# run as a script (benchmarks/ is on sys.path): measure.py is a sibling, standard library only
+from measure import LIVE_ONLY_MMAP_THRESHOLD, vm_hwm_bytes
 
 SHARED_DATA = Path(os.environ.get("SHARDTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -43,12 +44,6 @@ def probe(out_dir: str, argv: list[str]) -> int:
     return code
 
 
-# glibc's malloc serves blocks below its mmap threshold from its heaps and keeps them after
-# free; the threshold grows (up to 32 MiB) as large blocks are freed, so by default the
-# peak RSS also holds memory freed earlier in the step. A fixed 128 KiB threshold gives
-# every tensor its own mapping, returned on free: the peak RSS is then the peak of live
-# memory, which is what plan predicts (and what an accelerator's caching allocator holds).
-LIVE_ONLY_MMAP_THRESHOLD = "131072"
 
 
 def measure(world: int, flags: list[str], live_only: bool = True) -> list[int]:
