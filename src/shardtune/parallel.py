@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .device import Dist
@@ -110,8 +110,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precision,
           pin_memory: bool = True, prepare_layer=None) -> torch.nn.Module:
-    """fully_shard each decoder layer, then the root (embeddings, norm, head, and root-level
-    adapters such as the prefix encoder). prepare_layer(layer) -> parameters to leave
+    """fully_shard each decoder layer, the input embedding and an untied output head, then
+    the root (the rest). prepare_layer(layer) -> parameters to leave
     unsharded: runs on each layer just before it is sharded (quant.LayerQuantizer)."""
     reshard = fsdp_cfg.sharding_strategy != "SHARD_GRAD_OP"
     kwargs = {
@@ -136,11 +136,22 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precisi
             # Gathered when forward reaches it, not at the root's start beside the embedding;
             # kept for backward, which starts with it.
             fully_shard(output, **{**kwargs, "reshard_after_forward": False})
-    # The root (embeddings, final norm, head) stays gathered from forward into backward, which
-    # needs the head first (torch's own default for the root): one all-gather per step, not two.
+    # The root (the final norm, root-level adapters such as the prefix encoder, and a tied
+    # embedding and head) stays gathered from forward into backward, which needs the head
+    # first (torch's own default for a root): one all-gather per step, not two.
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     set_prefetch(layers)
     return model
+
+
+def release_gathered(model: torch.nn.Module) -> None:
+    """Units that keep their weights gathered after forward (the root, an untied head) give
+    them back in backward. A forward without backward (evaluation) leaves them gathered, and
+    then the model's registered parameters are not the sharded ones that the optimizer and
+    checkpoints hold: reshard them after every evaluation."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def set_prefetch(layers: list) -> None:
@@ -150,7 +161,7 @@ def set_prefetch(layers: list) -> None:
     Backward already prefetches one layer ahead in reverse forward order (FSDP2's default).
     Gradients: FSDP2 reduce-scatters only parameters that have a gradient, so LoRA's frozen
     base weights cost their all-gathers and no reduction; nothing needs setting for that.
-    On CPU (gloo) collectives do not overlap compute, so none of this shows there."""
+    Measured together with the embedding and head units: BENCHMARKS.md, Distributed."""
     for layer, following in zip(layers, layers[1:]):
         layer.set_modules_to_forward_prefetch([following])
 

@@ -11,9 +11,8 @@ import sys
 import torch
 import torch.distributed
 from safetensors.torch import save_file
-from torch.distributed.fsdp import FSDPModule
 
-from shardtune import device, finetuning, quant
+from shardtune import device, finetuning, parallel, quant
 from shardtune.args import parse_args
 
 
@@ -37,9 +36,7 @@ def main() -> None:
         with torch.no_grad():
             result.train_model.eval()
             logits = result.train_model(input_ids=probe.to(dist.device)).logits
-        for module in result.train_model.modules():  # units kept gathered after forward (the head) let go
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        parallel.release_gathered(result.train_model)  # the forward above left the head gathered
         held = [quant.held_bytes(result.train_model)]
         if torch.distributed.is_initialized():
             held = [None] * dist.world_size
