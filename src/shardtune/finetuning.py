@@ -614,7 +614,6 @@ def validate(recipe: Recipe) -> float:
     """Evaluate at the current step; the loss goes to the metrics (an "eval" event) and the log."""
     state = recipe.state
     eval_loss = train.evaluate(recipe.train_model, recipe.eval_loader, recipe.dist, recipe.loop_cfg)
-    parallel.release_gathered(recipe.train_model)
     recipe.last_eval = (state.step, eval_loss)
     recipe.metrics.write("eval", epoch=state.epoch + 1, step=state.step, eval_loss=eval_loss,
                          eval_perplexity=train.perplexity(eval_loss))

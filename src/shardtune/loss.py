@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import PACKED, packed_lengths
 from .data.tokenize import IGNORE_INDEX
 
 CE_CHUNK_TOKENS = 1024  # positions per head + CE chunk: 1024 x 32k vocab x fp32 = 128 MiB of logits
@@ -66,6 +67,9 @@ def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
         # mask a plain peft user would, and let the model place positions after the prefix.
         pos = inputs.pop("position_ids")
         inputs["attention_mask"] = (pos == torch.arange(pos.shape[1], device=device)).long()
+    elif "attention_mask" not in inputs and "position_ids" in inputs and config_of(model)._attn_implementation == PACKED:
+        # attention within each packed example only (attention.py), lengths read on the host
+        inputs["packed_lengths"] = packed_lengths(batch["position_ids"])
     targets = Targets.of(batch["labels"], device)
     head = output_head(model)
     fused = not any(getattr(config_of(model), name, None) for name in LOGIT_POSTPROCESSING)

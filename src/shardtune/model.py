@@ -8,6 +8,7 @@ bytes read per node fall with the number of ranks sharing it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .attention import PACKED
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,21 +82,19 @@ class Checkpoint:
 
     def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only rows [start, stop) of its first dimension (read from disk alone)."""
-        path = self.files[key]
-        try:
-            with safe_open(path, "pt") as f:
-                if rows is None:
-                    return f.get_tensor(key)
-                return f.get_slice(key)[rows[0]:rows[1]]
-        except SafetensorError as err:
-            raise UserError(f"cannot read tensor {key} from {path} ({err}); the file is damaged or "
-                            "does not match its index: download or save the model again") from None
+        with self._open(key) as f:
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
 
     def shape(self, key: str) -> tuple[int, ...]:
+        with self._open(key) as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    @contextlib.contextmanager
+    def _open(self, key: str):
         path = self.files[key]
         try:
             with safe_open(path, "pt") as f:
-                return tuple(f.get_slice(key).get_shape())
+                yield f
         except SafetensorError as err:
             raise UserError(f"cannot read tensor {key} from {path} ({err}); the file is damaged or "
                             "does not match its index: download or save the model again") from None
@@ -150,7 +150,7 @@ class ModelSpec:
 
 def build_meta_model(spec: ModelSpec) -> torch.nn.Module:
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(spec.config, dtype=spec.dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(spec.config, dtype=spec.dtype, attn_implementation=PACKED)
     return model
 
 
@@ -296,8 +296,10 @@ def _fill_buffers(model: torch.nn.Module, spec: ModelSpec, ckpt: Checkpoint, dev
 def _buffer_skeleton(spec: ModelSpec) -> torch.nn.Module:
     """The model built as build_meta_model does, but with only its parameters on the meta
     device: its buffers are computed for real, and cost next to nothing."""
+    # on a copy of the config: from_config writes its choices (attention, dtype) into the
+    # config it is given, and the model being trained shares spec.config
     with _parameters_on_meta():
-        return AutoModelForCausalLM.from_config(spec.config, dtype=spec.dtype, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(copy.deepcopy(spec.config), dtype=spec.dtype)
 
 
 @contextlib.contextmanager
@@ -332,4 +334,5 @@ def load_quantized(spec: ModelSpec, quantization: str, device: torch.device) -> 
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                      bnb_4bit_compute_dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(spec.model_dir, quantization_config=qconfig,
-                                                dtype=torch.float32, device_map={"": device})
+                                                dtype=torch.float32, device_map={"": device},
+                                                attn_implementation=PACKED)

@@ -171,7 +171,10 @@ def compile_layers(model: torch.nn.Module) -> None:
     torchtitan do). Module.compile keeps the module and its parameter names, so state dicts
     and checkpoints are those of the uncompiled model; the layers share one code object, so
     dynamo compiles it once and reuses the graph for every layer of the same shapes.
-    FSDP2's hooks stay outside the graph (torch._dynamo.config.skip_fsdp_hooks)."""
+    FSDP2's hooks stay outside the graph (torch._dynamo.config.skip_fsdp_hooks).
+    Attention goes back to plain SDPA: the packed path's per-example lengths change every
+    batch, and dynamo would recompile the layer for each."""
+    model.set_attn_implementation("sdpa")
     for layer in decoder_layers(model):
         layer.compile()
 

@@ -24,6 +24,7 @@ from .device import Dist
 from .errors import UserError
 from .logs import MetricsWriter
 from .loss import token_loss_sum
+from .parallel import release_gathered
 from .throughput import mfu
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ def evaluate(model, loader, dist: Dist, cfg: LoopConfig) -> float:
             loss_sum = token_loss_sum(model, batch, dist.device, cfg.mask_from_positions)
         totals[0] += loss_sum.double()
         totals[1] += batch["num_targets"]
+    release_gathered(model)  # FSDP2 units that stay gathered after a forward wait for a backward
     _all_reduce(totals, dist)
     loss_sum, n = totals.tolist()
     return loss_sum / n if n else float("nan")

@@ -1,8 +1,9 @@
 """Packing tokenized examples into context_length chunks without cross-talk.
 
 Unlike llama-recipes' ConcatDataset, an example never attends to its neighbours:
-position_ids restart at 0 for every example, and transformers turns restarting
-position_ids (with no attention_mask) into a block-diagonal causal mask. The first label
+position_ids restart at 0 for every example, and attention runs on each example alone
+(shardtune/attention.py; transformers' own SDPA would turn restarting position_ids, with no
+attention_mask, into a block-diagonal causal mask). The first label
 of every example is -100, so the jump from one example into the next is never trained.
 Examples are never split across chunks; an example longer than context_length is
 truncated.
