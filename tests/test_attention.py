@@ -63,6 +63,17 @@ def test_packed_attention_matches_the_masked_path(model_type, extra, packed, mon
         assert (packed_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
 
 
+def test_lengths_split_where_transformers_does():
+    """A new example wherever a position is not its predecessor's + 1, as transformers'
+    mask builder decides (a custom collator's positions need not restart at 0)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0], [5, 6, 7, 2, 3, 4, 9, 0, 1, 2]])
+    sequence_ids = find_packed_sequence_indices(position_ids)
+    for row, lengths in zip(sequence_ids, attention.packed_lengths(position_ids)):
+        assert list(lengths) == torch.unique_consecutive(row, return_counts=True)[1].tolist()
+
+
 def test_lengths_are_the_packed_examples(packed):
     """Each example's positions run 0, 1, ... over exactly its length, and the lengths fill the row."""
     _, batch = packed

@@ -27,11 +27,12 @@ Lengths = tuple[tuple[int, ...], ...]  # per row, the length of each example in 
 
 
 def packed_lengths(position_ids: torch.Tensor) -> Lengths:
-    """Per row of a packed batch (a host tensor), the lengths of its examples: a new one
-    starts wherever position_ids restart at 0 (a padding run counts as one)."""
+    """Per row of a packed batch (a host tensor), the lengths of its examples. As in
+    transformers' find_packed_sequence_indices, a new one starts wherever a position is not
+    its predecessor's + 1 (shardtune's packing restarts them at 0; a padding run counts as one)."""
     lengths = []
     for row in position_ids.tolist():
-        starts = [0] + [i for i, position in enumerate(row) if position == 0 and i > 0] + [len(row)]
+        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1] + 1] + [len(row)]
         lengths.append(tuple(end - start for start, end in zip(starts, starts[1:])))
     return tuple(lengths)
 
