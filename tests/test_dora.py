@@ -1,7 +1,10 @@
 """DoRA (--lora_config.use_dora) under FSDP2: the same per-step losses at 1 and 2 ranks and
 in an independent plain-peft DoRA loop from the same init; the magnitude of a fresh
 adapter is computed from the loaded base weights (not from the meta device); the saved
-adapter loads in plain peft and reproduces the trained logits."""
+adapter loads in plain peft and reproduces the trained logits; a checkpoint saved at 2
+ranks resumes at 1, and the adapter merges into the base."""
+import sys
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -9,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, check, plain_loop_losses, read_metrics, torchrun
+from conftest import REPO, SHIM, check, plain_loop_losses, python, read_metrics, run_cmd, step_losses, torchrun
 from shardtune.args import parse_args
 from shardtune.data import build_split
 from shardtune.model import load_tokenizer
@@ -93,3 +96,26 @@ def test_adapter_reproduces_trained_logits(runs, tiny_model, name):
     with torch.no_grad():
         logits = model.eval()(input_ids=probe["probe"]).logits
     assert (logits - probe["logits"]).abs().max().item() <= 1e-5
+
+
+def test_saved_at_two_ranks_resumes_at_one_and_merges(runs, tiny_model, shared_data, tmp_path):
+    """DoRA's magnitude vectors go through the DCP checkpoint too: saved by 2 FSDP ranks after
+    step 3 and resumed by one process, the run has the uninterrupted 2-rank run's losses and
+    adapter; merged into the base, it gives that run's logits in plain transformers."""
+    out = tmp_path / "out"
+    args = _args(tiny_model, shared_data, out) + ["--from_peft_checkpoint", str(runs["init"])]
+    check(torchrun(2, SHIM, args + ["--enable_fsdp", "--batch_size_training", "2", "--max_train_step", "3"]))
+    check(python(SHIM, args + ["--batch_size_training", "4", "--resume", "auto"]))
+    assert step_losses(out).keys() == step_losses(runs["two"]).keys()
+    assert max(abs(step_losses(out)[s] - loss) for s, loss in step_losses(runs["two"]).items()) <= 1e-5
+    resumed, uninterrupted = (load_file(d / "adapter_model.safetensors") for d in (out, runs["two"]))
+    assert resumed.keys() == uninterrupted.keys() and any("magnitude" in k for k in resumed)
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= 1e-5
+
+    merged = tmp_path / "merged"
+    check(run_cmd([sys.executable, "-m", "shardtune.cli", "merge", "--model_name", str(tiny_model),
+                   "--peft_model", str(out), "--output_dir", str(merged)]))
+    probe = load_file(runs["two"].parent / "two.safetensors")
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(input_ids=probe["probe"]).logits
+    assert (logits - probe["logits"]).abs().max().item() <= 1e-4
