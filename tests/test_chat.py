@@ -10,7 +10,7 @@ import sentencepiece
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import SHIM, check, error_lines, llama3_chat_tokenizer, python, read_metrics
+from conftest import SHIM, check, error_lines, llama3_chat_tokenizer, python, read_metrics, torchrun
 from shardtune.args import parse_args
 from shardtune.data import build_split, chat, eval_loader
 from shardtune.data.records import BadRecords
@@ -294,8 +294,9 @@ def test_prompt_ids_open_the_assistant_turn(tmp_path, llama3_tok, shared_data):
 
 
 def test_chat_fine_tune_end_to_end(tmp_path, shared_data, llama3_chat_model):
-    """A full fine-tune (the data stage is the same for every method) on conversations; a bad
-    record stops it first with one line naming the file and record."""
+    """A full fine-tune (the data stage is the same for every method) on conversations, 2
+    FSDP2 ranks under torchrun; a bad record stops it first with one line naming the file
+    and record."""
     records = alpaca_conversations(shared_data)[:60] + MULTI_TURN * 10
     path = write_jsonl(tmp_path / "chat.jsonl", records)
     out = tmp_path / "out"
@@ -307,7 +308,7 @@ def test_chat_fine_tune_end_to_end(tmp_path, shared_data, llama3_chat_model):
     assert failed.returncode != 0 and "Traceback" not in failed.stderr
     assert [f"{bad_path}: record {len(records)}: turn 1: empty content" in line
             for line in error_lines(failed.stderr)] == [True], failed.stderr
-    check(python(SHIM, chat_args(path) + args))
+    check(torchrun(2, SHIM, chat_args(path) + args + ["--enable_fsdp"]))
     steps, epochs = read_metrics(out)
     assert len(steps) == 4 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
     assert epochs[0]["eval_loss"] is not None and (out / "model.safetensors").is_file()
