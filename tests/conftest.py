@@ -358,14 +358,18 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def wandb_offline_run(wandb_dir: Path) -> tuple[object, dict[int, dict[str, float]]]:
-    """(run record, {step: {key: value}}) of the one offline run under WANDB_DIR, parsed from
-    its run-ID.wandb file with wandb's own protobuf Record. wandb ships no Python reader for
-    the file: it is a LevelDB-style log, a 7-byte header (":W&B", magic, version) then
-    32 KiB blocks of chunks, each with a 7-byte header (crc32c, little-endian length, type:
-    1 full, 2 first, 3 middle, 4 last)."""
+    """(run record, {step: {key: value}}) of the one offline run under WANDB_DIR."""
+    (run_file,) = Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")
+    return read_wandb_run(run_file)
+
+
+def read_wandb_run(run_file: Path) -> tuple[object, dict[int, dict[str, float]]]:
+    """(run record, {step: {key: value}}) of an offline run-ID.wandb file, parsed with wandb's
+    own protobuf Record. wandb ships no Python reader for the file: it is a LevelDB-style
+    log, a 7-byte header (":W&B", magic, version) then 32 KiB blocks of chunks, each with a
+    7-byte header (crc32c, little-endian length, type: 1 full, 2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2
 
-    (run_file,) = Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")
     data = run_file.read_bytes()
     assert data[:4] == b":W&B", f"{run_file} does not start with wandb's header"
     block, pos, parts, records = 32768, 7, b"", []

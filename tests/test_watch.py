@@ -11,8 +11,8 @@ import matplotlib.image
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import (SHIM, check, error_lines, read_metrics, run_cmd, tensorboard_scalars, torchrun,
-                      wandb_offline_run)
+from conftest import (SHIM, check, error_lines, read_metrics, read_wandb_run, run_cmd, tensorboard_scalars,
+                      torchrun, wandb_offline_run)
 from shardtune import finetuning, plot, throughput
 from shardtune.args import parse_args
 from shardtune.checkpoint import state as ckpt_state
@@ -153,6 +153,23 @@ def test_two_ranks_only_rank0_writes(tmp_path, tiny_model, one_process):
     assert [s["mfu"] / s["tokens_per_s"] for s in two] == pytest.approx(
         [reference_flops_per_token(tiny_model) / (2 * PEAK_TFLOPS * 1e12)] * STEPS, rel=1e-9)  # 2 devices' peak
     assert (out / "loss.png").is_file()
+
+
+def test_resumed_run_continues_its_wandb_run(tmp_path, tiny_model, one_process):
+    """Stopped after step 2 (its checkpoint carries the wandb run id) and resumed: the second
+    offline run has the first one's id, and logs steps 3 and 4 with the uninterrupted run's losses."""
+    args = [sys.executable, str(SHIM), *COMMON, "--batch_size_training", "4", "--model_name", str(tiny_model),
+            "--output_dir", str(tmp_path / "out")]
+    check(run_cmd(args + ["--max_train_step", "2"], extra_env=wandb_env(tmp_path)))
+    check(run_cmd(args + ["--resume", "auto"], extra_env=wandb_env(tmp_path)))
+    # offline-run-YYYYMMDD_HHMMSS-ID: the names sort in time
+    (first, first_history), (second, second_history) = (
+        read_wandb_run(f) for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    assert first.run_id and second.run_id == first.run_id
+    assert sorted(first_history) == [1, 2] and sorted(second_history) == [3, 4]
+    uninterrupted = {s["step"]: s["loss"] for s in read_metrics(one_process[1])[0]}
+    assert [second_history[step]["train/loss"] for step in (3, 4)] == pytest.approx(
+        [uninterrupted[3], uninterrupted[4]], rel=1e-5)
 
 
 def test_model_flops_counts_frozen_weights_at_4_and_trainable_at_6(tiny_model):

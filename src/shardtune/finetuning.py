@@ -496,7 +496,8 @@ def build_metrics(cfgs: Configs, dist: device.Dist, ckpt: Optional[ckpt_state.Ch
         return MetricsWriter(None)
     path = Path(t.output_dir) / "metrics.jsonl" if t.save_metrics else None
     loss_curve = plot.LossCurve(Path(t.output_dir) / "loss.png", history=path)
-    return MetricsWriter(path, sinks=[*sinks.build_sinks(cfgs, ckpt.step if ckpt else None), loss_curve])
+    resume_step, wandb_run = (ckpt.step, ckpt.info.get("wandb_run_id")) if ckpt else (None, None)
+    return MetricsWriter(path, sinks=[*sinks.build_sinks(cfgs, resume_step, wandb_run), loss_curve])
 
 
 def restore(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
@@ -639,6 +640,7 @@ def checkpoint_info(recipe: Recipe) -> dict:
         "model": {"path": str(r.spec.model_dir), "config_sha256": model_fingerprint(r.spec)},
         "peft_method": t.peft_method if t.use_peft else None,
         "config": {type(c).__name__: asdict(c) for c in r.cfgs.all()},
+        "wandb_run_id": sinks.wandb_run_id(r.metrics.sinks),  # rank 0 writes state.json: its sinks
     }
 
 

@@ -47,12 +47,17 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    def __init__(self, cfgs: Configs) -> None:
+    def __init__(self, cfgs: Configs, resume_run_id: str | None) -> None:
         try:
             import wandb
         except ImportError:
             raise UserError("--use_wandb needs the wandb package: pip install wandb") from None
         init_args = {k: v for k, v in asdict(cfgs.wandb).items() if v is not None}  # None: wandb's own default
+        if resume_run_id:
+            # a resumed run continues the wandb run of the checkpoint it resumes from. Steps the
+            # killed run logged past its checkpoint are logged again with the same values (the
+            # resume is exact); wandb keeps the first of each.
+            init_args.update(id=resume_run_id, resume="allow")
         config = {type(c).__name__: asdict(c) for c in cfgs.all()}
         self.run = wandb.init(**init_args, config=config)
 
@@ -68,12 +73,18 @@ def check_flags(cfgs: Configs) -> None:
         raise UserError(f"unknown --wandb_config.mode {cfgs.wandb.mode!r}; choose online, offline or disabled")
 
 
-def build_sinks(cfgs: Configs, resume_step: int | None) -> list[MetricsSink]:
-    """The sinks the flags turn on (call on rank 0 only)."""
+def build_sinks(cfgs: Configs, resume_step: int | None, wandb_run_id: str | None = None) -> list[MetricsSink]:
+    """The sinks the flags turn on (call on rank 0 only); a resumed run passes the step and
+    the wandb run id of its checkpoint."""
     t = cfgs.train
     sinks: list[MetricsSink] = []
     if t.use_tensorboard:
         sinks.append(TensorBoardSink(Path(t.tensorboard_dir or Path(t.output_dir) / "tensorboard"), resume_step))
     if t.use_wandb:
-        sinks.append(WandbSink(cfgs))
+        sinks.append(WandbSink(cfgs, wandb_run_id))
     return sinks
+
+
+def wandb_run_id(sinks: list[MetricsSink]) -> str | None:
+    """The id of the wandb run these sinks log to, for checkpoints to carry (None on ranks > 0)."""
+    return next((sink.run.id for sink in sinks if isinstance(sink, WandbSink)), None)
