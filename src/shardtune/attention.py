@@ -43,8 +43,8 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     """transformers' attention interface: query [batch, heads, seq, head_dim], key and value
     [batch, kv_heads, seq, head_dim]; returns [batch, seq, heads, head_dim]."""
     window = kwargs.get("sliding_window")
-    longest = max((n for row in packed_lengths or () for n in row), default=0)
-    if packed_lengths is None or key.shape[2] != query.shape[2] or (window and longest > window):
+    if (packed_lengths is None or key.shape[2] != query.shape[2]
+            or (window and any(n > window for row in packed_lengths for n in row))):
         # the mask path: no lengths, a cache or prefix before the queries, or a sliding
         # window shorter than an example (is_causal alone would not apply the window)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
