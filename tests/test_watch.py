@@ -162,9 +162,9 @@ def test_resumed_run_continues_its_wandb_run(tmp_path, tiny_model, one_process):
             "--output_dir", str(tmp_path / "out")]
     check(run_cmd(args + ["--max_train_step", "2"], extra_env=wandb_env(tmp_path)))
     check(run_cmd(args + ["--resume", "auto"], extra_env=wandb_env(tmp_path)))
-    # offline-run-YYYYMMDD_HHMMSS-ID: the names sort in time
-    (first, first_history), (second, second_history) = (
-        read_wandb_run(f) for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    # the two attempts, in the order of the steps they logged (not of their directory names' clock)
+    (first, first_history), (second, second_history) = sorted(
+        (read_wandb_run(f) for f in tmp_path.glob("wandb/offline-run-*/run-*.wandb")), key=lambda run: min(run[1]))
     assert first.run_id and second.run_id == first.run_id
     assert sorted(first_history) == [1, 2] and sorted(second_history) == [3, 4]
     uninterrupted = {s["step"]: s["loss"] for s in read_metrics(one_process[1])[0]}
