@@ -1,20 +1,24 @@
-# The README's two commands. Both bootstrap .venv: torch is pinned first because an
-# unpinned torch pulls a multi-GB CUDA build (see DEVELOPERS.md).
+# The README's two commands. Both bootstrap .venv with the exact versions in constraints.txt
+# (the set the suite last passed with); torch is installed first because an unpinned torch
+# pulls a multi-GB CUDA build.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH := torch==2.13.0
+LOCK := constraints.txt
+TORCH := $(shell grep '^torch==' $(LOCK))
 STAMP := $(VENV)/.installed
+# PIP_CONSTRAINT (not -c) also reaches the isolated environment that builds this package
+LOCKED := PIP_CONSTRAINT=$(abspath $(LOCK))
 
-.PHONY: demo test install clean bench bench-venv
+.PHONY: demo test install clean bench bench-venv test-latest lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test]'
+$(STAMP): $(BIN)/python pyproject.toml $(LOCK)
+	$(LOCKED) $(BIN)/python -m pip install -q --upgrade pip
+	$(LOCKED) $(BIN)/python -m pip install -q $(TORCH)
+	$(LOCKED) $(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +31,26 @@ test: $(STAMP)
 
 clean:
 	rm -rf demo_out
+
+# make test-latest: the suite against the newest releases of every dependency but torch
+# (kept at the pin: the CPU build comes from local disk), in a venv of its own, rebuilt each
+# time. Its versions are in .venv-latest/versions.txt; if the suite passes, `make lock`
+# makes them the tested set. An upgrade is a deliberate, tested change.
+LATEST := .venv-latest
+
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install -q $(TORCH)
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/' > $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pip list --format freeze | grep -E '^(pip|setuptools)==' >> $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pytest -q tests --durations=15
+
+lock:
+	test -f $(LATEST)/versions.txt || { echo "run make test-latest first"; exit 1; }
+	{ sed -n '/^#/p' $(LOCK); cat $(LATEST)/versions.txt; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
 
 # make bench: the benchmark harness (BENCHMARKS.md); make bench QUICK=1 is a few-step smoke run.
 # torchtune gets a venv of its own (torch pinned first, as above).

@@ -56,9 +56,14 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
+def metric_events(out_dir: Path, event: str | None = None) -> list[dict]:
+    """The records of out_dir/metrics.jsonl, all or those of one event."""
     lines = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [l for l in lines if l["event"] == "step"], [l for l in lines if l["event"] == "epoch"]
+    return [l for l in lines if event is None or l["event"] == event]
+
+
+def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    return metric_events(out_dir, "step"), metric_events(out_dir, "epoch")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, SHIM, check, plain_loop_losses, python, read_metrics, run_cmd, step_losses, torchrun
+from conftest import REPO, SHIM, check, metric_events, plain_loop_losses, python, read_metrics, run_cmd, step_losses, torchrun
 from shardtune.args import parse_args
 from shardtune.data import build_split
 from shardtune.model import load_tokenizer
@@ -35,7 +35,8 @@ def _args(model, shared_data, out):
 def runs(tiny_model, shared_data, tmp_path_factory):
     """From a plain-peft DoRA init (non-zero B, so step 1 trains A too): 1 rank, 2 ranks;
     in the 2-rank launch also a fresh adapter (shardtune's own init) with lr 0, which keeps
-    the initial magnitude."""
+    the initial magnitude, trained under --compile (peft's DoRA graph-breaks in dynamo, so
+    the run must report its layers as partly eager)."""
     tmp = tmp_path_factory.mktemp("dora")
     torch.manual_seed(0)
     init = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
@@ -54,7 +55,8 @@ def runs(tiny_model, shared_data, tmp_path_factory):
     from_init = ["--from_peft_checkpoint", str(tmp / "init")]
     check(torchrun(1, WORKER, run("one", GLOBAL_BATCH, *from_init)))
     check(torchrun(2, WORKER, run("two", GLOBAL_BATCH // 2, *from_init) + ["--then"]
-                   + run("fresh", GLOBAL_BATCH // 2, "--lr", "0", "--weight_decay", "0", "--max_train_step", "1")))
+                   + run("fresh", GLOBAL_BATCH // 2, "--lr", "0", "--weight_decay", "0", "--max_train_step", "1",
+                       "--compile")))
     out["init"] = tmp / "init"
     return out
 
@@ -86,6 +88,15 @@ def test_fresh_magnitude_is_the_base_weight_norm(runs, tiny_model):
         for key, magnitude in magnitudes.items():
             weight = f.get_tensor(key.removeprefix("base_model.model.").replace("lora_magnitude_vector", "weight"))
             assert torch.allclose(magnitude, torch.linalg.norm(weight, dim=1), rtol=0, atol=1e-6), key
+
+
+def test_compile_that_falls_back_is_reported(runs):
+    """--compile never runs eagerly in silence: DoRA's layers graph-break (peft asks a
+    weight's class for its module name, which dynamo cannot trace), and the metrics say so
+    once, with the cause."""
+    compiled = metric_events(runs["fresh"], "compile")
+    assert len(compiled) == 1 and compiled[0]["step"] == 1, compiled
+    assert compiled[0]["compiled"] is False and compiled[0]["graph_breaks"], compiled
 
 
 @pytest.mark.parametrize("name", ["one", "two", "fresh"])

@@ -3,7 +3,7 @@ loss and the same final adapter (fp32, lora_dropout 0, real processes)."""
 import pytest
 from safetensors.torch import load_file
 
-from conftest import SHIM, check, python, read_metrics, torchrun
+from conftest import SHIM, check, metric_events, python, read_metrics, torchrun
 
 COMMON = ["--num_workers_dataloader", "0", "--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0",
           "--samsum_dataset.train_split", "validation", "--run_validation", "False",
@@ -69,6 +69,11 @@ def test_compiled_layers_under_fsdp_match_one_rank(one_rank, tmp_path, tiny_mode
                            ["--enable_fsdp", "--batch_size_training", "2", "--compile",
                             "--fsdp_activation_checkpointing", "True"])
     assert list(inductor_cache.rglob("*.py")), "inductor generated no code: the layers were not compiled"
+    # ... and whole: no graph break sent part of a layer back to eager (transformers 5.25's
+    # kernels wrapper does under checkpointing, unless _compat.allow_checkpointed_side_effects)
+    events = metric_events(tmp_path / "compiled", "compile")
+    assert events == [{"event": "compile", "run_id": events[0]["run_id"], "step": 1, "compiled": True,
+                       "graph_breaks": []}], events
     base_losses, base_adapter = one_rank
     assert max(abs(x - y) for x, y in zip(losses, base_losses)) <= 1e-4, (losses, base_losses)
     assert max((adapter[k] - base_adapter[k]).abs().max().item() for k in adapter) <= 1e-4

@@ -51,7 +51,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import adapters, checkpoint, data, device, model as model_lib, parallel, plot, quant, sinks, throughput, train
+from . import _compat, adapters, checkpoint, data, device, model as model_lib, parallel, plot, quant, sinks, throughput, train
 from .anyprecision import AnyPrecisionAdamW
 from .args import parse_args, usage
 from .checkpoint import manifest, state as ckpt_state
@@ -187,6 +187,7 @@ class Recipe:
     epochs: list[dict] = field(default_factory=list)
     last_checkpoint: Optional[Path] = None
     last_eval: Optional[tuple[int, float]] = None  # (step, eval loss) of the latest evaluation
+    graph_breaks: Optional[list[str]] = None  # --compile: the causes reported so far (None: none checked yet)
 
 
 @dataclass
@@ -553,6 +554,8 @@ def after_step(recipe: Recipe, stop: StopRequest, sync: Callable[[], None]) -> b
     """Runs after every optimizer step: the per-step LR schedule, evaluation every
     eval_steps, step checkpoints, and the stop on a signal."""
     t, state = recipe.cfgs.train, recipe.state
+    if t.compile:
+        report_compile(recipe)
     if t.lr_scheduler != "step":
         recipe.scheduler.step()  # before any checkpoint, which must hold the next step's LR
     stopping = stop.agreed(recipe.dist)
@@ -571,6 +574,22 @@ def after_step(recipe: Recipe, stop: StopRequest, sync: Callable[[], None]) -> b
         log.warning("stopping after step %d on %s: checkpoint %s; continue with --resume auto",
                     state.step, stop.signal_name or "a signal on another rank", recipe.last_checkpoint)
     return stopping
+
+
+def report_compile(recipe: Recipe) -> None:
+    """--compile never runs eagerly in silence. After the first step (forward and backward
+    have both been compiled by then), and after any later one that met a new graph break, the
+    metrics get a "compile" event (compiled: false with the causes when a layer graph-broke)
+    and rank 0 warns once per new cause."""
+    breaks = _compat.graph_breaks()
+    new = [b for b in breaks if b not in (recipe.graph_breaks or [])]
+    if recipe.graph_breaks is not None and not new:
+        return
+    recipe.graph_breaks = breaks
+    recipe.metrics.write("compile", step=recipe.state.step, compiled=not breaks, graph_breaks=breaks)
+    if recipe.dist.is_main:
+        for cause in new:
+            log.warning("--compile: the decoder layers graph-break and run partly eagerly: %s", cause)
 
 
 def fit_epoch(recipe: Recipe) -> bool:

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _compat
 from .device import Dist
 from .errors import UserError
 
@@ -173,7 +174,9 @@ def compile_layers(model: torch.nn.Module) -> None:
     dynamo compiles it once and reuses the graph for every layer of the same shapes.
     FSDP2's hooks stay outside the graph (torch._dynamo.config.skip_fsdp_hooks).
     Attention goes back to plain SDPA: the packed path's per-example lengths change every
-    batch, and dynamo would recompile the layer for each."""
+    batch, and dynamo would recompile the layer for each. A layer that still graph-breaks
+    is reported after the first step (finetuning.report_compile), never silently eager."""
+    _compat.allow_checkpointed_side_effects()
     model.set_attn_implementation("sdpa")
     for layer in decoder_layers(model):
         layer.compile()
