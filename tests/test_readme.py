@@ -57,3 +57,15 @@ def test_readme_commands_are_make_targets():
     for target in ("demo", "test"):
         assert f"make {target}" in readme and f"\n{target}:" in makefile
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_tested_versions_table_matches_the_lock():
+    """The README's Tested versions table says what constraints.txt installs."""
+    lock = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Tested versions", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    listed = {name: version for name, version in rows[1:]}
+    assert {"torch", "transformers", "peft"} <= listed.keys()
+    assert {name: lock.get(name) for name in listed} == listed
