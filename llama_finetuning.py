@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works without installing too
 
-from shardtune.finetuning import main  # noqa: E402
+from shardtune.commands.finetune import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

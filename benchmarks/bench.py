@@ -16,8 +16,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import report
-from .workload import LLAMA2_TOKENIZER, REPO, SIZES, Settings, build_model, packed_batches, write_subset
+from x import report
+from x.workload import LLAMA2_TOKENIZER, REPO, SIZES, Settings, build_model, packed_batches, write_subset
 
 WORK = REPO / "benchmarks" / "work"
 TORCHTUNE_PYTHON = REPO / "benchmarks" / ".venv-torchtune" / "bin" / "python"
@@ -70,7 +70,7 @@ class Workload:
     """One size's model, data and packed batches, built once per driver run."""
 
     def __init__(self, size: str, settings: Settings, work: Path) -> None:
-        from .batchfile import save_batches
+        from x.batchfile import save_batches
 
         self.size, self.settings, self.work = size, settings, work
         self.model = build_model(size, work / "models" / size)
@@ -146,7 +146,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import distributed, mfu, profile_step
+    from x import distributed, mfu, profile_step
 
     args = parse(argv)
     settings = replace(Settings(), dialogues=args.dialogues, max_steps=args.max_steps,

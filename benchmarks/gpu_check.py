@@ -38,7 +38,7 @@ def build_model(out: Path, shape: dict, device: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shardtune.tiny import train_tokenizer
+    from shardtune.modeling.tiny import train_tokenizer
 
     if (out / "config.json").is_file():
         return out

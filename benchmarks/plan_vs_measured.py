@@ -1,7 +1,7 @@
 """`shardtune plan` against measured peak memory, on this machine's CPUs.
 
 For each case it launches a real fine-tune under torchrun (gloo), in which every rank runs
-finetuning.main and then reports its peak resident memory (VmHWM in /proc/self/status:
+sft.main and then reports its peak resident memory (VmHWM in /proc/self/status:
 per process, unlike ru_maxrss, which keeps the launcher's peak across exec), and compares
 the largest rank's peak with plan's prediction for the same flags (device cpu: the process
 baseline is measured by plan). Prints a Markdown table (BENCHMARKS.md holds one).
@@ -37,9 +37,9 @@ def finetune_flags(model: str, peft: bool, checkpointing: bool, out_dir: str) ->
 
 def probe(out_dir: str, argv: list[str]) -> int:
     """Runs inside each rank: the fine-tune, then this process's peak RSS."""
-    from shardtune import finetuning
+    from shardtune.recipes import sft
 
-    code = finetuning.main(argv)
+    code = sft.main(argv)
     Path(out_dir, f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"peak": vm_hwm_bytes()}))
     return code
 
@@ -82,8 +82,8 @@ def main() -> int:
     p.add_argument("--glibc_default", action="store_true",
                    help="measure with glibc's default malloc thresholds (peak RSS then includes freed heap memory)")
     a = p.parse_args()
-    from shardtune.args import parse_args
-    from shardtune.plan import Launch, measured_cpu_baseline, model_shape, measured_label_share, plan_memory
+    from shardtune.config.parse import parse_args
+    from shardtune.commands.plan import Launch, measured_cpu_baseline, model_shape, measured_label_share, plan_memory
 
     baseline = measured_cpu_baseline()
     rows = []

@@ -9,16 +9,17 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .workload import Settings, build_model, shardtune_args, write_subset
+from x.workload import Settings, build_model, shardtune_args, write_subset
 
 WARMUP_STEPS = 2
 TOP_OPS = 15
 
 
 def run(args, settings: Settings, work: Path) -> dict:
-    from shardtune import device, finetuning, train
-    from shardtune.args import parse_args
-    from shardtune.logs import MetricsWriter
+    from shardtune import device, loop as train
+    from shardtune.recipes import sft
+    from shardtune.config.parse import parse_args
+    from shardtune.metrics.logs import MetricsWriter
 
     size = "micro" if args.quick else args.dp_size
     os.environ.setdefault("SHARDTUNE_CACHE", str(work / "cache"))
@@ -27,7 +28,7 @@ def run(args, settings: Settings, work: Path) -> dict:
     data_dir = write_subset(work / "data" / f"samsum-{settings.dialogues}", settings.dialogues)
     out = work / "runs" / "profile"
     cfgs = parse_args(shardtune_args(model, data_dir, out, replace(settings, max_steps=0)))
-    recipe = finetuning.setup(cfgs, device.setup())
+    recipe = sft.setup(cfgs, device.setup())
     quiet = MetricsWriter(None)
 
     def steps(until: int) -> None:
@@ -49,7 +50,7 @@ def run(args, settings: Settings, work: Path) -> dict:
 
 
 def render(result: dict) -> str:
-    from .report import table
+    from x.report import table
 
     rows = [[f"`{op['name']}`", f"{op['self_ms']:.1f}", f"{100 * op['share']:.1f}%", str(op["calls"])]
             for op in result["ops"]]

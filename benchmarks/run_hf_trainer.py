@@ -11,12 +11,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from shardtune import data, model as model_lib
-from shardtune.args import parse_args
+from shardtune import data
+from shardtune.modeling import load as model_lib
+from shardtune.config.parse import parse_args
 from shardtune.data.packing import collate as pack_collate
 
-from .measure import StepRecord, emit, runner_args, summarize
-from .workload import Settings, padded_examples, shardtune_args
+from x.measure import StepRecord, emit, runner_args, summarize
+from x.workload import Settings, padded_examples, shardtune_args
 
 
 class Counting:

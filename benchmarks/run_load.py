@@ -16,10 +16,11 @@ import torch
 import torch.distributed as tdist
 from transformers import AutoModelForCausalLM
 
-from shardtune import device, model as model_lib, parallel
-from shardtune.args import parse_args
+from shardtune import device, parallel
+from shardtune.modeling import load as model_lib
+from shardtune.config.parse import parse_args
 
-from .measure import peak_rss_mib
+from x.measure import peak_rss_mib
 
 
 def load_shardtune(model_dir: str, dist: device.Dist) -> None:

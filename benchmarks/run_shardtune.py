@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from shardtune import finetuning
+from shardtune.recipes import sft
 
-from .batchfile import load_batches
-from .measure import StepRecord, emit, runner_args, summarize, vm_hwm_bytes
-from .workload import Settings, shardtune_args
+from x.batchfile import load_batches
+from x.measure import StepRecord, emit, runner_args, summarize, vm_hwm_bytes
+from x.workload import Settings, shardtune_args
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
         stamps.append(time.perf_counter())
         training_peak[0] = vm_hwm_bytes()
 
-    finetuning.main(argv, before_step=clock)
+    sft.main(argv, before_step=clock)
     # main() tore the process group down: rank and world come from torchrun's environment
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     metrics = work / "out" / "metrics.jsonl"

@@ -63,7 +63,7 @@ class Settings:
 def build_model(size: str, out: Path) -> Path:
     """A random-init Llama of `size` in HF format with the real Llama 2 tokenizer; reused
     when already built (seed 0: every run of the harness trains the same weights)."""
-    from shardtune.tiny import build_tiny
+    from shardtune.modeling.tiny import build_tiny
 
     if (out / "config.json").is_file():
         return out
@@ -104,8 +104,9 @@ def packed_batches(model_dir: Path, data_dir: Path, s: Settings) -> list[dict]:
     """The epoch's batches exactly as shardtune's loader yields them at world size 1
     (same code, same seed): what the hand-written loop, the packed Trainer and torchtune
     train on, and what shardtune's token counts are taken from."""
-    from shardtune import data, model as model_lib
-    from shardtune.args import parse_args
+    from shardtune import data
+    from shardtune.modeling import load as model_lib
+    from shardtune.config.parse import parse_args
 
     cfgs = parse_args(shardtune_args(model_dir, data_dir, data_dir / "unused", s))
     tokenizer = model_lib.load_tokenizer(str(model_dir))
@@ -119,8 +120,8 @@ def packed_batches(model_dir: Path, data_dir: Path, s: Settings) -> list[dict]:
 def padded_examples(model_dir: Path, data_dir: Path, s: Settings) -> list[dict]:
     """One example per item (input_ids, labels, attention_mask), truncated to the context
     as shardtune truncates: what the padded Trainer's DataCollatorForSeq2Seq batches."""
-    from shardtune import model as model_lib
-    from shardtune.args import parse_args
+    from shardtune.modeling import load as model_lib
+    from shardtune.config.parse import parse_args
     from shardtune.data import samsum
     from shardtune.data.packing import fit
 

@@ -82,7 +82,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Tiny Llama, briefly pretrained on the bundled text so that fine-tuning has signal."""
-    from shardtune.tiny import build_tiny
+    from shardtune.modeling.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("tiny") / "model"), pretrain_steps=200)
 
@@ -90,7 +90,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama2_tok(tmp_path_factory, shared_data) -> Path:
     """A tiny model that uses the real Llama 2 tokenizer (vocab 32000)."""
-    from shardtune.tiny import build_tiny
+    from shardtune.modeling.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("tiny2") / "model"), tokenizer=str(shared_data / "tokenizers" / "llama2"))
 
@@ -110,7 +110,7 @@ def tiny_lora(tmp_path_factory, tiny_model) -> Path:
 def tiny_nf4_model(tmp_path_factory) -> Path:
     """Tiny Llama whose decoder-layer linear weights fit NF4's 64 x 256 blocks when split
     over 2 ranks (every projection 256 x 256 or 512 x 256)."""
-    from shardtune.tiny import build_tiny
+    from shardtune.modeling.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("tiny_nf4") / "model"), hidden_size=256, intermediate_size=512,
                       num_heads=4, num_kv_heads=4, pretrain_steps=50)
@@ -183,7 +183,7 @@ def build_family_model(family: str, out: Path, tokenizer) -> Path:
 def family_models(tmp_path_factory):
     """family name -> a tiny model directory of that family (built on first use, once per session),
     with shardtune's tiny tokenizer."""
-    from shardtune.tiny import train_tokenizer
+    from shardtune.modeling.tiny import train_tokenizer
 
     built: dict[str, Path] = {}
     tokenizer = []
@@ -219,7 +219,7 @@ LLAMA3_CHAT_TEMPLATE = (
 def llama3_chat_tokenizer(chat_template: bool = True):
     """shardtune's tiny byte-level BPE with Llama 3's special tokens (bos <|begin_of_text|>,
     eos <|eot_id|>, as Llama 3.1 instruct) and, unless told otherwise, its chat template."""
-    from shardtune.tiny import train_tokenizer
+    from shardtune.modeling.tiny import train_tokenizer
 
     tok = train_tokenizer()
     tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",

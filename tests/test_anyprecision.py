@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardtune.anyprecision import AnyPrecisionAdamW
+from shardtune.optim.anyprecision import AnyPrecisionAdamW
 
 MakeOpt = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 

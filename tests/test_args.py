@@ -4,9 +4,9 @@ from dataclasses import fields
 
 import pytest
 
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.errors import UserError
-from shardtune.finetuning import resolve_batching
+from shardtune.config.validate import resolve_batching
 
 
 def test_seed_command_flags():
@@ -86,9 +86,9 @@ def test_batching_rule():
 
 def test_help_lists_every_field():
     """--help shows every field of every config with its default and its help text."""
-    from shardtune.args import shown_default, usage
-    from shardtune.confighelp import HELP
-    from shardtune.configs import ALL_CONFIGS
+    from shardtune.config.parse import shown_default, usage
+    from shardtune.config.help import HELP
+    from shardtune.config.schema import ALL_CONFIGS
 
     text = usage()
     for cls in ALL_CONFIGS:
@@ -100,8 +100,8 @@ def test_help_lists_every_field():
 
 def test_every_field_has_help():
     """confighelp.HELP covers exactly the config fields: a new field needs its meaning."""
-    from shardtune.confighelp import HELP
-    from shardtune.configs import ALL_CONFIGS, field_names
+    from shardtune.config.help import HELP
+    from shardtune.config.schema import ALL_CONFIGS, field_names
 
     assert set(HELP) == {cls.__name__ for cls in ALL_CONFIGS}
     for cls in ALL_CONFIGS:

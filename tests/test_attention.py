@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from shardtune import attention, loss
-from shardtune.args import parse_args
+from shardtune.modeling import attention, loss
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split
 from shardtune.data.packing import collate
-from shardtune.model import load_tokenizer
+from shardtune.modeling.load import load_tokenizer
 
 LAYERS = 2
 

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from conftest import SHIM, check, python
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split
 from shardtune.errors import UserError
-from shardtune.model import load_tokenizer
+from shardtune.modeling.load import load_tokenizer
 
 GOOD = {"id": "g", "dialogue": "Anna: Are we meeting at noon?\r\nBen: Yes, see you there.", "summary": "Anna and Ben meet at noon."}
 BAD_BYTES = b"\xff\xfe bad"

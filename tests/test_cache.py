@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import check, torchrun
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split
-from shardtune.model import load_tokenizer
+from shardtune.modeling.load import load_tokenizer
 
 COUNTING = '''
 class Counting:
@@ -122,10 +122,10 @@ def test_cache_can_be_disabled(tmp_path, tok, monkeypatch):
 WORKER = COUNTING + textwrap.dedent('''
     import hashlib, json, sys
     from shardtune import device
-    from shardtune.args import parse_args
+    from shardtune.config.parse import parse_args
     from shardtune.data import build_split
     from shardtune.errors import exit_on_user_error
-    from shardtune.model import load_tokenizer
+    from shardtune.modeling.load import load_tokenizer
 
     @exit_on_user_error
     def main():

@@ -11,13 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import SHIM, check, error_lines, llama3_chat_tokenizer, python, read_metrics, torchrun
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split, chat, eval_loader
 from shardtune.data.records import BadRecords
 from shardtune.data.tokenize import IGNORE_INDEX
 from shardtune.errors import UserError
-from shardtune.model import load_tokenizer
-from shardtune.train import token_loss_sum
+from shardtune.modeling.load import load_tokenizer
+from shardtune.loop import token_loss_sum
 
 SYSTEM = "You are a terse assistant. Answer in one sentence."
 # Multi-turn, with a system prompt, text around the content that the templates trim, and

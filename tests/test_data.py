@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split, samsum, train_loader
 from shardtune.data.packing import collate, pack
 from shardtune.data.sampler import EvalSampler, GlobalBatchSampler
 from shardtune.data.tokenize import IGNORE_INDEX
-from shardtune.train import token_loss_sum
+from shardtune.loop import token_loss_sum
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_empty_dialogue_record_is_valid(shared_data, llama2_tok):
 
 
 def test_full_samsum_split_counts(shared_data, tiny_model, caplog, tmp_path):
-    from shardtune.model import load_tokenizer
+    from shardtune.modeling.load import load_tokenizer
 
     cfgs = parse_args(["--samsum_dataset.data_path", str(shared_data / "samsum"), "--context_length", "4096",
                        "--data_cache_dir", str(tmp_path)])
@@ -89,7 +89,7 @@ def _packed_loss(model, chunks, pad_id, restart_positions=True):
 
 @torch.no_grad()
 def test_packing_isolates_examples(tiny_model):
-    from shardtune.model import load_tokenizer
+    from shardtune.modeling.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -171,7 +171,7 @@ def _segment_losses(model, batch):
 
 @torch.no_grad()
 def test_padding_gives_the_same_per_example_losses_as_packing(tiny_model, tmp_path):
-    from shardtune.model import load_tokenizer
+    from shardtune.modeling.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()

@@ -11,11 +11,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import REPO, SHIM, check, python, read_metrics, torchrun
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.data import DATASETS, alpaca, build_split, custom, eval_loader, grammar, samsum, train_loader
 from shardtune.data.records import BadRecords
 from shardtune.errors import UserError
-from shardtune.prepare import prepare_grammar
+from shardtune.commands.prepare import prepare_grammar
 
 BOS, EOS = 1, 2  # Llama 2's ids
 

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, SHIM, check, metric_events, plain_loop_losses, python, read_metrics, run_cmd, step_losses, torchrun
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split
-from shardtune.model import load_tokenizer
+from shardtune.modeling.load import load_tokenizer
 
 WORKER = REPO / "tests" / "workers" / "train_probe.py"
 LR, WD, STEPS, GLOBAL_BATCH, SEED = 2e-3, 0.01, 5, 4, 42

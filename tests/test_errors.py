@@ -213,7 +213,7 @@ FAILURES = {
 
 
 def _fail_in_process(argv, capfd):
-    from shardtune.finetuning import main
+    from shardtune.recipes.sft import main
 
     code = main(argv)
     err = capfd.readouterr().err

@@ -12,8 +12,8 @@ from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM
 
 from conftest import error_lines, plain_greedy, run_cli
-from shardtune import scores
-from shardtune.model import load_tokenizer
+from shardtune.metrics import scores
+from shardtune.modeling.load import load_tokenizer
 
 NEW = 24
 

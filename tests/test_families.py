@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, T5Config
 
 from conftest import REPO, SHIM, check, python, read_metrics, torchrun
-from shardtune import adapters, model as model_lib, parallel
-from shardtune.args import parse_args
+from shardtune import adapters, parallel
+from shardtune.modeling import load as model_lib
+from shardtune.config.parse import parse_args
 from shardtune.errors import UserError
 
 WORKER = REPO / "tests" / "workers" / "train_probe.py"

@@ -6,17 +6,17 @@ import json
 
 import pytest
 import torch
-from peft import AdaptionPromptConfig, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from peft import AdaptionPromptConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import error_lines, plain_greedy, run_cli
 from shardtune.checkpoint.convert import merge
-from shardtune.configs import alpaca_dataset, grammar_dataset, samsum_dataset
+from shardtune.config.schema import alpaca_dataset, grammar_dataset, samsum_dataset
 from shardtune.data import alpaca, grammar, samsum
 from shardtune.data.records import BadRecords
 from shardtune.data.templates import TEMPLATES
-from shardtune.evaluation import prompt_and_target
-from shardtune.model import load_tokenizer
+from shardtune.commands.evaluate import prompt_and_target
+from shardtune.modeling.load import load_tokenizer
 
 NEW = 24  # max_new_tokens: enough text to tell models apart, cheap on a tiny model
 

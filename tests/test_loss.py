@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, check, torchrun
-from shardtune import loss
-from shardtune.args import parse_args
+from shardtune.modeling import loss
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split
 from shardtune.data.packing import collate
-from shardtune.model import load_tokenizer
-from shardtune.tiny import build_tiny
+from shardtune.modeling.load import load_tokenizer
+from shardtune.modeling.tiny import build_tiny
 
 WORKER = REPO / "tests" / "workers" / "loss_probe.py"
 CHUNK = 32  # several chunks per batch, the last one partial

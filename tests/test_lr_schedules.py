@@ -8,8 +8,8 @@ import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from conftest import SHIM, check, python, read_metrics
-from shardtune import finetuning
-from shardtune.args import parse_args
+from shardtune.config.validate import check_supported
+from shardtune.config.parse import parse_args
 from shardtune.errors import UserError
 
 LR = 1e-2
@@ -71,4 +71,4 @@ def test_linear_warmup_decays_over_all_epochs(tmp_path, family_models):
 ])
 def test_bad_schedule_flags(flags, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
-        finetuning.check_supported(parse_args(flags))
+        check_supported(parse_args(flags))

@@ -52,7 +52,7 @@ def test_method_trains_and_reloads(method, world, tmp_path, tiny_model):
 def test_tied_embeddings_stay_tied_in_full_finetuning(world, tmp_path, tmp_path_factory):
     """Llama 3.2-style tied input/output embeddings: training must update one shared
     matrix, so the saved model (which HF re-ties on load) reproduces the trained logits."""
-    from shardtune.tiny import build_tiny
+    from shardtune.modeling.tiny import build_tiny
 
     tied = build_tiny(str(tmp_path / "tied"), intermediate_size=128, tie_word_embeddings=True)
     out, probe_file = tmp_path / "out", tmp_path / "probe.safetensors"

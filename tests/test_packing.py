@@ -4,7 +4,7 @@ deterministic, and it matches a plain re-implementation of best-fit-decreasing."
 import pytest
 from transformers import AutoTokenizer
 
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.data import samsum
 from shardtune.data.packing import pack
 from shardtune.data.tokenize import IGNORE_INDEX

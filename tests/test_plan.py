@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from conftest import REPO, check, run_cmd
-from shardtune.args import parse_args
-from shardtune.plan import KNOWN_MODELS, Launch, main, measured_cpu_baseline, measured_label_share, model_shape, parse_size, plan_memory
+from shardtune.config.parse import parse_args
+from shardtune.commands.plan import (
+    KNOWN_MODELS,
+    Launch,
+    main,
+    measured_cpu_baseline,
+    measured_label_share,
+    model_shape,
+    parse_size,
+    plan_memory,
+)
 
 BENCH = REPO / "benchmarks" / "plan_vs_measured.py"
 sys.path.insert(0, str(BENCH.parent))

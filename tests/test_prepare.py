@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SHIM, check, read_metrics, run_cmd, torchrun
 from shardtune.errors import UserError
-from shardtune.prepare import normalize_spacing, prepare_grammar
+from shardtune.commands.prepare import normalize_spacing, prepare_grammar
 
 
 def _rows(path):

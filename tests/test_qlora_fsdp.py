@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, SHIM, check, error_lines, read_metrics, torchrun
-from shardtune import quant
+from shardtune.modeling import quant
 
 WORKER = REPO / "tests" / "workers" / "train_probe.py"
 STEPS = 10

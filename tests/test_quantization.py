@@ -14,7 +14,7 @@ pytest.importorskip("bitsandbytes")
 @pytest.fixture(scope="module")
 def tiny_quantizable(tmp_path_factory):
     # bitsandbytes' CPU kernels need matrix sizes that divide their block size
-    from shardtune.tiny import build_tiny
+    from shardtune.modeling.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("tq") / "model"), intermediate_size=128, pretrain_steps=100)
 

@@ -1,6 +1,6 @@
 """The README's config reference covers every field, and its two commands exist."""
 from conftest import REPO
-from shardtune.configs import ALL_CONFIGS, field_names
+from shardtune.config.schema import ALL_CONFIGS, field_names
 
 
 def test_every_config_field_is_documented():
@@ -38,7 +38,7 @@ def _config_table_rows(readme: str) -> dict[str, str]:
 def test_config_tables_list_every_field_with_its_default():
     from dataclasses import fields
 
-    from shardtune.args import shown_default
+    from shardtune.config.parse import shown_default
 
     rows = _config_table_rows((REPO / "README.md").read_text())
     for cls in ALL_CONFIGS:

@@ -8,9 +8,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import SHIM, check, plain_loop_losses, read_metrics, torchrun
-from shardtune.args import parse_args
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split
-from shardtune.model import load_tokenizer
+from shardtune.modeling.load import load_tokenizer
 
 LR, WD, STEPS, GLOBAL_BATCH, SEED = 2e-3, 0.01, 5, 4, 42
 

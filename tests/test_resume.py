@@ -188,9 +188,9 @@ def test_a_used_output_dir_is_refused_and_left_untouched(tmp_path, tiny_model):
 
 
 def test_impossible_world_size_names_the_valid_ones(tiny_model):
-    from shardtune.args import parse_args
+    from shardtune.config.parse import parse_args
     from shardtune.errors import UserError
-    from shardtune.finetuning import batching_for
+    from shardtune.checkpoint.resume import batching_for
 
     ckpt = ckpt_state.Checkpoint(Path("/ckpt/step_000003"), 3, {"global_batch": 4})
     cfgs = parse_args(["--batch_size_training", "4"])

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import (SHIM, check, error_lines, read_metrics, read_wandb_run, run_cmd, tensorboard_scalars,
                       torchrun, wandb_offline_run)
-from shardtune import finetuning, plot, throughput
-from shardtune.args import parse_args
+from shardtune.config.validate import check_supported
+from shardtune.metrics import curve as plot, throughput
+from shardtune.config.parse import parse_args
 from shardtune.checkpoint import state as ckpt_state
 from shardtune.errors import UserError
 
@@ -202,14 +203,14 @@ def test_peak_table_tells_variants_apart():
 ])
 def test_bad_watch_flags(flags, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
-        finetuning.check_supported(parse_args(flags))
+        check_supported(parse_args(flags))
 
 
 def test_resume_rewinds_eval_lines_and_purges_tensorboard(tmp_path):
     """What a killed run logged past its checkpoint (step 2) is gone after the resume: the
     metrics file's step and eval lines, and the TensorBoard points (purge_step)."""
-    from shardtune.logs import MetricsWriter
-    from shardtune.sinks import TensorBoardSink
+    from shardtune.metrics.logs import MetricsWriter
+    from shardtune.metrics.sinks import TensorBoardSink
 
     path, log_dir = tmp_path / "metrics.jsonl", tmp_path / "tb"
     killed = MetricsWriter(path, sinks=[TensorBoardSink(log_dir, resume_step=None)])

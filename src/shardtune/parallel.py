@@ -64,7 +64,7 @@ def resolve_precision(cfgs, dist: Dist, log_choice: bool = True) -> Precision:
 
 def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
     strategy = "HYBRID_SHARD" if fsdp_cfg.hsdp else fsdp_cfg.sharding_strategy
-    world = dist.world_size  # the strategy name was validated by finetuning.check_supported
+    world = dist.world_size  # the strategy name was validated by config.validate.check_supported
     dev = dist.device.type
     if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
         return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
@@ -175,7 +175,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     FSDP2's hooks stay outside the graph (torch._dynamo.config.skip_fsdp_hooks).
     Attention goes back to plain SDPA: the packed path's per-example lengths change every
     batch, and dynamo would recompile the layer for each. A layer that still graph-breaks
-    is reported after the first step (finetuning.report_compile), never silently eager."""
+    is reported after the first step (recipes.sft.report_compile), never silently eager."""
     _compat.allow_checkpointed_side_effects()
     model.set_attn_implementation("sdpa")
     for layer in decoder_layers(model):

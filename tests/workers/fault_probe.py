@@ -1,4 +1,4 @@
-"""Test worker (python or torchrun): the real entry point (finetuning.main) with one
+"""Test worker (python or torchrun): the real entry point (sft.main) with one
 fault injected, chosen by the first argument (JSON):
 
   {"pause_at": K, "dir": D}   before step K's optimizer step, rank 0 writes D/paused and
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from shardtune import finetuning
+from shardtune.recipes import sft
 from shardtune.checkpoint import manifest
 from shardtune.errors import UserError
 
@@ -73,7 +73,7 @@ def hooks(fault: dict, dist):
 def main() -> int:
     fault, argv = json.loads(sys.argv[1]), sys.argv[2:]
     rank = Rank(int(os.environ.get("RANK", 0)))
-    return finetuning.main(argv, before_step=hooks(fault, rank))
+    return sft.main(argv, before_step=hooks(fault, rank))
 
 
 if __name__ == "__main__":  # spawned DataLoader workers import this file too

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from shardtune import device, finetuning
-from shardtune.args import parse_args
+from shardtune import device
+from shardtune.recipes import sft
+from shardtune.config.parse import parse_args
 
 record: dict[str, torch.Tensor] = {}
 
@@ -31,7 +32,7 @@ if __name__ == "__main__":  # spawned DataLoader workers import this file too
     out_file, argv = sys.argv[1], sys.argv[2:]
     cfgs = parse_args(argv)
     dist = device.setup(require_distributed=cfgs.train.enable_fsdp)  # read by before_step
-    result = finetuning.run(cfgs, dist, before_step=before_step)
+    result = sft.run(cfgs, dist, before_step=before_step)
     trainable = [p for p in result.peft_model.parameters() if p.requires_grad]
     for i, p in enumerate(trainable):
         record[f"final_{i}"] = local(p)

@@ -9,8 +9,9 @@ import sys
 import torch
 from torch.distributed.tensor import distribute_tensor
 
-from shardtune import device, model as model_lib, parallel
-from shardtune.configs import fsdp_config
+from shardtune import device, parallel
+from shardtune.modeling import load as model_lib
+from shardtune.config.schema import fsdp_config
 
 # HYBRID_SHARD on one node: a (1, world) mesh, so a Replicate mesh dim comes before Shard(0)
 STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD")

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from shardtune import device, finetuning, loss, model as model_lib, parallel
-from shardtune.args import parse_args
+from shardtune import device, parallel
+from shardtune.recipes import sft
+from shardtune.modeling import loss, load as model_lib
+from shardtune.config.parse import parse_args
 from shardtune.data import build_split
 from shardtune.data.packing import collate
 
@@ -31,7 +33,7 @@ def main() -> None:
     split = build_split(cfgs, tokenizer, "train", dist)
     batch = collate([split.dataset[2 * dist.rank + i] for i in range(2)], tokenizer.pad_token_id)
     precision = parallel.resolve_precision(cfgs, dist)
-    model, _ = finetuning.setup_model(cfgs, dist, spec, precision)
+    model, _ = sft.setup_model(cfgs, dist, spec, precision)
     model.train()
 
     ours = loss.token_loss_sum(model, batch, dist.device)

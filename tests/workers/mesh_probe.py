@@ -4,7 +4,7 @@ this fails loudly)."""
 import sys, json, os
 import torch
 from shardtune import device, parallel
-from shardtune.configs import fsdp_config
+from shardtune.config.schema import fsdp_config
 dist = device.setup(timeout_s=int(sys.argv[1]))
 cfg = fsdp_config(sharding_strategy=sys.argv[2])
 mesh = parallel.build_mesh(dist, cfg)

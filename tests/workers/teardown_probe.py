@@ -12,7 +12,7 @@ import sys
 import time
 
 from shardtune import device
-from shardtune.model import load_tokenizer
+from shardtune.modeling.load import load_tokenizer
 
 THREAD_EXIT_WAIT_S = 30.0
 
@@ -52,9 +52,9 @@ def main() -> None:
     if mode == "tokenizer":
         result = tokenizer_then_broadcast(rest[0])
     else:
-        from shardtune import finetuning  # not earlier: it imports torch.distributed.fsdp
+        from shardtune.recipes import sft  # not earlier: it imports torch.distributed.fsdp
 
-        result = {"rc": finetuning.main(rest)}
+        result = {"rc": sft.main(rest)}
     import torch.distributed as tdist
 
     result["initialized_after"] = tdist.is_initialized()

@@ -12,8 +12,10 @@ import torch
 import torch.distributed
 from safetensors.torch import save_file
 
-from shardtune import device, finetuning, parallel, quant
-from shardtune.args import parse_args
+from shardtune import device, parallel
+from shardtune.recipes import sft
+from shardtune.modeling import quant
+from shardtune.config.parse import parse_args
 
 
 def runs(argv: list[str]) -> list[tuple[str, list[str]]]:
@@ -31,7 +33,7 @@ def main() -> None:
     plan = [(out_file, parse_args(argv)) for out_file, argv in runs(sys.argv[1:])]
     dist = device.setup(require_distributed=plan[0][1].train.enable_fsdp)
     for out_file, cfgs in plan:
-        result = finetuning.run(cfgs, dist)
+        result = sft.run(cfgs, dist)
         probe = torch.arange(3, 3 + 2 * 40).reshape(2, 40) % 200 + 3
         with torch.no_grad():
             result.train_model.eval()

@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..model import safetensors_keys
+from ..modeling.load import safetensors_keys
 from . import llama_adapter, lora, prefix
 
 

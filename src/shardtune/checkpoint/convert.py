@@ -1,4 +1,4 @@
-"""`shardtune convert` and `shardtune merge`: one process, no torchrun.
+"""Convert and merge, behind `shardtune convert` and `shardtune merge`: one process, no torchrun.
 
 convert: a step checkpoint -> a PEFT adapter directory (PEFT runs) or a Hugging Face
 model directory (full fine-tuning). DCP reads the shards of any world size into full
@@ -7,16 +7,14 @@ merge: a LoRA adapter folded into its base -> a Hugging Face model directory.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ..configs import Configs, default_configs
+from ..config.schema import Configs, default_configs
 from ..errors import UserError
 from . import state as ckpt_state
 from .outputs import check_writable, fresh_tmp, publish_files, save_peft_files, used_by_a_run, write_hf_model
@@ -52,7 +50,8 @@ def _claim(out: Path) -> None:
 
 
 def convert(checkpoint: str, out_dir: str) -> Path:
-    from .. import adapters, model as model_lib
+    from .. import adapters
+    from ..modeling import load as model_lib
 
     ckpt = ckpt_state.open_checkpoint(Path(checkpoint))
     out = Path(out_dir)
@@ -87,7 +86,7 @@ def merge(model_name: str, peft_model_dir: str, out_dir: str) -> Path:
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ..model import load_tokenizer, resolve_model_dir
+    from ..modeling.load import load_tokenizer, resolve_model_dir
 
     out = Path(out_dir)
     _claim(out)
@@ -103,29 +102,3 @@ def merge(model_name: str, peft_model_dir: str, out_dir: str) -> Path:
     merged = PeftModel.from_pretrained(base, peft_model_dir).merge_and_unload()
     write_hf_model(merged, merged.state_dict(), load_tokenizer(str(model_dir)), out)
     return out
-
-
-def convert_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="shardtune convert",
-        description="Turn a step checkpoint into a PEFT adapter (PEFT runs) or a Hugging Face model directory.",
-        epilog="example: shardtune convert out/checkpoints/fine-tuned-llama/step_000200 out/adapter-step200")
-    parser.add_argument("checkpoint", help="a step_NNNNNN (or best) checkpoint directory")
-    parser.add_argument("out_dir", help="a new or empty directory")
-    args = parser.parse_args(argv)
-    out = convert(args.checkpoint, args.out_dir)
-    print(json.dumps({"written": str(out)}))
-    return 0
-
-
-def merge_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="shardtune merge", description="Merge a LoRA adapter into its base model and save a Hugging Face model.",
-        epilog="example: shardtune merge --model_name meta-llama/Llama-2-7b-hf --peft_model out --output_dir merged")
-    parser.add_argument("--model_name", required=True, help="the base model directory")
-    parser.add_argument("--peft_model", required=True, help="the LoRA adapter directory")
-    parser.add_argument("--output_dir", required=True, help="a new or empty directory")
-    args = parser.parse_args(argv)
-    out = merge(args.model_name, args.peft_model, args.output_dir)
-    print(json.dumps({"written": str(out)}))
-    return 0

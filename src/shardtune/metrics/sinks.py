@@ -10,8 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
-from .configs import Configs
-from .errors import UserError
+from ..config.schema import Configs
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import logging
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import model as model_lib
-from .errors import UserError
+from . import load as model_lib
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

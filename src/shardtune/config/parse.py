@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from .confighelp import HELP
-from .configs import ALL_CONFIGS, Configs, default_configs, fsdp_config, train_config
-from .errors import UserError
+from .help import HELP
+from .schema import ALL_CONFIGS, Configs, default_configs, fsdp_config, train_config
+from ..errors import UserError
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}

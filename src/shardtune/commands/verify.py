@@ -24,9 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .args import parse_args
-from .errors import UserError, exit_on_user_error
-from .logs import read_metrics
+from ..config.parse import parse_args
+from ..errors import UserError, exit_on_user_error
+from ..metrics.logs import read_metrics
 
 EXAMPLE = """example:
   shardtune verify --nproc_per_node 2 --verify_steps 5 \\
@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run_flags(argv: list[str], world: int, nproc: int, steps: int, keep_dropout: bool, out_dir: Path) -> list[str]:
     """The user's flags with verify's overrides appended (the last value of a flag wins)."""
-    from .finetuning import check_supported, resolve_batching
+    from ..config.validate import check_supported, resolve_batching
 
     cfgs = parse_args(argv)
     check_supported(cfgs)

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from .device import Dist
 from .errors import UserError
-from .logs import MetricsWriter
-from .loss import token_loss_sum
+from .metrics.logs import MetricsWriter
+from .modeling.loss import token_loss_sum
 from .parallel import release_gathered
-from .throughput import mfu
+from .metrics.throughput import mfu
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from .data.records import BadRecords, read_records, valid_records
-from .errors import UserError
+from ..data.records import BadRecords, read_records, valid_records
+from ..errors import UserError
 
 TRAIN_CSV, VALIDATION_CSV = "grammar_train.csv", "grammar_validation.csv"
 NUM_REFS = 4

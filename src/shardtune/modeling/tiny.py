@@ -1,4 +1,4 @@
-"""`shardtune tiny OUT_DIR`: a random-init Llama in HF format, for demos and tests.
+"""A random-init Llama in HF format, for demos and tests (`shardtune tiny OUT_DIR`).
 With --pretrain_steps N it first learns N steps of the bundled text (the demo does).
 
 The tokenizer is a byte-level BPE trained on the sample dialogues bundled with
@@ -7,15 +7,14 @@ shardtune, so nothing is downloaded. Llama's special-token ids are kept
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .data.samsum import bundled_sample
-from .errors import UserError
+from ..data.samsum import bundled_sample
+from ..errors import UserError
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
 
@@ -106,23 +105,3 @@ def build_tiny(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
-
-
-def main(argv: list[str]) -> int:
-    """`shardtune tiny OUT_DIR [options]`."""
-    parser = argparse.ArgumentParser(prog="shardtune tiny")
-    parser.add_argument("out_dir")
-    parser.add_argument("--hidden_size", type=int, default=64)
-    parser.add_argument("--num_layers", type=int, default=2)
-    parser.add_argument("--num_heads", type=int, default=4)
-    parser.add_argument("--num_kv_heads", type=int, default=2)
-    parser.add_argument("--intermediate_size", type=int, default=176)
-    parser.add_argument("--tokenizer", help="use this tokenizer directory instead of training one")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain_steps", type=int, default=0,
-                        help="language-model steps on the bundled text before saving (0 = random init)")
-    args = parser.parse_args(argv)
-    out = build_tiny(args.out_dir, args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads,
-                     args.intermediate_size, args.tokenizer, args.seed, args.pretrain_steps)
-    print(f"tiny Llama written to {out}")
-    return 0

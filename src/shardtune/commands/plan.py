@@ -35,10 +35,10 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .args import parse_args
-from .configs import Configs
-from .errors import UserError, exit_on_user_error
-from .loss import CE_CHUNK_TOKENS
+from ..config.parse import parse_args
+from ..config.schema import Configs
+from ..errors import UserError, exit_on_user_error
+from ..modeling.loss import CE_CHUNK_TOKENS
 
 GiB = 2**30
 
@@ -173,8 +173,8 @@ class Setup:
 
 
 def resolve_setup(cfgs: Configs, launch: Launch) -> Setup:
-    from . import adapters
-    from .finetuning import check_supported, resolve_batching
+    from .. import adapters
+    from ..config.validate import check_supported, resolve_batching
 
     check_supported(cfgs)
     t, f = cfgs.train, cfgs.fsdp
@@ -325,7 +325,7 @@ def default_overhead(device: str) -> int:
 _BASELINE_PROBE = """
 import torch, torch.distributed.fsdp, transformers, peft
 from transformers.models.llama import modeling_llama
-import shardtune.finetuning
+import shardtune.recipes.sft
 for line in open('/proc/self/status'):
     if line.startswith('VmHWM:'):
         print(int(line.split()[1]) * 1024)
@@ -356,7 +356,7 @@ def suggestions(argv: list[str], shape: ModelShape, launch: Launch, budget: int)
     numerics), each with its plan. The caller takes the first that fits."""
     cfgs = parse_args(argv)
     t, f = cfgs.train, cfgs.fsdp
-    from .finetuning import resolve_batching
+    from ..config.validate import resolve_batching
 
     candidates: list[Change] = []
     if t.enable_fsdp and not f.fsdp_activation_checkpointing:
@@ -428,8 +428,8 @@ def launch_parser() -> argparse.ArgumentParser:
 
 def measured_label_share(cfgs: Configs) -> float:
     """Labelled positions / all positions of the packed (or padded) training split."""
-    from . import data
-    from .model import load_tokenizer, resolve_model_dir
+    from .. import data
+    from ..modeling.load import load_tokenizer, resolve_model_dir
 
     t = cfgs.train
     tokenizer = load_tokenizer(t.tokenizer_name or str(resolve_model_dir(t.model_name)))

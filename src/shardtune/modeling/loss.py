@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import PACKED, packed_lengths
-from .data.tokenize import IGNORE_INDEX
+from ..data.tokenize import IGNORE_INDEX
 
 CE_CHUNK_TOKENS = 1024  # positions per head + CE chunk: 1024 x 32k vocab x fp32 = 128 MiB of logits
 # config fields of transformers models that post-process the head's output

@@ -21,16 +21,17 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from . import data, scores
-from .args import parse_args
-from .configs import Configs
-from .data.packing import collate, pack
-from .data.records import BadRecords
-from .data.tokenize import IGNORE_INDEX, Example
-from .errors import UserError, exit_on_user_error
-from .generate import DTYPES, Sampling, base_model_name, complete, load_for_inference
-from .model import load_tokenizer, resolve_model_dir
-from .train import perplexity, token_loss_sum
+from .. import data
+from ..metrics import scores
+from ..config.parse import parse_args
+from ..config.schema import Configs
+from ..data.packing import collate, pack
+from ..data.records import BadRecords
+from ..data.tokenize import IGNORE_INDEX, Example
+from ..errors import UserError, exit_on_user_error
+from ..inference import DTYPES, Sampling, base_model_name, complete, load_for_inference
+from ..modeling.load import load_tokenizer, resolve_model_dir
+from ..loop import perplexity, token_loss_sum
 
 # dataset -> the generation metric its references support; other datasets report the loss only
 GENERATION_METRICS = {"samsum_dataset": "rouge", "grammar_dataset": "gleu"}
@@ -110,7 +111,7 @@ def _configs(rest: list[str], split: Optional[str]) -> Configs:
 
 def evaluate(cfgs: Configs, peft_model: Optional[str], max_samples: int, max_new_tokens: int,
              dtype: torch.dtype) -> dict:
-    from . import device as device_lib
+    from .. import device as device_lib
 
     t = cfgs.train
     if max_samples < 0:

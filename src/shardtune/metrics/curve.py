@@ -3,16 +3,15 @@ steps. Rank 0 draws it at the end of a run; `shardtune plot metrics.jsonl` redra
 the metrics file, also of a run that crashed (a torn last line is skipped)."""
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 
-from .errors import UserError
+from ..errors import UserError
 from .logs import read_metrics
-from .train import perplexity
+from ..loop import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +78,3 @@ class LossCurve:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             draw(curves, self.out)
             log.info("loss curves drawn to %s", self.out)
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="shardtune plot", description=__doc__)
-    p.add_argument("metrics", help="a run's metrics.jsonl (--save_metrics)")
-    p.add_argument("-o", "--output", help="the PNG to write (default: loss.png beside the metrics file)")
-    args = p.parse_args(argv)
-    metrics = Path(args.metrics)
-    curves = read_curves(metrics)
-    if not curves.train_steps and not curves.eval_steps:
-        raise UserError(f"{metrics} holds no step or eval records; nothing to plot")
-    out = Path(args.output) if args.output else metrics.with_name("loss.png")
-    draw(curves, out)
-    print(f"loss curves written to {out}")
-    return 0

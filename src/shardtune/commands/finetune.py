@@ -1,0 +1,18 @@
+"""`shardtune finetune`, `python -m shardtune.finetuning` and `llama_finetuning.py`: the
+supervised fine-tuning recipe (recipes/sft.py). --help is answered from the config schema
+alone; the recipe (torch, transformers, peft) is imported only to run."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        from ..config.parse import usage
+
+        print(usage())
+        return 0
+    from ..recipes.sft import main as run_recipe
+
+    return run_recipe(args)

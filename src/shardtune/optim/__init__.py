@@ -1,0 +1,1 @@
+"""shardtune.optim."""
