@@ -28,7 +28,7 @@ def load_shardtune(model_dir: str, dist: device.Dist) -> None:
     spec = model_lib.load_spec(model_dir)
     model = model_lib.build_meta_model(spec)
     mesh = parallel.build_mesh(dist, cfgs.fsdp)
-    parallel.shard(model, mesh, cfgs.fsdp, parallel.resolve_precision(cfgs, dist, log_choice=False), pin_memory=False)
+    parallel.shard(model, mesh, cfgs.fsdp, parallel.resolve_precision(cfgs, dist.supports_fast_bf16(), log_choice=False), pin_memory=False)
     model_lib.materialize(model, spec, dist.device, {})
 
 

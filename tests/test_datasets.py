@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 from conftest import REPO, SHIM, check, python, read_metrics, torchrun
 from shardtune.config.parse import parse_args
-from shardtune.data import DATASETS, alpaca, build_split, custom, eval_loader, grammar, samsum, train_loader
+from shardtune.config.schema import DATASETS
+from shardtune.data import alpaca, build_split, custom, eval_loader, grammar, samsum, train_loader
 from shardtune.data.records import BadRecords
 from shardtune.errors import UserError
 from shardtune.commands.prepare import prepare_grammar

@@ -43,7 +43,9 @@ class Precision:
         return {torch.float32: "fp32", torch.bfloat16: "bf16 mixed", torch.float16: "fp16 mixed"}[self.compute]
 
 
-def resolve_precision(cfgs, dist: Dist, log_choice: bool = True) -> Precision:
+def resolve_precision(cfgs, fast_bf16: bool, device_type: str = "", log_choice: bool = True) -> Precision:
+    """The run's precision from its flags; fast_bf16: the device has bf16 units (the
+    recipe asks its Dist, `shardtune plan` assumes them for cuda)."""
     t, f = cfgs.train, cfgs.fsdp
     fp16 = t.use_fp16 or f.use_fp16
     if fp16 and f.pure_bf16:
@@ -54,32 +56,39 @@ def resolve_precision(cfgs, dist: Dist, log_choice: bool = True) -> Precision:
         return Precision(torch.float32, torch.float16, torch.float32, grad_scaler=True)
     wants_mixed = t.mixed_precision and f.mixed_precision
     explicit = cfgs.was_set(t, "mixed_precision") or cfgs.was_set(f, "mixed_precision")
-    if wants_mixed and (dist.supports_fast_bf16() or explicit):
+    if wants_mixed and (fast_bf16 or explicit):
         return Precision(compute=torch.bfloat16)
     if wants_mixed and log_choice:
         # llama-recipes' default mixed_precision=True only applies where bf16 is fast.
-        log.info("mixed_precision: %s has no fast bf16, training in fp32 (pass --mixed_precision True to force bf16)", dist.device.type)
+        log.info("mixed_precision: %s has no fast bf16, training in fp32 (pass --mixed_precision True to force bf16)", device_type)
     return Precision()
 
 
-def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
+def mesh_shape(fsdp_cfg, world: int, local_world: int) -> tuple[int, ...]:
+    """(shard,) for FULL_SHARD and SHARD_GRAD_OP, else (replicas, shard): the mesh a run
+    builds, also what `shardtune plan` models. local_world: ranks per node."""
     strategy = "HYBRID_SHARD" if fsdp_cfg.hsdp else fsdp_cfg.sharding_strategy
-    world = dist.world_size  # the strategy name was validated by config.validate.check_supported
-    dev = dist.device.type
-    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        return init_device_mesh(dev, (world,), mesh_dim_names=("shard",))
-    # Sub-groups get --dist_timeout too; without an override they take torch's 30 minutes.
-    groups = _group_timeouts(dist, 2)
+    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):  # the name was validated by config.validate
+        return (world,)
     if strategy == "NO_SHARD":
-        return init_device_mesh(dev, (world, 1), mesh_dim_names=("replicate", "shard"), backend_override=groups)
-    shard = fsdp_cfg.sharding_group_size or dist.local_world_size
+        return (world, 1)
+    shard = fsdp_cfg.sharding_group_size or local_world
     replicas = fsdp_cfg.replica_group_size or (world // shard if shard else 0)
     if shard <= 0 or world % shard or replicas * shard != world:
         raise UserError(
             f"HYBRID_SHARD needs sharding_group_size x replica_group_size = world size {world}; "
             f"got {shard} x {replicas}: pick a sharding_group_size that divides {world}"
         )
-    return init_device_mesh(dev, (replicas, shard), mesh_dim_names=("replicate", "shard"), backend_override=groups)
+    return (replicas, shard)
+
+
+def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
+    shape = mesh_shape(fsdp_cfg, dist.world_size, dist.local_world_size)
+    if len(shape) == 1:
+        return init_device_mesh(dist.device.type, shape, mesh_dim_names=("shard",))
+    # Sub-groups get --dist_timeout too; without an override they take torch's 30 minutes.
+    return init_device_mesh(dist.device.type, shape, mesh_dim_names=("replicate", "shard"),
+                            backend_override=_group_timeouts(dist, 2))
 
 
 def _group_timeouts(dist: Dist, ndim: int) -> dict:
@@ -109,12 +118,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def reshards_after_forward(fsdp_cfg) -> bool:
+    """A layer frees its gathered weights after forward (all but SHARD_GRAD_OP)."""
+    return fsdp_cfg.sharding_strategy != "SHARD_GRAD_OP"
+
+
 def shard(model: torch.nn.Module, mesh: DeviceMesh, fsdp_cfg, precision: Precision,
           pin_memory: bool = True, prepare_layer=None) -> torch.nn.Module:
     """fully_shard each decoder layer, the input embedding and an untied output head, then
     the root (the rest). prepare_layer(layer) -> parameters to leave
     unsharded: runs on each layer just before it is sharded (quant.LayerQuantizer)."""
-    reshard = fsdp_cfg.sharding_strategy != "SHARD_GRAD_OP"
+    reshard = reshards_after_forward(fsdp_cfg)
     kwargs = {
         "mesh": mesh,
         "reshard_after_forward": reshard,

@@ -32,7 +32,7 @@ def main() -> None:
     tokenizer = model_lib.load_tokenizer(cfgs.train.model_name)
     split = build_split(cfgs, tokenizer, "train", dist)
     batch = collate([split.dataset[2 * dist.rank + i] for i in range(2)], tokenizer.pad_token_id)
-    precision = parallel.resolve_precision(cfgs, dist)
+    precision = parallel.resolve_precision(cfgs, dist.supports_fast_bf16())
     model, _ = sft.setup_model(cfgs, dist, spec, precision)
     model.train()
 

@@ -7,49 +7,42 @@ depend on the world size, which parity across world sizes relies on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
-from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from ..config.schema import PEFT_METHODS
 from ..errors import UserError
 from ..modeling.load import safetensors_keys
-from . import llama_adapter, lora, prefix
+
+# What each method's module (shardtune.adapters.NAME, one per config.schema.PEFT_METHODS
+# entry) supplies:
+#   peft_config(method config, model config) -> peft config
+#   check(method config): raise UserError for values peft would reject only while wrapping
+#   init_weights(model): materialise and initialise the adapter on the host
+#   saved_key(parameter name) -> its key in peft's adapter_model.safetensors
+#   trainable_params(method config, shape) -> trained parameters (commands/plan.py's ModelShape)
+# and optionally
+#   adapter_state(full trainable state) -> peft's on-disk tensors, where peft's own save
+#       would run a sharded module (otherwise peft's save_pretrained)
+#   init_from_base(model, initial values, names read from --from_peft_checkpoint): what
+#       depends on the loaded base weights (DoRA's magnitude), after materialisation
+REQUIRED = ("peft_config", "check", "init_weights", "saved_key", "trainable_params")
 
 
-@dataclass(frozen=True)
-class Method:
-    """The contract of a PEFT method, declared once: each module supplies the callables,
-    and the flags say what the rest of the recipe must do differently."""
-
-    peft_config: Callable  # (method config, model config) -> peft config
-    check: Callable  # (method config) -> None: raise UserError for values peft would reject
-    init_weights: Callable  # (model) -> None: materialise and initialise the adapter on the host
-    saved_key: Callable  # parameter name -> key in peft's adapter_model.safetensors
-    packs: bool = True  # several examples may share a row
-    activation_checkpointing: bool = True  # a checkpointed layer may be replayed
-    # full trainable state -> peft's on-disk tensors, where peft's own save would run a
-    # sharded module; None: peft's save_pretrained
-    adapter_state: Optional[Callable] = None
-    # (model, initial values, names read from --from_peft_checkpoint) -> None: set what
-    # depends on the loaded base weights (DoRA's magnitude), after materialisation
-    init_from_base: Optional[Callable] = None
+def code(method: str) -> ModuleType:
+    """The module that implements a registered PEFT method (imported on first use)."""
+    if method not in PEFT_METHODS:
+        raise UserError(f"unknown --peft_method {method!r}; choose one of: {', '.join(PEFT_METHODS)}")
+    return importlib.import_module(f".{method}", __name__)
 
 
-def _method(module, **flags) -> Method:
-    return Method(module.peft_config, module.check, module.init_weights, module.saved_key, **flags)
-
-
-METHODS = {
-    "lora": _method(lora, init_from_base=lora.init_from_base),
-    "llama_adapter": _method(llama_adapter),
-    # The learned prefix is a KV cache: transformers then stops isolating packed examples,
-    # and each layer appends to it, so an activation-checkpoint replay would append twice.
-    "prefix": _method(prefix, packs=False, activation_checkpointing=False, adapter_state=prefix.adapter_state),
-}
+def adapter_state(method: str) -> Optional[Callable]:
+    return getattr(code(method), "adapter_state", None)
 
 
 def check_config(cfgs) -> None:
@@ -60,17 +53,18 @@ def check_config(cfgs) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise UserError(f"--{type(cfg).__name__}.{name} must be a positive integer, got {value}")
     try:
-        METHODS[method].check(cfg)
+        code(method).check(cfg)
     except ValueError as err:  # peft's own validation, e.g. an unknown task_type
         raise UserError(f"--peft_method {method}: {str(err).splitlines()[0]}") from None
 
 
-def wrap(model: torch.nn.Module, cfgs) -> PeftModel:
+def wrap(model: torch.nn.Module, cfgs):
+    """The model wrapped by peft (a PeftModel) with the configured method."""
+    from peft import get_peft_model
+
     method = cfgs.train.peft_method
-    if method not in METHODS:
-        raise UserError(f"unknown --peft_method {method!r}; choose {', '.join(METHODS)}")
     try:
-        return get_peft_model(model, METHODS[method].peft_config(cfgs.peft_config, model.config))
+        return get_peft_model(model, code(method).peft_config(cfgs.peft_config, model.config))
     except (ValueError, NotImplementedError) as err:  # e.g. target modules the model does not have
         raise UserError(f"--peft_method {method}: {str(err).splitlines()[0]}") from None
 
@@ -79,14 +73,15 @@ def init_new_params(model: torch.nn.Module, method: str, seed: int) -> dict[str,
     """Materialise the adapter's meta-device parameters on the host, run peft's own
     initialisation, and return full copies by parameter name."""
     torch.manual_seed(seed)
-    METHODS[method].init_weights(model)
+    code(method).init_weights(model)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def init_from_base(model: torch.nn.Module, method: str, initial: dict[str, torch.Tensor], keep: set[str]) -> None:
     """After materialisation: adapter weights computed from the loaded base weights."""
-    if METHODS[method].init_from_base is not None:
-        METHODS[method].init_from_base(model, initial, keep)
+    init = getattr(code(method), "init_from_base", None)
+    if init is not None:
+        init(model, initial, keep)
 
 
 def adapter_file(adapter_dir: str) -> Path:
@@ -107,7 +102,7 @@ def load_adapter_weights(peft_model, method: str, adapter_dir: str) -> dict[str,
     for name, p in peft_model.named_parameters():
         if not p.requires_grad:
             continue
-        key = METHODS[method].saved_key(name)
+        key = code(method).saved_key(name)
         if key not in saved:
             raise UserError(f"{path} has no tensor {key}; it was saved for a different model or PEFT config")
         out[name] = saved[key].to(p.dtype)

@@ -20,6 +20,11 @@ def check(cfg) -> None:
     AdaptionPromptConfig(adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers, task_type=cfg.task_type)
 
 
+def trainable_params(cfg, shape) -> int:
+    """A prompt (adapter_len x hidden) and a gate per adapted layer."""
+    return min(cfg.adapter_layers, shape.layers) * (cfg.adapter_len * shape.hidden + 1)
+
+
 def init_weights(model: torch.nn.Module) -> None:
     # peft's own init: prompt ~ N(0, 1) (the paper's Embedding), gate = 0 (zero-init)
     for module in model.modules():

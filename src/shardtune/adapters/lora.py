@@ -48,6 +48,20 @@ def target_modules(names: list[str]) -> list[str] | str:
     return "all-linear"
 
 
+def targeted(cfg, linears) -> frozenset:
+    """Which of a decoder layer's linear layers (names) get an adapter."""
+    names = frozenset(linears)
+    return names if "all-linear" in cfg.target_modules else names & set(cfg.target_modules)
+
+
+def trainable_params(cfg, shape) -> int:
+    """A and B per adapted linear (r x in + out x r), and DoRA's magnitude (one per output row)."""
+    linears = shape.linears()
+    per_layer = sum(cfg.r * (n_in + n_out) + (n_out if cfg.use_dora else 0)
+                    for name, (n_in, n_out) in linears.items() if name in targeted(cfg, linears))
+    return shape.layers * per_layer
+
+
 def init_weights(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer):

@@ -18,6 +18,12 @@ def check(cfg) -> None:
     peft_config(cfg, None)  # peft's own checks (task_type, ...) raise ValueError
 
 
+def trainable_params(cfg, shape) -> int:
+    """A key and a value vector per virtual token and layer (peft's embedding table); with
+    grouped-query attention they have the key/value heads' width, not the hidden size."""
+    return cfg.num_virtual_tokens * shape.layers * 2 * shape.kv_dim
+
+
 def init_weights(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, PrefixEncoder):

@@ -63,7 +63,7 @@ def convert(checkpoint: str, out_dir: str) -> Path:
     method = ckpt.info["peft_method"]
     if method:
         peft_model = adapters.wrap(model, cfgs)
-        adapter_state = adapters.METHODS[method].adapter_state
+        adapter_state = adapters.adapter_state(method)
         peft_config = copy.deepcopy(peft_model.peft_config["default"])
         peft_config.base_model_name_or_path = str(spec.model_dir)
         tensors = adapter_state(params) if adapter_state else _peft_tensors(peft_model, params)

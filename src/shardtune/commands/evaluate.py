@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .. import data
 from ..metrics import scores
 from ..config.parse import parse_args
-from ..config.schema import Configs
+from ..config.schema import DATASETS, Configs
 from ..data.packing import collate, pack
 from ..data.records import BadRecords
 from ..data.tokenize import IGNORE_INDEX, Example
@@ -34,7 +34,6 @@ from ..modeling.load import load_tokenizer, resolve_model_dir
 from ..loop import perplexity, token_loss_sum
 
 # dataset -> the generation metric its references support; other datasets report the loss only
-GENERATION_METRICS = {"samsum_dataset": "rouge", "grammar_dataset": "gleu"}
 
 
 @torch.no_grad()
@@ -70,12 +69,20 @@ def generation_scores(metric: str, model, tokenizer, examples: list[Example], sa
         references.setdefault(tuple(prompt), []).append(tokenizer.decode(target, skip_special_tokens=True).strip())
     hypotheses = [complete(model, tokenizer, list(prompt), sampling)
                   for prompt in tqdm(references, desc="generate", dynamic_ncols=True)]
-    if metric == "rouge":  # one reference per dialogue: score against the first
-        return {"num_prompts": len(hypotheses),
-                "rouge": scores.rouge(hypotheses, [refs[0] for refs in references.values()])}
-    refs = list(references.values())
-    return {"num_prompts": len(hypotheses), "gleu": scores.gleu(hypotheses, refs),
-            "exact_match": scores.exact_match(hypotheses, refs)}
+    return {"num_prompts": len(hypotheses), **SCORERS[metric](hypotheses, list(references.values()))}
+
+
+def _rouge(hypotheses: list[str], references: list[list[str]]) -> dict:
+    # one reference per dialogue: score against the first
+    return {"rouge": scores.rouge(hypotheses, [refs[0] for refs in references])}
+
+
+def _gleu(hypotheses: list[str], references: list[list[str]]) -> dict:
+    return {"gleu": scores.gleu(hypotheses, references), "exact_match": scores.exact_match(hypotheses, references)}
+
+
+# a dataset's generation_metric (config.schema.DATASETS) -> its scores of the completions
+SCORERS = {"rouge": _rouge, "gleu": _gleu}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,7 +127,7 @@ def evaluate(cfgs: Configs, peft_model: Optional[str], max_samples: int, max_new
     model_name = base_model_name(t.model_name if cfgs.was_set(t, "model_name") else None, peft_model)
     # the data first, with the tokenizer alone: bad data fails before the model loads
     tokenizer = load_tokenizer(t.tokenizer_name or str(resolve_model_dir(model_name)))
-    source = data.DATASETS[t.dataset](cfgs.dataset, cfgs.dataset.test_split)
+    source = data.source(cfgs, cfgs.dataset.test_split)
     examples = source.read(tokenizer, BadRecords(t.on_bad_record))
     if max_samples:
         examples = examples[:max_samples]
@@ -133,7 +140,7 @@ def evaluate(cfgs: Configs, peft_model: Optional[str], max_samples: int, max_new
     loss = loss_sum / label_tokens
     report = {"model": model_name, "peft_model": peft_model, "dataset": t.dataset, "split": source.name,
               "num_samples": len(examples), "label_tokens": label_tokens, "loss": loss, "perplexity": perplexity(loss)}
-    metric = GENERATION_METRICS.get(t.dataset)
+    metric = DATASETS[t.dataset].generation_metric
     if metric:
         report["max_new_tokens"] = max_new_tokens
         report.update(generation_scores(metric, model, tokenizer, examples, sampling))

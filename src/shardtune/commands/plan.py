@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..config.parse import parse_args
-from ..config.schema import Configs
+from ..config.schema import PEFT_METHODS, Configs
 from ..errors import UserError, exit_on_user_error
 from ..modeling.loss import CE_CHUNK_TOKENS
 
@@ -173,7 +173,10 @@ class Setup:
 
 
 def resolve_setup(cfgs: Configs, launch: Launch) -> Setup:
-    from .. import adapters
+    """The recipe's own decisions (precision, mesh, adapter targets), taken from the library
+    functions the recipe calls, so the plan cannot drift from what a run does."""
+    from .. import parallel
+    from ..adapters import lora
     from ..config.validate import check_supported, resolve_batching
 
     check_supported(cfgs)
@@ -181,48 +184,34 @@ def resolve_setup(cfgs: Configs, launch: Launch) -> Setup:
     batching = resolve_batching(cfgs)
     if launch.world_size < 1 or launch.nnodes < 1 or launch.world_size % launch.nnodes:
         raise UserError(f"--world_size {launch.world_size} must be a positive multiple of --nnodes {launch.nnodes}")
-    fp16 = t.use_fp16 or f.use_fp16
-    # parallel.resolve_precision's rule: bf16 by default only where it is fast (accelerators)
-    mixed = t.mixed_precision and f.mixed_precision and (
-        launch.device != "cpu" or cfgs.was_set(t, "mixed_precision") or cfgs.was_set(f, "mixed_precision"))
-    storage = 2 if f.pure_bf16 else 4
-    compute = 2 if (f.pure_bf16 or fp16 or mixed) else 4
-    names = frozenset(LINEARS)
-    full = frozenset() if t.use_peft else names
-    lora = frozenset()
-    if t.use_peft and t.peft_method == "lora":
-        targets = cfgs.peft_config.target_modules
-        lora = names if "all-linear" in targets else names & set(targets)
-    strategy = "HYBRID_SHARD" if f.hsdp else f.sharding_strategy
     world = launch.world_size
-    shard = {"FULL_SHARD": world, "SHARD_GRAD_OP": world, "NO_SHARD": 1,
-             "HYBRID_SHARD": f.sharding_group_size or world // launch.nnodes}[strategy] if t.enable_fsdp else 1
+    # an accelerator is taken to have bf16 units, as the recipe's Dist reports for CUDA
+    precision = parallel.resolve_precision(cfgs, fast_bf16=launch.device != "cpu", log_choice=False)
+    storage, compute = precision.storage.itemsize, precision.compute.itemsize
+    names = frozenset(LINEARS)
+    lora_cfg = cfgs.peft["lora_config"]
+    lora_linears = lora.targeted(lora_cfg, names) if t.use_peft and t.peft_method == "lora" else frozenset()
+    shard = parallel.mesh_shape(f, world, world // launch.nnodes)[-1] if t.enable_fsdp else 1
     anyprecision = f.optimizer.lower() == "anyprecision"
     checkpointing = (t.enable_fsdp and f.fsdp_activation_checkpointing
-                     and (not t.use_peft or adapters.METHODS[t.peft_method].activation_checkpointing))
+                     and (not t.use_peft or PEFT_METHODS[t.peft_method].activation_checkpointing))
     return Setup(
-        storage=storage, compute=compute, trainable_linears=full, lora_linears=lora,
-        lora_rank=cfgs.peft["lora_config"].r, lora_dropout=cfgs.peft["lora_config"].lora_dropout > 0,
+        storage=storage, compute=compute, trainable_linears=frozenset() if t.use_peft else names,
+        lora_linears=lora_linears, lora_rank=lora_cfg.r, lora_dropout=lora_cfg.lora_dropout > 0,
         micro_batch=batching.micro, context=t.context_length, shard=shard, fsdp=t.enable_fsdp,
-        reshard=strategy != "SHARD_GRAD_OP", ddp=world > 1 and not t.enable_fsdp,
+        reshard=parallel.reshards_after_forward(f), ddp=world > 1 and not t.enable_fsdp,
         checkpointing=checkpointing, offload=f.fsdp_cpu_offload,
         optimizer_bytes=(8 + (2 if f.pure_bf16 else 0)) if anyprecision else 2 * storage,
         quant_bytes={"8bit": 1.0, "4bit": 0.5 + 4 / 64}.get(t.quantization),  # nf4 + an fp32 absmax per 64
     )
 
 
-def adapter_params(cfgs: Configs, shape: ModelShape, s: Setup) -> int:
+def adapter_params(cfgs: Configs, shape: ModelShape) -> int:
+    """What the PEFT method trains, counted by the method's own module."""
+    from .. import adapters
+
     t = cfgs.train
-    if not t.use_peft:
-        return 0
-    if t.peft_method == "lora":
-        linears = shape.linears()
-        return shape.layers * sum(s.lora_rank * sum(linears[name]) for name in s.lora_linears)
-    if t.peft_method == "llama_adapter":
-        c = cfgs.peft["llama_adapter_config"]
-        return min(c.adapter_layers, shape.layers) * (c.adapter_len * shape.hidden + 1)
-    c = cfgs.peft["prefix_config"]
-    return c.num_virtual_tokens * shape.layers * 2 * shape.hidden
+    return adapters.code(t.peft_method).trainable_params(cfgs.peft_config, shape) if t.use_peft else 0
 
 
 def layer_activation_bytes(shape: ModelShape, s: Setup) -> int:
@@ -262,7 +251,7 @@ def plan_memory(cfgs: Configs, shape: ModelShape, launch: Launch) -> MemoryPlan:
     s = resolve_setup(cfgs, launch)
     tokens = s.micro_batch * s.context
     full_ft = bool(s.trainable_linears)
-    n_adapter = adapter_params(cfgs, shape, s)
+    n_adapter = adapter_params(cfgs, shape)
     trainable = shape.params() if full_ft else n_adapter
 
     # parameters: sharded storage + what FSDP gathers in the compute dtype while it runs
@@ -429,6 +418,7 @@ def launch_parser() -> argparse.ArgumentParser:
 def measured_label_share(cfgs: Configs) -> float:
     """Labelled positions / all positions of the packed (or padded) training split."""
     from .. import data
+    from ..data.tokenize import IGNORE_INDEX
     from ..modeling.load import load_tokenizer, resolve_model_dir
 
     t = cfgs.train
@@ -437,7 +427,7 @@ def measured_label_share(cfgs: Configs) -> float:
     labelled = positions = 0
     for index in range(len(split.dataset)):
         labels = split.dataset[index]["labels"]
-        labelled += int((labels != -100).sum())
+        labelled += int((labels != IGNORE_INDEX).sum())
         positions += labels.numel()
     return labelled / max(positions, 1)
 

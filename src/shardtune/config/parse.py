@@ -16,8 +16,7 @@ from typing import Any
 
 import yaml
 
-from .help import HELP
-from .schema import ALL_CONFIGS, Configs, default_configs, fsdp_config, train_config
+from .schema import ALL_CONFIGS, Configs, default_configs, fsdp_config, help_text, train_config
 from ..errors import UserError
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -149,7 +148,7 @@ def load_yaml(cfgs: Configs, path: str) -> None:
 
 
 def usage() -> str:
-    """Every flag, grouped by config, with its default and meaning (confighelp.HELP)."""
+    """Every flag, grouped by config, with its default and meaning (the fields' metadata)."""
     lines = ["usage: llama_finetuning.py [--field value | --flag] ... [--config FILE.yaml] [--debug]",
              "",
              "A bare name sets every config that has the field; a qualified one (--lora_config.r 16) only",
@@ -159,7 +158,7 @@ def usage() -> str:
         lines.append(f"\n{cls.__name__}:")
         for f in fields(cls):
             lines.append(f"  --{_help_name(cls, f.name)} (default: {shown_default(f)})")
-            lines += textwrap.wrap(HELP[cls.__name__][f.name], 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            lines += textwrap.wrap(help_text(cls, f), 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 

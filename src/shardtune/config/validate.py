@@ -9,7 +9,7 @@ from .. import adapters, data, parallel
 from ..errors import UserError
 from ..metrics import sinks
 from ..optim.build import SCHEDULERS
-from .schema import Configs
+from .schema import PEFT_METHODS, Configs
 
 # train_config field -> its smallest valid value: each would otherwise fail late (val_batch_size 0
 # after the first epoch) or be silently wrong (a negative clip threshold)
@@ -79,8 +79,8 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError("--one_gpu and --enable_fsdp contradict each other; drop one")
     if t.use_peft and t.freeze_layers:
         raise UserError("--freeze_layers applies to full fine-tuning; drop it or drop --use_peft")
-    if t.use_peft and t.peft_method not in adapters.METHODS:
-        raise UserError(f"unknown --peft_method {t.peft_method!r}; choose lora, llama_adapter or prefix")
+    if t.use_peft and t.peft_method not in PEFT_METHODS:
+        raise UserError(f"unknown --peft_method {t.peft_method!r}; choose one of: {', '.join(PEFT_METHODS)}")
     if t.use_peft:
         adapters.check_config(cfgs)
     if t.from_peft_checkpoint and not t.use_peft:

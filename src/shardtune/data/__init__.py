@@ -8,6 +8,7 @@ once per machine. Splits that are not cached (a hub id, a custom dataset file, o
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import multiprocessing
 import time
@@ -19,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from . import alpaca, cache, chat, custom, grammar, samsum
+from ..config.schema import DATASETS
+from . import cache, custom
 from .packing import PACKING_ALGORITHM, ChunkDataset, ExampleDataset, PackStats, collate, fit, pack
 from .records import BadRecords
 from .sampler import EvalSampler, GlobalBatchSampler
@@ -27,17 +29,9 @@ from .source import Source
 
 log = logging.getLogger(__name__)
 
-# dataset name -> source(dataset_config, split) -> Source
-DATASETS: dict[str, Callable[..., Source]] = {
-    "samsum_dataset": samsum.source,
-    "grammar_dataset": grammar.source,
-    "alpaca_dataset": alpaca.source,
-    "custom_dataset": custom.source,
-    "chat_dataset": chat.source,
-}
 BATCHING_STRATEGIES = ("packing", "padding")
 
-__all__ = ["DATASETS", "ChunkDataset", "SplitData", "build_split", "train_loader", "eval_loader"]
+__all__ = ["source", "ChunkDataset", "SplitData", "build_split", "train_loader", "eval_loader"]
 
 
 @dataclass
@@ -54,7 +48,7 @@ class SplitData:
 def check_flags(t) -> None:
     """Validate the data flags of a train_config; cheap, so callers run it before heavy work."""
     if t.dataset not in DATASETS:
-        raise UserError(f"unknown dataset {t.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+        raise UserError(f"unknown dataset {t.dataset!r}; choose one of: {', '.join(DATASETS)}")
     if t.batching_strategy not in BATCHING_STRATEGIES:
         raise UserError(f"unknown --batching_strategy {t.batching_strategy!r}; choose packing or padding")
     BadRecords(t.on_bad_record)  # validates the mode
@@ -62,9 +56,14 @@ def check_flags(t) -> None:
         raise UserError("--context_length must be at least 2")
 
 
+def source(cfgs, split_name: str) -> Source:
+    """The configured dataset's split, read by its module (config.schema.DATASETS)."""
+    reader = importlib.import_module(f".{DATASETS[cfgs.train.dataset].module}", __name__)
+    return reader.source(cfgs.dataset, split_name)
+
+
 def _resolve(cfgs, split: str) -> Source:
-    ds_cfg = cfgs.dataset
-    return DATASETS[cfgs.train.dataset](ds_cfg, getattr(ds_cfg, "train_split" if split == "train" else "test_split"))
+    return source(cfgs, getattr(cfgs.dataset, "train_split" if split == "train" else "test_split"))
 
 
 def _cache_path(cfgs, tokenizer, src: Source) -> Optional[Path]:

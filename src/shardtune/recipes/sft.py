@@ -55,7 +55,7 @@ from ..checkpoint import manifest, state as ckpt_state
 from ..checkpoint.resume import (batching_for, check_resumable, check_schedule, checkpoint_dir, find_resume,
                                  model_fingerprint)
 from ..config.parse import parse_args, usage
-from ..config.schema import Configs
+from ..config.schema import PEFT_METHODS, Configs
 from ..config.validate import Batching, check_supported
 from ..errors import UserError, exit_now, exit_on_user_error, take_debug_flag
 from ..metrics import curve, sinks, throughput
@@ -109,7 +109,7 @@ class RunResult:
 def needs_unpacked(cfgs: Configs) -> bool:
     """One example per row with an attention mask (prefix tuning's prefix is a KV cache)."""
     t = cfgs.train
-    return t.use_peft and not adapters.METHODS[t.peft_method].packs
+    return t.use_peft and not PEFT_METHODS[t.peft_method].packs
 
 
 def resolve(cfgs: Configs) -> Configs:
@@ -181,7 +181,7 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
     elif t.freeze_layers:
         freeze_first_layers(model, t.num_freeze_layers)
     if t.enable_fsdp and cfgs.fsdp.fsdp_activation_checkpointing:
-        if not t.use_peft or adapters.METHODS[t.peft_method].activation_checkpointing:
+        if not t.use_peft or PEFT_METHODS[t.peft_method].activation_checkpointing:
             parallel.enable_activation_checkpointing(model)
         else:
             log.warning("activation checkpointing is off for %s: its KV cache cannot be replayed", t.peft_method)
@@ -268,7 +268,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     tokenizer = model_lib.load_tokenizer(t.tokenizer_name or str(spec.model_dir))
     model_lib.check_vocab(tokenizer, spec)
     prepare_dirs(cfgs, dist, run_dir)
-    precision = parallel.resolve_precision(cfgs, dist, log_choice=dist.is_main)
+    precision = parallel.resolve_precision(cfgs, dist.supports_fast_bf16(), dist.device.type, log_choice=dist.is_main)
     if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
         log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
 
@@ -489,7 +489,7 @@ def save(recipe: Recipe) -> None:
     require_finite(recipe)
     if t.use_peft:
         checkpoint.save_adapter(r.peft_model, t.output_dir, r.dist,
-                                adapters.METHODS[t.peft_method].adapter_state)
+                                adapters.adapter_state(t.peft_method))
         log.info("saved the %s adapter to %s", t.peft_method, t.output_dir)
     else:
         checkpoint.save_full_model(r.train_model, r.tokenizer, t.output_dir, r.dist)
