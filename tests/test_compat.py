@@ -27,3 +27,51 @@ def test_graph_breaks_names_each_cause_once():
     twice_broken(torch.ones(4))  # a recompile meets the same break: still one cause
     breaks = _compat.graph_breaks()
     assert len(breaks) == 1 and "graph_break" in breaks[0], breaks
+
+
+def test_parameters_on_meta_moves_parameters_and_keeps_buffers():
+    with _compat.parameters_on_meta():
+        norm = torch.nn.BatchNorm1d(4)
+    assert norm.weight.is_meta and isinstance(norm.weight, torch.nn.Parameter) and norm.weight.requires_grad
+    assert not norm.running_mean.is_meta
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # and the swap is undone
+
+
+def test_attn_implementation_reads_the_resolved_choice():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.set_attn_implementation("eager")
+    assert _compat.attn_implementation(model.config) == "eager"
+
+
+def test_peft_and_torchao_names_exist():
+    import torch.nn as nn
+
+    assert issubclass(_compat.adapted_attention_class(), nn.Module)
+    assert hasattr(_compat.nf4_module(), "NF4Tensor")
+
+
+def test_gloo_group_options_and_mesh_registry(tmp_path):
+    """Options with a timeout reach a mesh's sub-groups; the registry release_device_meshes
+    empties exists and is a dict (one real gloo rank)."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    timeout = datetime.timedelta(seconds=123)
+    assert _compat.backend_options("gloo", timeout)._timeout == timeout
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"),
+                                backend_override={0: ("gloo", _compat.backend_options("gloo", timeout)),
+                                                  1: ("gloo", _compat.backend_options("gloo", timeout))})
+        assert isinstance(mesh._pg_registry, dict) and mesh._pg_registry
+        _compat.release_device_meshes()
+        assert not mesh._pg_registry
+    finally:
+        dist.destroy_process_group()

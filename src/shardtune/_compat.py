@@ -2,11 +2,103 @@
 in one place, so that an upgrade breaks here with a clear message instead of deep in a run.
 tests/test_compat.py exercises each entry against the installed versions.
 
-Checked against: torch 2.13.0, transformers 5.24.0 and 5.25.0, peft 0.21.2 (constraints.txt).
+Checked against: torch 2.13.0, transformers 5.24.0 and 5.25.0, peft 0.21.2, torchao 0.17.0
+(constraints.txt).
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import gc
+import sys
+
 import torch
+
+from .errors import UserError
+
+
+# ---- torch.distributed ---------------------------------------------------------------------
+
+def backend_options(backend: str, timeout: datetime.timedelta):
+    """Process-group options that carry a timeout, for init_device_mesh's backend_override
+    (its sub-groups otherwise take torch's default 30 minutes). NCCL's Options exposes the
+    timeout only as the private `_timeout`; gloo's is built through the C++ Backend.Options."""
+    if backend == "nccl":
+        from torch.distributed import ProcessGroupNCCL
+
+        options = ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return options
+    from torch._C._distributed_c10d import Backend
+
+    return Backend.Options(backend, timeout)
+
+
+def release_device_meshes() -> None:
+    """torch caches DeviceMeshes (DTensor sharding and redistribution caches, FSDP2 closures),
+    and each mesh holds its process groups in the private `_pg_registry`. Those hidden
+    references keep gloo's worker threads alive past destroy_process_group, and one still
+    releasing a finished collective's tensor while the interpreter shuts down aborts the
+    process. Emptying the registries lets the groups, and their threads, end."""
+    if "torch.distributed.device_mesh" not in sys.modules:
+        return
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+        if isinstance(registry, dict):
+            registry.clear()
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every nn.Parameter created inside lands on the meta device, buffers stay real.
+    Parameters go through Module.register_parameter (via __setattr__), which is swapped for
+    the duration: accelerate's init_empty_weights(include_buffers=False), without the
+    dependency. Process-wide while active."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+# ---- transformers and peft --------------------------------------------------------------
+
+def attn_implementation(config) -> str:
+    """The attention a model runs (transformers keeps the resolved choice private)."""
+    return config._attn_implementation
+
+
+def adapted_attention_class() -> type:
+    """peft's LLaMA-Adapter attention wrapper, whose prompt and gate shardtune initialises."""
+    from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
+
+    return _BaseAdaptedAttention
+
+
+# ---- torchao ----------------------------------------------------------------------------
+
+def nf4_module():
+    """torchao's NF4 module: torchao.quantization.quantize_.workflows.nf4 from 0.18 on,
+    torchao.dtypes.nf4tensor before (0.17 and 0.18 tested)."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+        return nf4_tensor
+    except ImportError:
+        pass
+    try:
+        from torchao.dtypes import nf4tensor
+        return nf4tensor
+    except ImportError:
+        raise UserError("--quantization 4bit with --enable_fsdp needs torchao: pip install 'shardtune[quant]'") from None
 
 
 # ---- torch.compile (dynamo) ---------------------------------------------------------------

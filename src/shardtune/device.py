@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 # Imported before any process group exists, on purpose: torch.distributed.fsdp has
 # `group=dist.group.WORLD` default arguments, which would hold the live group if imported
-# after init_process_group (transformers imports it lazily). See _release_meshes for why
+# after init_process_group (transformers imports it lazily). See _compat.release_device_meshes for why
 # no hidden reference to a group may outlive teardown.
 import torch.distributed.fsdp  # noqa: F401
 
+from . import _compat
 from .errors import UserError
 
 
@@ -157,21 +158,7 @@ def teardown() -> None:
     """End the process group so that its backend threads are joined before interpreter exit."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # the model and its FSDP state, which hold the groups, are cyclic garbage
-        _release_meshes()
+        _compat.release_device_meshes()
         dist.destroy_process_group()
 
 
-def _release_meshes() -> None:
-    # torch caches DeviceMeshes (DTensor sharding and redistribution caches, FSDP2 closures),
-    # and each mesh holds its process groups. Those hidden references keep gloo's worker
-    # threads alive past destroy_process_group, and one still releasing a finished
-    # collective's tensor while the interpreter shuts down aborts the process. Emptying the
-    # meshes' group registries lets the groups, and their threads, end here.
-    if "torch.distributed.device_mesh" not in sys.modules:
-        return
-    from torch.distributed.device_mesh import DeviceMesh
-
-    for obj in gc.get_objects():
-        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
-        if isinstance(registry, dict):
-            registry.clear()

@@ -92,16 +92,7 @@ def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
 
 
 def _group_timeouts(dist: Dist, ndim: int) -> dict:
-    timeout = datetime.timedelta(seconds=dist.timeout_s)
-    if dist.backend == "nccl":
-        from torch.distributed import ProcessGroupNCCL
-
-        options = ProcessGroupNCCL.Options()
-        options._timeout = timeout
-    else:
-        from torch._C._distributed_c10d import Backend
-
-        options = Backend.Options(dist.backend, timeout)
+    options = _compat.backend_options(dist.backend, datetime.timedelta(seconds=dist.timeout_s))
     return {dim: (dist.backend, options) for dim in range(ndim)}
 
 

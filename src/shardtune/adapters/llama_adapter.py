@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from peft import AdaptionPromptConfig
-from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
+
+from .. import _compat
 
 
 def peft_config(cfg, model_config) -> AdaptionPromptConfig:
@@ -28,7 +29,7 @@ def trainable_params(cfg, shape) -> int:
 def init_weights(model: torch.nn.Module) -> None:
     # peft's own init: prompt ~ N(0, 1) (the paper's Embedding), gate = 0 (zero-init)
     for module in model.modules():
-        if isinstance(module, _BaseAdaptedAttention):
+        if isinstance(module, _compat.adapted_attention_class()):
             module.to_empty(device="cpu", recurse=False)
             module.adaption_prompt.data.normal_()
             module.adaption_gate.data.zero_()

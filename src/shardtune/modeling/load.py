@@ -19,8 +19,9 @@ from safetensors import SafetensorError, safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .attention import PACKED
+from .. import _compat
 from ..errors import UserError
+from .attention import PACKED
 
 log = logging.getLogger(__name__)
 
@@ -298,27 +299,8 @@ def _buffer_skeleton(spec: ModelSpec) -> torch.nn.Module:
     device: its buffers are computed for real, and cost next to nothing."""
     # on a copy of the config: from_config writes its choices (attention, dtype) into the
     # config it is given, and the model being trained shares spec.config
-    with _parameters_on_meta():
+    with _compat.parameters_on_meta():
         return AutoModelForCausalLM.from_config(copy.deepcopy(spec.config), dtype=spec.dtype)
-
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    # Every nn.Parameter goes through Module.register_parameter (via __setattr__); moving it to
-    # meta there is accelerate's init_empty_weights(include_buffers=False), without the dependency.
-    # tests/test_families.py::test_buffer_skeleton fails if a torch change breaks this.
-    original = torch.nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None and not param.is_meta:
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
 
 
 def load_quantized(spec: ModelSpec, quantization: str, device: torch.device) -> torch.nn.Module:

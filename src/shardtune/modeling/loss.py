@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import PACKED, packed_lengths
+from .. import _compat
 from ..data.tokenize import IGNORE_INDEX
+from .attention import PACKED, packed_lengths
 
 CE_CHUNK_TOKENS = 1024  # positions per head + CE chunk: 1024 x 32k vocab x fp32 = 128 MiB of logits
 # config fields of transformers models that post-process the head's output
@@ -67,7 +68,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
         # mask a plain peft user would, and let the model place positions after the prefix.
         pos = inputs.pop("position_ids")
         inputs["attention_mask"] = (pos == torch.arange(pos.shape[1], device=device)).long()
-    elif "attention_mask" not in inputs and "position_ids" in inputs and config_of(model)._attn_implementation == PACKED:
+    elif "attention_mask" not in inputs and "position_ids" in inputs and _compat.attn_implementation(config_of(model)) == PACKED:
         # attention within each packed example only (attention.py), lengths read on the host
         inputs["packed_lengths"] = packed_lengths(batch["position_ids"])
     targets = Targets.of(batch["labels"], device)

@@ -16,29 +16,15 @@ import logging
 import torch
 from torch.distributed.tensor import DTensor
 
-from . import load as model_lib
+from .. import _compat
 from ..errors import UserError
+from . import load as model_lib
 
 log = logging.getLogger(__name__)
 
 # torchao's defaults (those of QLoRA): 64 values per block scale, 256 block scales per
 # second-level (double-quantization) block
 BLOCK_SIZE, SCALER_BLOCK_SIZE = 64, 256
-
-
-def _nf4():
-    """torchao's NF4 module: torchao.quantization.quantize_.workflows.nf4 from 0.18 on,
-    torchao.dtypes.nf4tensor before (0.17 and 0.18 tested)."""
-    try:
-        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
-        return nf4_tensor
-    except ImportError:
-        pass
-    try:
-        from torchao.dtypes import nf4tensor
-        return nf4tensor
-    except ImportError:
-        raise UserError("--quantization 4bit with --enable_fsdp needs torchao: pip install 'shardtune[quant]'") from None
 
 
 def check_fits(name: str, shape: torch.Size, shard_size: int) -> None:
@@ -64,7 +50,7 @@ class LayerQuantizer:
     just before fully_shard shards that layer (parallel.shard calls it per layer)."""
 
     def __init__(self, model: torch.nn.Module, spec: model_lib.ModelSpec, device: torch.device, shard_size: int):
-        self.nf4 = _nf4()
+        self.nf4 = _compat.nf4_module()
         self.ckpt = model_lib.Checkpoint(spec.model_dir)
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.dtype, self.device, self.shard_size = spec.dtype, device, shard_size
