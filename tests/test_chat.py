@@ -17,7 +17,7 @@ from shardtune.data.records import BadRecords
 from shardtune.data.tokenize import IGNORE_INDEX
 from shardtune.errors import UserError
 from shardtune.modeling.load import load_tokenizer
-from shardtune.loop import token_loss_sum
+from shardtune.modeling.loss import token_loss_sum
 
 SYSTEM = "You are a terse assistant. Answer in one sentence."
 # Multi-turn, with a system prompt, text around the content that the templates trim, and

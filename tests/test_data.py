@@ -14,7 +14,7 @@ from shardtune.data import build_split, samsum, train_loader
 from shardtune.data.packing import collate, pack
 from shardtune.data.sampler import EvalSampler, GlobalBatchSampler
 from shardtune.data.tokenize import IGNORE_INDEX
-from shardtune.loop import token_loss_sum
+from shardtune.modeling.loss import token_loss_sum
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .device import Dist
 from .errors import UserError
-from .metrics.logs import MetricsWriter
+from .metrics.logs import MetricsWriter, perplexity
 from .modeling.loss import token_loss_sum
 from .parallel import release_gathered
 from .metrics.throughput import mfu
@@ -265,5 +265,3 @@ def peak_memory_all_ranks(dist: Dist) -> list[int]:
     return out
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")

@@ -31,7 +31,8 @@ from ..data.tokenize import IGNORE_INDEX, Example
 from ..errors import UserError, exit_on_user_error
 from ..inference import DTYPES, Sampling, base_model_name, complete, load_for_inference
 from ..modeling.load import load_tokenizer, resolve_model_dir
-from ..loop import perplexity, token_loss_sum
+from ..metrics.logs import perplexity
+from ..modeling.loss import token_loss_sum
 
 # dataset -> the generation metric its references support; other datasets report the loss only
 

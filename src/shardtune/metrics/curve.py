@@ -10,8 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no display
 
 from ..errors import UserError
-from .logs import read_metrics
-from ..loop import perplexity
+from .logs import perplexity, read_metrics
 
 log = logging.getLogger(__name__)
 

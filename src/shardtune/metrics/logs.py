@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import sys
@@ -28,6 +29,10 @@ def read_metrics(path: Path) -> list[dict]:
                 continue
             raise UserError(f"{path} line {number} is not JSON; is this a shardtune metrics.jsonl?") from None
     return records
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
 
 
 class _RankZero(logging.Filter):

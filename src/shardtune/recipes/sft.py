@@ -59,7 +59,7 @@ from ..config.schema import PEFT_METHODS, Configs
 from ..config.validate import Batching, check_supported
 from ..errors import UserError, exit_now, exit_on_user_error, take_debug_flag
 from ..metrics import curve, sinks, throughput
-from ..metrics.logs import MetricsWriter, setup_logging
+from ..metrics.logs import MetricsWriter, perplexity, setup_logging
 from ..modeling import load as model_lib, quant
 from ..optim.build import build_grad_scaler, build_optimizer, build_scheduler, schedule_info
 from ..preempt import StopRequest
@@ -399,9 +399,9 @@ def fit_epoch(recipe: Recipe) -> bool:
     peaks = loop.peak_memory_all_ranks(r.dist)
     summary = {
         "epoch": state.epoch + 1, "steps": state.samples_in_epoch // r.sampler.global_batch,
-        "train_loss": state.epoch_loss, "train_perplexity": loop.perplexity(state.epoch_loss),
+        "train_loss": state.epoch_loss, "train_perplexity": perplexity(state.epoch_loss),
         "eval_loss": eval_loss,
-        "eval_perplexity": loop.perplexity(eval_loss) if eval_loss is not None else None,
+        "eval_perplexity": perplexity(eval_loss) if eval_loss is not None else None,
         "epoch_time_s": elapsed, "tokens_per_s": state.epoch_tokens / elapsed if elapsed else 0.0,
         "peak_memory_mib_per_rank": [round(p / 2**20, 1) for p in peaks],
     }
@@ -427,8 +427,8 @@ def validate(recipe: Recipe) -> float:
     eval_loss = loop.evaluate(recipe.train_model, recipe.eval_loader, recipe.dist, recipe.loop_cfg)
     recipe.last_eval = (state.step, eval_loss)
     recipe.metrics.write("eval", epoch=state.epoch + 1, step=state.step, eval_loss=eval_loss,
-                         eval_perplexity=loop.perplexity(eval_loss))
-    log.info("step %d: eval loss %.4f ppl %.2f", state.step, eval_loss, loop.perplexity(eval_loss))
+                         eval_perplexity=perplexity(eval_loss))
+    log.info("step %d: eval loss %.4f ppl %.2f", state.step, eval_loss, perplexity(eval_loss))
     return eval_loss
 
 
