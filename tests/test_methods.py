@@ -1,5 +1,6 @@
 """The PEFT-method x world-size matrix: each cell trains (loss goes down) and its saved
-artifact, reloaded with plain transformers/peft, reproduces the trained logits."""
+artifact, reloaded with plain transformers/peft, reproduces the trained logits; with
+--checkpoint_type FULL_STATE_DICT the step checkpoint's hf/ holds the same, loadable."""
 import pytest
 import torch
 from peft import PeftModel
@@ -38,12 +39,18 @@ def test_method_trains_and_reloads(method, world, tmp_path, tiny_model):
     assert eval_losses[2] < eval_losses[0], eval_losses
     assert epochs[2]["train_loss"] < epochs[0]["train_loss"], epochs
 
+    # --checkpoint_type FULL_STATE_DICT: the last step checkpoint holds the final weights in
+    # hf/, as output_dir does, and from_pretrained loads them from there
+    hf = sorted((out / "checkpoints").glob("*/step_*"))[-1] / "hf"
+    weights = "model.safetensors" if method == "none" else "adapter_model.safetensors"
+    final, exported = load_file(out / weights), load_file(hf / weights)
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
     probe = load_file(probe_file)
     with torch.no_grad():
         if method == "none":
-            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
         else:
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), out)
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), hf)
         logits = model.eval()(input_ids=probe["probe"]).logits
     assert (logits - probe["logits"]).abs().max().item() <= 1e-5
 

@@ -5,8 +5,7 @@
   state     step checkpoints (DCP + RNG + loop state) for exact resume, retention, best/
   convert   a step checkpoint -> an adapter or HF directory; merge LoRA into the base
 """
-from . import manifest, state
-from .outputs import check_writable, claim_output_dir, full_trainable_state, save_adapter, save_full_model
+from . import manifest, outputs, state
+from .outputs import check_writable, claim_output_dir, full_trainable_state
 
-__all__ = ["manifest", "state", "check_writable", "claim_output_dir", "full_trainable_state",
-           "save_adapter", "save_full_model"]
+__all__ = ["manifest", "outputs", "state", "check_writable", "claim_output_dir", "full_trainable_state"]

@@ -81,20 +81,16 @@ def fresh_tmp(out: Path, kind: str) -> Path:
     return tmp
 
 
-def save_adapter(peft_model, output_dir: str, dist: Dist, adapter_state=None) -> Path:
-    """adapter_state(full_state) -> peft's on-disk tensors, for methods where peft's own
-    save would run a sharded module (prefix tuning); otherwise peft's save_pretrained."""
+def write_adapter(peft_model, directory: Path | None, dist: Dist, adapter_state=None) -> None:
+    """Collective: the adapter in PEFT format, written by rank 0 into `directory` (None on
+    the other ranks). adapter_state(full_state) -> peft's on-disk tensors, for methods where
+    peft's own save would run a sharded module (prefix tuning); otherwise peft's save_pretrained."""
     state = full_trainable_state(peft_model)  # every rank joins the gather
-    out = Path(output_dir)
     if dist.is_main:
-        tmp = fresh_tmp(out, "adapter")
         if adapter_state is None:
-            peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            peft_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         else:
-            save_peft_files(peft_model.peft_config["default"], adapter_state(state), tmp)
-        publish_files(tmp, out)
-    dist.barrier()
-    return out
+            save_peft_files(peft_model.peft_config["default"], adapter_state(state), directory)
 
 
 def save_peft_files(peft_config, tensors: dict[str, torch.Tensor], directory: Path) -> None:
@@ -110,9 +106,9 @@ def save_peft_files(peft_config, tensors: dict[str, torch.Tensor], directory: Pa
               metadata={"format": "pt"})
 
 
-def save_full_model(model: torch.nn.Module, tokenizer, output_dir: str, dist: Dist) -> Path:
-    """Full fine-tuning: a Hugging Face directory (config, safetensors, tokenizer) that
-    `from_pretrained` loads, gathered to rank 0."""
+def write_full_model(model: torch.nn.Module, tokenizer, directory: Path | None, dist: Dist) -> None:
+    """Collective: full fine-tuning's Hugging Face directory (config, safetensors, tokenizer)
+    that `from_pretrained` loads, gathered to rank 0 and written there into `directory`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     hf_model = model.module if hasattr(model, "module") else model  # DDP wraps; FSDP2 does not
@@ -120,16 +116,17 @@ def save_full_model(model: torch.nn.Module, tokenizer, output_dir: str, dist: Di
         state = get_model_state_dict(hf_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
-    out = Path(output_dir)
     if dist.is_main:
-        write_hf_model(hf_model, state, tokenizer, out)
-    dist.barrier()
-    return out
+        hf_files(hf_model, state, tokenizer, directory)
+
+
+def hf_files(hf_model, state: dict, tokenizer, directory: Path) -> None:
+    hf_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def write_hf_model(hf_model, state: dict, tokenizer, out: Path) -> None:
     tmp = fresh_tmp(out, "model")
-    hf_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    hf_files(hf_model, state, tokenizer, tmp)
     publish_files(tmp, out)

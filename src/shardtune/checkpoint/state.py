@@ -4,6 +4,9 @@
         dcp/            trainable parameters and optimizer state; each rank writes its shards
         rng/rank_00000.safetensors   torch CPU / accelerator / python / numpy RNG of each rank
         state.json      loop state, scheduler, grad scaler, resolved config, world and batching
+        hf/             with --checkpoint_type FULL_STATE_DICT: the adapter (PEFT format) or the
+                        model (Hugging Face format) that `shardtune convert` would write, for
+                        from_pretrained as it is
         shardtune_manifest.json      written last: the directory is complete
     best -> step_000100   (with validation: the step with the lowest eval loss)
 
@@ -20,6 +23,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -143,9 +147,11 @@ def _tensor_state(model, optimizer) -> tuple[dict, dict]:
     return {"model": trainable_parameters(model), "optim": optim_sd["state"]}, optim_sd
 
 
-def save(run_dir: Path, step: int, model, optimizer, info: dict, dist: Dist) -> Path:
+def save(run_dir: Path, step: int, model, optimizer, info: dict, dist: Dist,
+         export: Callable[[Path | None], None] | None = None) -> Path:
     """Collective: every rank writes its shards and RNG into a hidden temporary; rank 0
-    adds state.json and the manifest and publishes it with one rename."""
+    adds state.json and the manifest and publishes it with one rename. export(directory),
+    also collective, writes hf/ (rank 0 gets the directory, the others None)."""
     final = run_dir / step_dir_name(step)
     tmp = manifest.temporary_for(final)
     if dist.is_main:
@@ -156,6 +162,8 @@ def save(run_dir: Path, step: int, model, optimizer, info: dict, dist: Dist) -> 
     with _single_process_quiet():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / "dcp"), sync_files=True))
     save_file(_rng_tensors(dist.device), tmp / "rng" / f"rank_{dist.rank:05d}.safetensors")
+    if export is not None:
+        export(tmp / "hf" if dist.is_main else None)
     dist.barrier()
     if dist.is_main:
         (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **info}, indent=1, sort_keys=True))

@@ -51,10 +51,6 @@ def _unknown(name: str) -> UserError:
     return UserError(f"unknown flag --{name}{hint}")
 
 
-def _is_bool(tp) -> bool:
-    return tp is bool
-
-
 def convert(value: Any, tp, flag: str) -> Any:
     """Convert a CLI string or YAML value to the field's type."""
     origin = typing.get_origin(tp)

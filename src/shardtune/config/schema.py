@@ -106,7 +106,9 @@ class fsdp_config:
     hsdp: bool = flag(False, "same as sharding_strategy HYBRID_SHARD")
     sharding_group_size: int = flag(0, "HSDP shard group size (0 = ranks per node)")
     replica_group_size: int = flag(0, "HSDP replicas (0 = world / sharding_group_size)")
-    checkpoint_type: str = flag("SHARDED_STATE_DICT", "SHARDED_STATE_DICT | FULL_STATE_DICT")
+    checkpoint_type: str = flag(
+        "SHARDED_STATE_DICT", "SHARDED_STATE_DICT (step checkpoints: DCP shards) | FULL_STATE_DICT (each step "
+        "checkpoint also holds hf/, the adapter or model for from_pretrained)")
     fsdp_activation_checkpointing: bool = flag(True, "activation checkpointing of every decoder layer")
     fsdp_cpu_offload: bool = flag(False, "sharded parameters, gradients and optimizer state in host memory")
     pure_bf16: bool = flag(False, "weights and gradients in bf16 (pair with optimizer anyprecision)")

@@ -461,7 +461,9 @@ def save_checkpoint(recipe: Recipe, eval_loss: Optional[float] = None) -> Path:
     best = eval_loss is not None and improves_best(state, eval_loss)
     if best:
         state.best_eval_loss, state.best_step = eval_loss, state.step
-    path = ckpt_state.save(r.run_dir, state.step, r.train_model, r.optimizer, checkpoint_info(r), r.dist)
+    # FULL_STATE_DICT: the step also holds what save() writes, loadable with from_pretrained
+    export = (lambda directory: write_outputs(r, directory)) if r.cfgs.fsdp.checkpoint_type == "FULL_STATE_DICT" else None
+    path = ckpt_state.save(r.run_dir, state.step, r.train_model, r.optimizer, checkpoint_info(r), r.dist, export)
     if r.dist.is_main:
         if best:
             ckpt_state.point_best(r.run_dir, path)
@@ -487,13 +489,22 @@ def save(recipe: Recipe) -> None:
     if not t.save_model:
         return
     require_finite(recipe)
+    out = Path(t.output_dir)
+    tmp = checkpoint.outputs.fresh_tmp(out, "outputs") if r.dist.is_main else None
+    write_outputs(recipe, tmp)
+    if r.dist.is_main:
+        checkpoint.outputs.publish_files(tmp, out)  # whole or not at all
+    r.dist.barrier()
+    log.info("saved the %s to %s", f"{t.peft_method} adapter" if t.use_peft else "fine-tuned model", out)
+
+
+def write_outputs(recipe: Recipe, directory: Optional[Path]) -> None:
+    """Collective: the adapter or the model, as save() publishes it, into `directory` (rank 0)."""
+    r, t = recipe, recipe.cfgs.train
     if t.use_peft:
-        checkpoint.save_adapter(r.peft_model, t.output_dir, r.dist,
-                                adapters.adapter_state(t.peft_method))
-        log.info("saved the %s adapter to %s", t.peft_method, t.output_dir)
+        checkpoint.outputs.write_adapter(r.peft_model, directory, r.dist, adapters.adapter_state(t.peft_method))
     else:
-        checkpoint.save_full_model(r.train_model, r.tokenizer, t.output_dir, r.dist)
-        log.info("saved the fine-tuned model to %s", t.output_dir)
+        checkpoint.outputs.write_full_model(r.train_model, r.tokenizer, directory, r.dist)
 
 
 def report_skipped(recipe: Recipe) -> None:
