@@ -10,10 +10,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from x.bench import Workload, read_results, runner_env, timed_process
-from x.measure import LIVE_ONLY_MMAP_THRESHOLD
-from x.report import table
-from x.workload import Settings, build_model
+from .harness import Workload, read_results, runner_env, timed_process
+from .measure import LIVE_ONLY_MMAP_THRESHOLD
+from .report import table
+from .workload import Settings, build_model
 
 FULL_FT_STEPS = 6
 LOAD_WORLDS = (1, 2, 4)

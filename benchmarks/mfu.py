@@ -57,9 +57,9 @@ def needed_flops(batch: dict, dims, lora_r: int, lora_targets: tuple[str, ...], 
 
 
 def run(args, settings, work: Path) -> dict:
-    from x.bench import Workload
-    from x.batchfile import load_batches
-    from x.workload import SIZES
+    from .harness import Workload
+    from .batchfile import load_batches
+    from .workload import SIZES
 
     size = args.mfu_size
     steps = settings.warmup_steps + (2 if args.quick else args.mfu_steps)
@@ -79,7 +79,7 @@ def run(args, settings, work: Path) -> dict:
 
 
 def render(result: dict) -> str:
-    from x.report import table
+    from .report import table
 
     return table(["model", "threads", "fp32 GEMM peak GFLOP/s", "s/step", "needed GFLOP/step", "needed GFLOP/s",
                   "needed / peak"],

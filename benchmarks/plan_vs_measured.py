@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-# run as a script (benchmarks/ is on sys.path): measure.py is a sibling, standard library only
+# run as a script (benchmarks/ is on sys.path): measure.py and workload.py are siblings whose
+# top level is the standard library only
 from measure import LIVE_ONLY_MMAP_THRESHOLD, vm_hwm_bytes
-
-SHARED_DATA = Path(os.environ.get("SHARDTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from workload import SHARED_DATA
 
 
 def finetune_flags(model: str, peft: bool, checkpointing: bool, out_dir: str) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from x.workload import Settings, build_model, shardtune_args, write_subset
+from .workload import Settings, build_model, shardtune_args, write_subset
 
 WARMUP_STEPS = 2
 TOP_OPS = 15
@@ -50,7 +50,7 @@ def run(args, settings: Settings, work: Path) -> dict:
 
 
 def render(result: dict) -> str:
-    from x.report import table
+    from .report import table
 
     rows = [[f"`{op['name']}`", f"{op['self_ms']:.1f}", f"{100 * op['share']:.1f}%", str(op["calls"])]
             for op in result["ops"]]

@@ -55,7 +55,7 @@ def throughput_table(rows: list[dict]) -> str:
 
 
 def render(info: dict, args, settings, sections: dict) -> str:
-    from x import distributed, mfu, profile_step
+    from . import distributed, mfu, profile_step
 
     parts = [
         "## Machine", "",

@@ -8,9 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from x.batchfile import load_batches
-from x.measure import StepClock, emit, runner_args, summarize
-from x.workload import Settings
+from .batchfile import load_batches
+from .measure import StepClock, emit, runner_args, summarize
+from .workload import Settings
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from shardtune.modeling import load as model_lib
 from shardtune.config.parse import parse_args
 from shardtune.data.packing import collate as pack_collate
 
-from x.measure import StepRecord, emit, runner_args, summarize
-from x.workload import Settings, padded_examples, shardtune_args
+from .measure import StepRecord, emit, runner_args, summarize
+from .workload import Settings, padded_examples, shardtune_args
 
 
 class Counting:

@@ -20,7 +20,7 @@ from shardtune import device, parallel
 from shardtune.modeling import load as model_lib
 from shardtune.config.parse import parse_args
 
-from x.measure import peak_rss_mib
+from .measure import peak_rss_mib
 
 
 def load_shardtune(model_dir: str, dist: device.Dist) -> None:

@@ -12,9 +12,9 @@ import torch
 
 from shardtune.recipes import sft
 
-from x.batchfile import load_batches
-from x.measure import StepRecord, emit, runner_args, summarize, vm_hwm_bytes
-from x.workload import Settings, shardtune_args
+from .batchfile import load_batches
+from .measure import StepRecord, emit, runner_args, summarize, vm_hwm_bytes
+from .workload import Settings, shardtune_args
 
 
 def main() -> None:

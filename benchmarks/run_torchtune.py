@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from x import tt_data
-from x.batchfile import load_batches
-from x.measure import StepRecord, emit, runner_args, summarize
+from . import tt_data
+from .batchfile import load_batches
+from .measure import StepRecord, emit, runner_args, summarize
 
 LLAMA2_VOCAB = 32000
 

@@ -9,7 +9,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Dataset
 
-from x.batchfile import load_batches
+from .batchfile import load_batches
 
 # perf_counter() when the loader builds each batch (num_workers=0: right before the step
 # that trains it), and when each step ends (the recipe steps the LR scheduler right after

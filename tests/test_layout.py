@@ -52,3 +52,13 @@ def test_library_never_imports_a_recipe_or_a_command():
                 wrong.append(f"{source} -> {target}")
     assert not wrong, wrong
     assert imports(PACKAGE / "commands" / "plan.py") & {"shardtune.config.validate"}  # the walk sees imports in functions
+
+
+def test_benchmark_drivers_import_shared_helpers_not_each_other():
+    """bench.py is the driver: the other benchmark modules take what they share from
+    harness.py, so no module imports the driver back (the cycle the layout removed)."""
+    bench = REPO / "benchmarks"
+    back = [path.name for path in bench.glob("*.py") if path.name != "bench.py"
+            and any(isinstance(node, ast.ImportFrom) and node.module in ("bench", "benchmarks.bench")
+                    for node in ast.walk(ast.parse(path.read_text())))]
+    assert not back, back
