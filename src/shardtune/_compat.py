@@ -45,7 +45,9 @@ def release_device_meshes() -> None:
     from torch.distributed.device_mesh import DeviceMesh
 
     for obj in gc.get_objects():
-        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+        # type(), not isinstance(): isinstance asks a dead weakref.proxy for its __class__,
+        # which raises ReferenceError
+        registry = getattr(obj, "_pg_registry", None) if issubclass(type(obj), DeviceMesh) else None
         if isinstance(registry, dict):
             registry.clear()
 
