@@ -28,8 +28,8 @@ SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num
 CONTEXT, MICRO_BATCH, WARMUP_STEPS = 2048, 4, 10
 RUNS = [("lora", False), ("lora", True), ("full", False), ("full", True)]
 # single-process tests that run the recipe on whatever device SHARDTUNE_TEST_DEVICE names
-CORE_TESTS = ["tests/test_parity.py::test_accumulation_matches_one_big_batch", "tests/test_loss.py",
-              "tests/test_generate.py"]
+CORE_TESTS = ["tests/integration/test_parity.py::test_accumulation_matches_one_big_batch", "tests/integration/test_loss.py",
+              "tests/unit/test_generate.py"]
 SMOKE_SHAPE = dict(SHAPE, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2)
 

@@ -22,6 +22,15 @@ SHARED_DATA = Path(os.environ.get("SHARDTUNE_SHARED_DATA", REPO.parent / "shared
 SHIM = REPO / "llama_finetuning.py"
 
 
+
+def pytest_collection_modifyitems(items) -> None:
+    """tests/integration/ starts real processes (torchrun, slurm, kill and resume): marked
+    `integration`, so `pytest -m "not integration"` runs tests/unit/ alone, in about a
+    minute. CI runs both."""
+    for item in items:
+        if Path(str(item.fspath)).parent.name == "integration":
+            item.add_marker(pytest.mark.integration)
+
 def _env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",

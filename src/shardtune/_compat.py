@@ -1,6 +1,6 @@
 """Private or version-dependent APIs of torch, transformers and peft that shardtune relies on,
 in one place, so that an upgrade breaks here with a clear message instead of deep in a run.
-tests/test_compat.py exercises each entry against the installed versions.
+tests/unit/test_compat.py exercises each entry against the installed versions.
 
 Checked against: torch 2.13.0, transformers 5.24.0 and 5.25.0, peft 0.21.2, torchao 0.17.0
 (constraints.txt).

@@ -107,7 +107,7 @@ def _decode_without_cache(model, ids: torch.Tensor, config) -> torch.Tensor:
     """Greedy or sampled decoding with one full forward per new token. For prefix tuning
     only: with transformers 5.24 and peft 0.21, generate() replaces the prefix (peft passes
     it as past_key_values) with its own empty cache, so the adapter is silently ignored;
-    the plain forward applies it. tests/test_generate.py::test_generate_still_drops_the_prefix
+    the plain forward applies it. tests/unit/test_generate.py::test_generate_still_drops_the_prefix
     fails once generate() is fixed, and this can go."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 

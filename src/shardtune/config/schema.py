@@ -2,7 +2,7 @@
 
 Class names are lower-case on purpose: they are the names users type in
 qualified flags (`--lora_config.r 16`) and know from llama-recipes. Each field's meaning
-lives in its metadata: `--help` prints it, and tests/test_readme.py checks that README.md's
+lives in its metadata: `--help` prints it, and tests/unit/test_readme.py checks that README.md's
 config tables list every field with its default.
 """
 from __future__ import annotations
@@ -216,7 +216,7 @@ class PeftMethod:
     """A PEFT method (--peft_method NAME). Its code is the module shardtune.adapters.NAME,
     imported when a run uses it: peft_config, check, init_weights, saved_key and
     trainable_params, and where the method needs them adapter_state and init_from_base
-    (adapters/__init__.py says what each does). tests/test_registries.py fails when an entry
+    (adapters/__init__.py says what each does). tests/unit/test_registries.py fails when an entry
     lacks its module, a function, its help text, its planner count or its README row."""
 
     config: type  # its flags: --<config name>.<field>

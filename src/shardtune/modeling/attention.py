@@ -6,7 +6,7 @@ whole row and masks most of them away: on SAMSum (~200-token dialogues in 512-to
 rows) that is ~5x the pairs the examples need, and it was 27% of a "tiny" training step.
 Here the model's attention runs SDPA once per example instead, causal, over that
 example's slice of the row only. The result is the masked computation's, up to float
-rounding (tests/test_attention.py).
+rounding (tests/unit/test_attention.py).
 
 It is registered with transformers as the attention implementation PACKED. Without the
 `packed_lengths` keyword (generation, prefix tuning's masked rows, a custom collator's

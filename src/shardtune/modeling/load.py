@@ -243,7 +243,7 @@ def local_rows(param: torch.Tensor) -> tuple[int, int] | None:
     sharded mesh dimension shards dim 0 (FSDP2: Shard(0), with Replicate across HSDP
     replicas); None for a plain tensor or any other layout (read whole, sliced in memory).
     Shard(0) splits as torch.chunk does: ceil(rows / shards) rows each, the last ranks
-    shorter or empty. tests/test_load.py compares every shard with distribute_tensor's."""
+    shorter or empty. tests/integration/test_load.py compares every shard with distribute_tensor's."""
     if not isinstance(param, DTensor):
         return None
     start, length = 0, param.shape[0]

@@ -1,7 +1,7 @@
 """Each PEFT method and each dataset is declared once (config.schema.PEFT_METHODS,
 DATASETS); these tests fail when an entry lacks what the rest of shardtune needs from it:
 its code, its planner count (checked against peft's own count), its generation scorer,
-its README rows. Help text for every config field is tests/test_args.py's."""
+its README rows. Help text for every config field is tests/integration/test_args.py's."""
 import importlib
 
 import pytest
