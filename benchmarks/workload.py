@@ -123,11 +123,11 @@ def padded_examples(model_dir: Path, data_dir: Path, s: Settings) -> list[dict]:
     from shardtune.modeling import load as model_lib
     from shardtune.config.parse import parse_args
     from shardtune.data import samsum
-    from shardtune.data.packing import fit
+    from shardtune.data.packing import truncate_each
 
     cfgs = parse_args(shardtune_args(model_dir, data_dir, data_dir / "unused", s))
     tokenizer = model_lib.load_tokenizer(str(model_dir))
     examples, _ = samsum.get_split(cfgs.dataset, tokenizer, "train")
-    items, _ = fit(examples, s.context)
+    items, _ = truncate_each(examples, s.context)
     return items
 

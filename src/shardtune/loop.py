@@ -65,15 +65,10 @@ class LoopConfig:
     grad_clip: float | None
     log_every: int
     autocast_dtype: torch.dtype | None = None  # mixed precision without FSDP
-    grad_scaler: object | None = None  # torch.amp.GradScaler / ShardedGradScaler for fp16
     flops_per_token: float = 0.0  # model FLOPs per trained token (throughput.ModelFlops)
     peak_flops: float = 0.0  # FLOP/s of all ranks' devices together; 0 = unknown, no MFU
     mask_from_positions: bool = False  # one example per row + attention_mask (prefix tuning)
     global_batch: int = 0  # samples per optimizer step, all ranks: advances the data position
-    before_step: Callable | None = None  # called after backward, before the optimizer step
-    # after_step(state, sync) -> stop?: called after each optimizer step; sync() logs the
-    # pending steps (and runs the non-finite guard) before anything is saved
-    after_step: Callable[[LoopState, Callable[[], None]], bool] | None = None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -100,17 +95,21 @@ def _no_sync(model: torch.nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: LoopState,
-                metrics: MetricsWriter) -> bool:
+def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: LoopState, metrics: MetricsWriter,
+                scaler=None, before_step: Callable | None = None,
+                after_step: Callable[[LoopState, Callable[[], None]], bool] | None = None) -> bool:
     """Train from the sampler's position to the end of the epoch (or max_train_step),
-    keeping the running totals in `state`. Returns True when cfg.after_step asked to stop."""
+    keeping the running totals in `state`. Returns True when after_step asked to stop.
+
+    scaler: fp16's torch.amp.GradScaler / ShardedGradScaler. before_step(model, state): after
+    backward, before the optimizer step. after_step(state, sync) -> stop?: after each optimizer
+    step; sync() logs the pending steps (and runs the non-finite guard) before anything is saved."""
     model.train()
     steps = len(loader) // cfg.accum  # before iter(): workers prefetch from the sampler
     it = iter(loader)
     if cfg.max_train_step:
         steps = min(steps, max(cfg.max_train_step - state.step, 0))
     autocast = _autocast(dist.device, cfg.autocast_dtype)
-    scaler = cfg.grad_scaler
     # per step: [local loss share, global targets, grad norm, local tokens]; reduced every
     # log_every steps, so the loop never waits on the host between those
     pending: list[torch.Tensor] = []
@@ -136,7 +135,7 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         lrs.clear()
         first = state.step - len(vals) + 1
         for k, ((loss, n, norm, tokens), lr) in enumerate(zip(vals, step_lrs)):
-            _check_finite(first + k, loss, norm, cfg)
+            _check_finite(first + k, loss, norm, cfg, scaled=scaler is not None)
             state.epoch_loss_sum += loss * n
             state.epoch_targets += n
             state.epoch_tokens += int(tokens)
@@ -162,8 +161,8 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
             loss = loss_sum * (cfg.world / n_global)
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss_sum.detach()
-        if cfg.before_step:
-            cfg.before_step(model, state)
+        if before_step:
+            before_step(model, state)
         lrs.append(optimizer.param_groups[0]["lr"])
         norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
@@ -172,7 +171,7 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         bar.update(1)
         if len(pending) >= cfg.log_every:
             flush()
-        if cfg.after_step and cfg.after_step(state, flush):
+        if after_step and after_step(state, flush):
             stopped = True
             break
         if not pending:  # flushed: the next window starts now, after any evaluation or checkpoint
@@ -182,10 +181,10 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     return stopped
 
 
-def _check_finite(step: int, loss: float, norm: float, cfg: LoopConfig) -> None:
+def _check_finite(step: int, loss: float, norm: float, cfg: LoopConfig, scaled: bool) -> None:
     """Every rank sees the same reduced values, so every rank stops at the same step.
-    With fp16's grad scaler an inf step is skipped and the scale backs off instead."""
-    if cfg.grad_scaler is not None:
+    With fp16's grad scaler (scaled) an inf step is skipped and the scale backs off instead."""
+    if scaled:
         return
     if not math.isfinite(loss):
         what = f"the loss is {loss}"

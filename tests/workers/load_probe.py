@@ -20,7 +20,7 @@ STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD")
 def main() -> None:
     dist = device.setup(require_distributed=True)
     spec = model_lib.load_spec(sys.argv[1])
-    ckpt = model_lib.Checkpoint(spec.model_dir)
+    ckpt = model_lib.WeightFiles(spec.model_dir)
     report = {"rank": dist.rank}
     for strategy in STRATEGIES:
         cfg = fsdp_config(sharding_strategy=strategy)

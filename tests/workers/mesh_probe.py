@@ -1,7 +1,7 @@
 """Test worker (torchrun): build the FSDP mesh for a strategy with --dist_timeout and
 print the timeout of each of its sub-groups (a private accessor: if torch renames it,
 this fails loudly)."""
-import sys, json, os
+import sys, json
 import torch
 from shardtune import device, parallel
 from shardtune.config.schema import fsdp_config

@@ -117,7 +117,7 @@ def _configs(rest: list[str], split: Optional[str]) -> Configs:
     return cfgs
 
 
-def evaluate(cfgs: Configs, peft_model: Optional[str], max_samples: int, max_new_tokens: int,
+def evaluate_model(cfgs: Configs, peft_model: Optional[str], max_samples: int, max_new_tokens: int,
              dtype: torch.dtype) -> dict:
     from .. import device as device_lib
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = _configs(rest, args.split)
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise UserError(f"the directory of --output {args.output} does not exist; create it first")
-    report = evaluate(cfgs, args.peft_model, args.max_samples, args.max_new_tokens, DTYPES[args.dtype])
+    report = evaluate_model(cfgs, args.peft_model, args.max_samples, args.max_new_tokens, DTYPES[args.dtype])
     if args.output:
         write_report(report, args.output)
     print(json.dumps(report))

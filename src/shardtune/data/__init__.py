@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import UserError
 from ..config.schema import DATASETS
 from . import cache, custom
-from .packing import PACKING_ALGORITHM, ChunkDataset, ExampleDataset, PackStats, collate, fit, pack
+from .packing import PACKING_ALGORITHM, ChunkDataset, ExampleDataset, PackStats, collate, pack, truncate_each
 from .records import BadRecords
 from .sampler import EvalSampler, GlobalBatchSampler
 from .source import Source
@@ -166,7 +166,7 @@ def _custom_collated(src: Source, tokenizer, t, split: str) -> SplitData:
     """A custom file with get_data_collator: one example per row, batched by its collator."""
     bad = BadRecords(t.on_bad_record)
     examples = src.read(tokenizer, bad)
-    items, stats = fit(examples, t.context_length)
+    items, stats = truncate_each(examples, t.context_length)
     stats.bad_records, stats.notes, stats.tokenized = bad.count, bad.messages, len(examples)
     _check_not_empty(stats, src.name, split, t.context_length)
     if t.batching_strategy == "packing":

@@ -121,7 +121,7 @@ def _drop_last_chunk(chunks: list[dict], stats: PackStats) -> None:
     stats.target_tokens -= int((last["labels"][1:] != IGNORE_INDEX).sum())
 
 
-def fit(examples: list[Example], context_length: int) -> tuple[list[dict], PackStats]:
+def truncate_each(examples: list[Example], context_length: int) -> tuple[list[dict], PackStats]:
     """Truncate and filter like pack(), one plain example per item (for a user's collator)."""
     stats = PackStats(examples=len(examples), context_length=context_length)
     out = []

@@ -60,7 +60,7 @@ def load_tokenizer(name: str):
     return tok
 
 
-class Checkpoint:
+class WeightFiles:
     """Tensor-at-a-time reader over a model directory's safetensors files."""
 
     def __init__(self, model_dir: Path) -> None:
@@ -127,7 +127,7 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def checkpoint_key(param_name: str, ckpt: Checkpoint) -> str | None:
+def checkpoint_key(param_name: str, ckpt: WeightFiles) -> str | None:
     """Map a (PEFT-wrapped) parameter name to the base checkpoint's key. PEFT adds a
     prefix (base_model.model.) and wrapper segments: LoRA's .base_layer, the adaption
     prompt's .model around the original attention."""
@@ -167,7 +167,7 @@ def load_spec(model_name: str) -> ModelSpec:
         raise UserError(f"cannot read {model_dir}/config.json: {str(err).splitlines()[0]}") from None
     if getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{model_dir}: {config.model_type} is not a decoder-only causal language model; {SUPPORTED}")
-    Checkpoint(model_dir)  # a damaged or truncated weights file fails now, not after data preparation
+    WeightFiles(model_dir)  # a damaged or truncated weights file fails now, not after data preparation
     return ModelSpec(model_dir, config)
 
 
@@ -205,7 +205,7 @@ def materialize(model: torch.nn.Module, spec: ModelSpec, device: torch.device,
         model.to_empty(device=target)
     for module, attr, source, source_attr in ties:  # to_empty gives each owner its own copy
         setattr(module, attr, getattr(source, source_attr))
-    ckpt = Checkpoint(spec.model_dir)
+    ckpt = WeightFiles(spec.model_dir)
     for name, param in model.named_parameters():
         if name in loaded:
             continue
@@ -277,7 +277,7 @@ def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-def _fill_buffers(model: torch.nn.Module, spec: ModelSpec, ckpt: Checkpoint, device: torch.device) -> None:
+def _fill_buffers(model: torch.nn.Module, spec: ModelSpec, ckpt: WeightFiles, device: torch.device) -> None:
     """to_empty leaves every buffer uninitialised. Persistent ones are read from the checkpoint;
     the others (RoPE inv_freq with its scaling, Gemma's embed_scale, ...) are whatever the
     model's own constructors compute from the config, taken from a skeleton of the model."""

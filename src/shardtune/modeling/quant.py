@@ -51,7 +51,7 @@ class LayerQuantizer:
 
     def __init__(self, model: torch.nn.Module, spec: model_lib.ModelSpec, device: torch.device, shard_size: int):
         self.nf4 = _compat.nf4_module()
-        self.ckpt = model_lib.Checkpoint(spec.model_dir)
+        self.ckpt = model_lib.WeightFiles(spec.model_dir)
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.dtype, self.device, self.shard_size = spec.dtype, device, shard_size
         self.loaded: set[str] = set()  # parameter names now holding their checkpoint values

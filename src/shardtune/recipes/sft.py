@@ -92,6 +92,8 @@ class Recipe:
     epochs: list[dict] = field(default_factory=list)
     last_checkpoint: Optional[Path] = None
     last_eval: Optional[tuple[int, float]] = None  # (step, eval loss) of the latest evaluation
+    grad_scaler: Optional[object] = None  # fp16's loss scaling
+    before_step: Optional[Callable] = None  # before_step(model, state): see run
     graph_breaks: Optional[list[str]] = None  # --compile: the causes reported so far (None: none checked yet)
 
 
@@ -238,7 +240,7 @@ def peak_flops(cfgs: Configs, dist: device.Dist) -> float:
 
 
 def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision: parallel.Precision,
-                global_batch: int, before_step: Callable | None, flops: throughput.ModelFlops) -> loop.LoopConfig:
+                global_batch: int, flops: throughput.ModelFlops) -> loop.LoopConfig:
     t = cfgs.train
     return loop.LoopConfig(
         accum=batching.accum, world=dist.world_size, max_train_step=t.max_train_step,
@@ -247,8 +249,7 @@ def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision:
         log_every=max(1, t.log_every),
         autocast_dtype=(precision.compute if precision.compute != precision.storage and not t.enable_fsdp
                         else None),
-        grad_scaler=build_grad_scaler(cfgs, dist, precision),
-        mask_from_positions=needs_unpacked(cfgs), global_batch=global_batch, before_step=before_step,
+        mask_from_positions=needs_unpacked(cfgs), global_batch=global_batch,
         flops_per_token=flops.per_token, peak_flops=peak_flops(cfgs, dist),
     )
 
@@ -281,10 +282,11 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     optimizer = build_optimizer(trainable, cfgs)
     scheduler = build_scheduler(optimizer, cfgs, sampler.steps_per_epoch)
     flops = throughput.model_flops(peft_model, spec.config, t.context_length)
-    loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, before_step, flops)
+    loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, flops)
     metrics = build_metrics(cfgs, dist, ckpt)
     recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loader,
-                    train_model, peft_model, optimizer, scheduler, loop_cfg, loop.LoopState(), metrics, run_dir)
+                    train_model, peft_model, optimizer, scheduler, loop_cfg, loop.LoopState(), metrics, run_dir,
+                    grad_scaler=build_grad_scaler(cfgs, dist, precision), before_step=before_step)
     if ckpt:
         restore(recipe, ckpt)
     elif t.resume == "auto":
@@ -313,8 +315,8 @@ def restore(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
     recipe.scheduler.load_state_dict(info["scheduler"])
     for group, lr in zip(recipe.optimizer.param_groups, info["lrs"]):
         group["lr"] = lr
-    if recipe.loop_cfg.grad_scaler is not None and info["grad_scaler"]:
-        recipe.loop_cfg.grad_scaler.load_state_dict(info["grad_scaler"])
+    if recipe.grad_scaler is not None and info["grad_scaler"]:
+        recipe.grad_scaler.load_state_dict(info["grad_scaler"])
     recipe.state = loop.LoopState(**info["loop"])
     recipe.metrics.rewind(recipe.state.step, recipe.state.epoch)
     same_world = ckpt_state.restore_rng(ckpt, recipe.dist)
@@ -331,12 +333,11 @@ def fit(recipe: Recipe) -> Optional[str]:
     that stopped the run (after its checkpoint), or None when training completed."""
     t = recipe.cfgs.train
     with StopRequest() as stop:
-        recipe.loop_cfg.after_step = lambda state, sync: after_step(recipe, stop, sync)
         for epoch in range(recipe.state.epoch, t.num_epochs):
             if t.max_train_step and recipe.state.step >= t.max_train_step:
                 break
             recipe.state.epoch = epoch
-            if not fit_epoch(recipe):
+            if not fit_epoch(recipe, stop):
                 return stop.signal_name or "a signal on another rank"
     return None
 
@@ -383,13 +384,15 @@ def report_compile(recipe: Recipe) -> None:
             log.warning("--compile: the decoder layers graph-break and run partly eagerly: %s", cause)
 
 
-def fit_epoch(recipe: Recipe) -> bool:
+def fit_epoch(recipe: Recipe, stop: StopRequest) -> bool:
     """One epoch from the data position in `state`; False when a signal stopped it."""
     r, t, state = recipe, recipe.cfgs.train, recipe.state
     r.sampler.set_epoch(state.epoch, start=state.samples_in_epoch)
     r.dist.reset_peak_memory()
     start = time.perf_counter()
-    if loop.train_epoch(r.train_model, r.loader, r.optimizer, r.dist, r.loop_cfg, state, r.metrics):
+    if loop.train_epoch(r.train_model, r.loader, r.optimizer, r.dist, r.loop_cfg, state, r.metrics,
+                        scaler=r.grad_scaler, before_step=r.before_step,
+                        after_step=lambda _, sync: after_step(recipe, stop, sync)):
         return False
     r.dist.synchronize()
     elapsed = time.perf_counter() - start
@@ -438,7 +441,7 @@ def improves_best(state: loop.LoopState, eval_loss: float) -> bool:
 
 def checkpoint_info(recipe: Recipe) -> dict:
     t, r = recipe.cfgs.train, recipe
-    scaler = r.loop_cfg.grad_scaler
+    scaler = r.grad_scaler
     return {
         "loop": asdict(r.state),
         "scheduler": r.scheduler.state_dict(),  # LambdaLR's holds {} per lambda: JSON (tested by a resume)
