@@ -192,7 +192,10 @@ def test_impossible_world_size_names_the_valid_ones(tiny_model):
     from shardtune.errors import UserError
     from shardtune.checkpoint.resume import batching_for
 
-    ckpt = ckpt_state.Checkpoint(Path("/ckpt/step_000003"), 3, {"global_batch": 4})
+    saved = ckpt_state.RunState(loop={"step": 3}, scheduler={}, lrs=[1e-4], grad_scaler=None, world_size=1,
+                                global_batch=4, micro_batch=4, accumulation=1,
+                                model=ckpt_state.ModelRef("/model", "0" * 16), peft_method=None, config={})
+    ckpt = ckpt_state.Checkpoint(Path("/ckpt/step_000003"), 3, saved)
     cfgs = parse_args(["--batch_size_training", "4"])
     assert batching_for(cfgs, 2, ckpt).micro * batching_for(cfgs, 2, ckpt).accum == 2
     with pytest.raises(UserError, match=r"\[1, 2, 4\]"):

@@ -76,7 +76,7 @@ def test_eval_steps_evaluate_at_those_steps_and_best_follows(one_process, tiny_m
     best = min(evals, key=lambda e: e["eval_loss"])
     run_dir = out / "checkpoints" / f"fine-tuned-{tiny_model.name}"
     assert ckpt_state.best_target(run_dir).name == ckpt_state.step_dir_name(best["step"])
-    loop = ckpt_state.open_checkpoint(run_dir / f"step_{STEPS:06d}").info["loop"]
+    loop = ckpt_state.open_checkpoint(run_dir / f"step_{STEPS:06d}").info.loop
     assert (loop["best_eval_loss"], loop["best_step"]) == (best["eval_loss"], best["step"])
 
 

@@ -56,11 +56,11 @@ def convert(checkpoint: str, out_dir: str) -> Path:
     ckpt = ckpt_state.open_checkpoint(Path(checkpoint))
     out = Path(out_dir)
     _claim(out)
-    cfgs = _configs(ckpt.info["config"])
-    spec = model_lib.load_spec(ckpt.info["model"]["path"])
+    cfgs = _configs(ckpt.info.config)
+    spec = model_lib.load_spec(ckpt.info.model.path)
     params = read_trainable(ckpt)
     model = model_lib.build_meta_model(spec)
-    method = ckpt.info["peft_method"]
+    method = ckpt.info.peft_method
     if method:
         peft_model = adapters.wrap(model, cfgs)
         adapter_state = adapters.adapter_state(method)

@@ -42,12 +42,12 @@ def model_fingerprint(spec: ModelSpec) -> str:
 
 def check_resumable(ckpt: ckpt_state.Checkpoint, cfgs: Configs, spec: ModelSpec) -> None:
     t, saved = cfgs.train, ckpt.info
-    if saved["model"]["config_sha256"] != model_fingerprint(spec):
-        raise UserError(f"{ckpt.path} was trained from another model ({saved['model']['path']}); "
+    if saved.model.config_sha256 != model_fingerprint(spec):
+        raise UserError(f"{ckpt.path} was trained from another model ({saved.model.path}); "
                         "pass the same --model_name to resume it")
     method = t.peft_method if t.use_peft else None
-    if saved["peft_method"] != method:
-        raise UserError(f"{ckpt.path} holds a {saved['peft_method'] or 'full fine-tuning'} run; resume it with "
+    if saved.peft_method != method:
+        raise UserError(f"{ckpt.path} holds a {saved.peft_method or 'full fine-tuning'} run; resume it with "
                         "the same --use_peft/--peft_method")
 
 
@@ -57,7 +57,7 @@ def batching_for(cfgs: Configs, world: int, ckpt: Optional[ckpt_state.Checkpoint
     batching = resolve_batching(cfgs)
     if ckpt is None:
         return batching
-    saved = int(ckpt.info["global_batch"])
+    saved = ckpt.info.global_batch
     if batching.micro * batching.accum * world == saved:
         return batching
     if saved % world:
@@ -73,7 +73,7 @@ def batching_for(cfgs: Configs, world: int, ckpt: Optional[ckpt_state.Checkpoint
 def check_schedule(ckpt: ckpt_state.Checkpoint, cfgs: Configs, steps_per_epoch: int) -> None:
     """The schedule a checkpoint was trained with against the one now configured: another
     scheduler is an error, other warmup or length a warning."""
-    saved = ckpt.info.get("schedule", {"lr_scheduler": "step"})  # checkpoints from before --lr_scheduler
+    saved = ckpt.info.schedule
     now = schedule_info(cfgs, steps_per_epoch)
     if saved["lr_scheduler"] != now["lr_scheduler"]:
         raise UserError(f"{ckpt.path} was trained with --lr_scheduler {saved['lr_scheduler']}; resume it with "

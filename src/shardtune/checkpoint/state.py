@@ -21,9 +21,9 @@ import json
 import random
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -48,10 +48,45 @@ def step_dir_name(step: int) -> str:
 
 
 @dataclass(frozen=True)
+class ModelRef:
+    path: str  # the base model directory the run was trained from
+    config_sha256: str  # its config.json's fingerprint: a resume must use the same model
+
+
+@dataclass
+class RunState:
+    """state.json: what a step checkpoint carries besides its tensors (rank 0 writes it)."""
+
+    loop: dict  # loop.LoopState's fields
+    scheduler: dict  # the LR scheduler's state_dict (LambdaLR holds {} per lambda: JSON)
+    lrs: list[float]  # each param group's LR for the next step
+    grad_scaler: Optional[dict]  # fp16's scaler state
+    world_size: int
+    global_batch: int  # samples per step, all ranks: the unit of the data position
+    micro_batch: int
+    accumulation: int
+    model: ModelRef
+    peft_method: Optional[str]  # None: full fine-tuning
+    config: dict  # every config, by class name: what `shardtune convert` rebuilds the model from
+    schedule: dict = field(default_factory=lambda: {"lr_scheduler": "step"})  # before --lr_scheduler: StepLR
+    wandb_run_id: Optional[str] = None
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **asdict(self)}, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunState":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["model"] = ModelRef(**values["model"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     path: Path
     step: int
-    info: dict  # state.json
+    info: RunState
 
 
 def complete_steps(run_dir: Path) -> list[Path]:
@@ -75,10 +110,16 @@ def open_checkpoint(path: Path) -> Checkpoint:
         info = json.loads((path / "state.json").read_text())
     except (OSError, ValueError):
         raise UserError(f"{path}/state.json is unreadable; pass another checkpoint") from None
-    if info.get("format") != FORMAT:
-        raise UserError(f"{path} was written by another shardtune checkpoint format ({info.get('format')}); "
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise UserError(f"{path} was written by another shardtune checkpoint format ({found}); "
                         "resume it with the version that wrote it")
-    return Checkpoint(path.resolve(), int(info["loop"]["step"]), info)
+    try:
+        state = RunState.from_json(info)
+        step = int(state.loop["step"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}/state.json lacks fields a checkpoint has; pass another checkpoint") from None
+    return Checkpoint(path.resolve(), step, state)
 
 
 # ---- RNG ----------------------------------------------------------------------------
@@ -114,7 +155,7 @@ def _set_rng(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
 def restore_rng(ckpt: Checkpoint, dist: Dist) -> bool:
     """This rank's RNG as saved; at another world size rank r takes the saved rank
     r mod old_world (exactness is then per-step loss, not per-rank random streams)."""
-    saved_world = int(ckpt.info["world_size"])
+    saved_world = ckpt.info.world_size
     rank = dist.rank % saved_world
     _set_rng(load_file(ckpt.path / "rng" / f"rank_{rank:05d}.safetensors"), dist.device)
     return saved_world == dist.world_size
@@ -147,7 +188,7 @@ def _tensor_state(model, optimizer) -> tuple[dict, dict]:
     return {"model": trainable_parameters(model), "optim": optim_sd["state"]}, optim_sd
 
 
-def save(run_dir: Path, step: int, model, optimizer, info: dict, dist: Dist,
+def save(run_dir: Path, step: int, model, optimizer, info: RunState, dist: Dist,
          export: Callable[[Path | None], None] | None = None) -> Path:
     """Collective: every rank writes its shards and RNG into a hidden temporary; rank 0
     adds state.json and the manifest and publishes it with one rename. export(directory),
@@ -166,7 +207,7 @@ def save(run_dir: Path, step: int, model, optimizer, info: dict, dist: Dist,
         export(tmp / "hf" if dist.is_main else None)
     dist.barrier()
     if dist.is_main:
-        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **info}, indent=1, sort_keys=True))
+        (tmp / "state.json").write_text(info.to_json())
         manifest.write_manifest(tmp, {"step": step})
         manifest.publish(tmp, final)
     dist.barrier()

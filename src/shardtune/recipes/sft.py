@@ -302,7 +302,7 @@ def build_metrics(cfgs: Configs, dist: device.Dist, ckpt: Optional[ckpt_state.Ch
         return MetricsWriter(None)
     path = Path(t.output_dir) / "metrics.jsonl" if t.save_metrics else None
     loss_curve = curve.LossCurve(Path(t.output_dir) / "loss.png", history=path)
-    resume_step, wandb_run = (ckpt.step, ckpt.info.get("wandb_run_id")) if ckpt else (None, None)
+    resume_step, wandb_run = (ckpt.step, ckpt.info.wandb_run_id) if ckpt else (None, None)
     return MetricsWriter(path, sinks=[*sinks.build_sinks(cfgs, resume_step, wandb_run), loss_curve])
 
 
@@ -312,18 +312,18 @@ def restore(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
     info = ckpt.info
     check_schedule(ckpt, recipe.cfgs, recipe.sampler.steps_per_epoch)
     ckpt_state.load(ckpt, recipe.train_model, recipe.optimizer)
-    recipe.scheduler.load_state_dict(info["scheduler"])
-    for group, lr in zip(recipe.optimizer.param_groups, info["lrs"]):
+    recipe.scheduler.load_state_dict(info.scheduler)
+    for group, lr in zip(recipe.optimizer.param_groups, info.lrs):
         group["lr"] = lr
-    if recipe.grad_scaler is not None and info["grad_scaler"]:
-        recipe.grad_scaler.load_state_dict(info["grad_scaler"])
-    recipe.state = loop.LoopState(**info["loop"])
+    if recipe.grad_scaler is not None and info.grad_scaler:
+        recipe.grad_scaler.load_state_dict(info.grad_scaler)
+    recipe.state = loop.LoopState(**info.loop)
     recipe.metrics.rewind(recipe.state.step, recipe.state.epoch)
     same_world = ckpt_state.restore_rng(ckpt, recipe.dist)
     recipe.last_checkpoint = ckpt.path
     log.info("resumed from %s: step %d, epoch %d, %d samples into it%s", ckpt.path, recipe.state.step,
              recipe.state.epoch + 1, recipe.state.samples_in_epoch,
-             "" if same_world else f" (saved at world size {info['world_size']}, now {recipe.dist.world_size})")
+             "" if same_world else f" (saved at world size {info.world_size}, now {recipe.dist.world_size})")
 
 
 # ---- fit ------------------------------------------------------------------------------
@@ -439,22 +439,22 @@ def improves_best(state: loop.LoopState, eval_loss: float) -> bool:
     return state.best_eval_loss is None or eval_loss < state.best_eval_loss
 
 
-def checkpoint_info(recipe: Recipe) -> dict:
+def checkpoint_info(recipe: Recipe) -> ckpt_state.RunState:
     t, r = recipe.cfgs.train, recipe
     scaler = r.grad_scaler
-    return {
-        "loop": asdict(r.state),
-        "scheduler": r.scheduler.state_dict(),  # LambdaLR's holds {} per lambda: JSON (tested by a resume)
-        "schedule": schedule_info(r.cfgs, r.sampler.steps_per_epoch),
-        "lrs": [group["lr"] for group in r.optimizer.param_groups],
-        "grad_scaler": scaler.state_dict() if scaler is not None else None,
-        "world_size": r.dist.world_size, "global_batch": r.sampler.global_batch,
-        "micro_batch": r.batching.micro, "accumulation": r.batching.accum,
-        "model": {"path": str(r.spec.model_dir), "config_sha256": model_fingerprint(r.spec)},
-        "peft_method": t.peft_method if t.use_peft else None,
-        "config": {type(c).__name__: asdict(c) for c in r.cfgs.all()},
-        "wandb_run_id": sinks.wandb_run_id(r.metrics.sinks),  # rank 0 writes state.json: its sinks
-    }
+    return ckpt_state.RunState(
+        loop=asdict(r.state),
+        scheduler=r.scheduler.state_dict(),
+        schedule=schedule_info(r.cfgs, r.sampler.steps_per_epoch),
+        lrs=[group["lr"] for group in r.optimizer.param_groups],
+        grad_scaler=scaler.state_dict() if scaler is not None else None,
+        world_size=r.dist.world_size, global_batch=r.sampler.global_batch,
+        micro_batch=r.batching.micro, accumulation=r.batching.accum,
+        model=ckpt_state.ModelRef(str(r.spec.model_dir), model_fingerprint(r.spec)),
+        peft_method=t.peft_method if t.use_peft else None,
+        config={type(c).__name__: asdict(c) for c in r.cfgs.all()},
+        wandb_run_id=sinks.wandb_run_id(r.metrics.sinks),  # rank 0 writes state.json: its sinks
+    )
 
 
 def save_checkpoint(recipe: Recipe, eval_loss: Optional[float] = None) -> Path:
