@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, SHIM, check, error_lines, read_metrics, torchrun
-from shardtune.modeling import quant
+from shardtune import _compat
 
 WORKER = REPO / "tests" / "workers" / "train_probe.py"
 STEPS = 10
@@ -53,7 +53,7 @@ def test_each_rank_holds_its_slice(runs, tiny_nf4_model):
 def _nf4_base(model_dir):
     """The base as transformers loads it, each decoder-layer linear weight replaced by its
     NF4 round trip, quantized by torchao directly (not by shardtune's sharded path)."""
-    nf4 = quant._nf4()
+    nf4 = _compat.nf4_module()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         for layer in model.model.layers:
