@@ -16,6 +16,7 @@ Features and the flags that turn them on:
   * precisions .............................. --mixed_precision (bf16), --use_fp16 (grad scaler),
                                               --pure_bf16, --optimizer anyprecision (Kahan sums)
   * activation checkpointing ................ --fsdp_activation_checkpointing (with FSDP)
+  * torch.compile per decoder layer ......... --compile (graph breaks reported, never silent)
   * CPU offload of shards ................... --fsdp_cpu_offload
   * gradient accumulation without reduce .... --batch_size_training / --micro_batch_size,
                                               or --gradient_accumulation_steps
@@ -28,6 +29,7 @@ Features and the flags that turn them on:
   * TensorBoard, Weights & Biases, loss.png .. --use_tensorboard --tensorboard_dir, --use_wandb --wandb_config.*
   * tokens/s and MFU per step ............... --peak_tflops (detected for known GPUs)
   * step checkpoints (DCP, atomic) .......... --save_steps N, --save_total_limit K, best/ by eval loss
+  * from_pretrained-ready step checkpoints .. --checkpoint_type FULL_STATE_DICT (hf/ in each)
   * exact resume, also at another world size  --resume auto|PATH
   * preemption (SIGTERM, SIGUSR1) ........... always on: finish the step, checkpoint, exit 0
   * non-finite loss / grad norm guard ....... always on: stop, keep the last good checkpoint
