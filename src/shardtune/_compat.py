@@ -74,6 +74,15 @@ def parameters_on_meta():
 
 # ---- transformers and peft --------------------------------------------------------------
 
+def no_split_module_names(model: torch.nn.Module) -> set[str]:
+    """The class names transformers marks as unsplittable, its decoder layers: the private
+    `_no_split_modules` that accelerate's device maps and FSDP wrap policies read too."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
 def attn_implementation(config) -> str:
     """The attention a model runs (transformers keeps the resolved choice private)."""
     return config._attn_implementation

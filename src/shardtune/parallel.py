@@ -98,9 +98,7 @@ def _group_timeouts(dist: Dist, ndim: int) -> dict:
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks, found by the class names HF marks as unsplittable."""
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
+    names = _compat.no_split_module_names(model)
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:  # sharding only the root would gather the whole model on every rank
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)

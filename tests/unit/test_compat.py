@@ -37,7 +37,7 @@ def test_parameters_on_meta_moves_parameters_and_keeps_buffers():
     assert not torch.nn.Linear(2, 2).weight.is_meta  # and the swap is undone
 
 
-def test_attn_implementation_reads_the_resolved_choice():
+def test_attention_choice_and_decoder_layer_names():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
@@ -46,6 +46,7 @@ def test_attn_implementation_reads_the_resolved_choice():
         model = LlamaForCausalLM(config)
     model.set_attn_implementation("eager")
     assert _compat.attn_implementation(model.config) == "eager"
+    assert _compat.no_split_module_names(model) == {"LlamaDecoderLayer"}
 
 
 def test_peft_and_torchao_names_exist():
