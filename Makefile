@@ -33,17 +33,17 @@ clean:
 	rm -rf demo_out
 
 # make test-latest: the suite against the newest releases of every dependency but torch
-# (kept at the pin: the CPU build comes from local disk), in a venv of its own, rebuilt each
-# time. Its versions are in .venv-latest/versions.txt; if the suite passes, `make lock`
+# (held at the pin by a one-line constraint: a newer torch from the registry is the multi-GB
+# CUDA build), in a venv of its own, rebuilt each time. Its versions are in .venv-latest/versions.txt; if the suite passes, `make lock`
 # makes them the tested set. An upgrade is a deliberate, tested change.
 LATEST := .venv-latest
 
 test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
+	echo '$(TORCH)' > $(LATEST)/torch-pin.txt
 	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools
-	$(LATEST)/bin/python -m pip install -q $(TORCH)
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	PIP_CONSTRAINT=$(abspath $(LATEST))/torch-pin.txt $(LATEST)/bin/python -m pip install -q $(TORCH) -e '.[test]'
 	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/' > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pip list --format freeze | grep -E '^(pip|setuptools)==' >> $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest -q tests --durations=15
