@@ -21,9 +21,13 @@ from .errors import UserError
 
 def backend_options(backend: str, timeout: datetime.timedelta):
     """Process-group options that carry a timeout, for init_device_mesh's backend_override
-    (its sub-groups otherwise take torch's default 30 minutes). NCCL's Options exposes the
-    timeout only as the private `_timeout`; gloo's is built through the C++ Backend.Options."""
-    if backend == "nccl":
+    (its sub-groups otherwise take torch's default 30 minutes). `backend` is a name ("gloo")
+    or a device map ("cuda:nccl,cpu:gloo"): the options are the accelerator backend's, and
+    torch gives the gloo part the same timeout (device_mesh passes options._timeout along).
+    NCCL's Options exposes the timeout only as the private `_timeout`; the others are built
+    through the C++ Backend.Options."""
+    names = [part.rpartition(":")[2] for part in backend.split(",")]
+    if "nccl" in names:
         from torch.distributed import ProcessGroupNCCL
 
         options = ProcessGroupNCCL.Options()
@@ -31,7 +35,7 @@ def backend_options(backend: str, timeout: datetime.timedelta):
         return options
     from torch._C._distributed_c10d import Backend
 
-    return Backend.Options(backend, timeout)
+    return Backend.Options(names[0], timeout)
 
 
 def release_device_meshes() -> None:

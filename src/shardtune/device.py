@@ -127,17 +127,28 @@ def setup(require_distributed: bool = False, timeout_s: int = 1800) -> Dist:
                 "`torchrun --nnodes 1 --nproc_per_node N -m shardtune.finetuning ...`"
             )
         device = _device_for(0)
-        return Dist(0, 0, 1, 1, device, dist.get_default_backend_for_device(device) if dist.is_available() else "",
-                    timeout_s)
+        return Dist(0, 0, 1, 1, device, backend_for(device.type) if dist.is_available() else "", timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])  # not RANK: on node 2, rank 8 is GPU 0
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = _device_for(local_rank)
-    backend = dist.get_default_backend_for_device(device)
+    backend = backend_for(device.type)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type != "cpu" else None)
     return Dist(rank, local_rank, world, local_world, device, backend, timeout_s)
+
+
+def backend_for(device_type: str) -> str:
+    """The process-group backend for a device type: gloo on CPU; on an accelerator its own
+    backend (NCCL, XCCL, ...) for its tensors plus gloo for CPU tensors. CPU tensors do reach
+    collectives there: gradients and their norm under --fsdp_cpu_offload, the final save's
+    gathers of offloaded shards, asynchronous checkpoints and object collectives. An
+    accelerator-only group fails those with "No backend type associated with device type cpu"
+    (torchtune passes the same pair). parallel.build_mesh gives the HSDP sub-groups the same."""
+    if device_type == "cpu":
+        return "gloo"
+    return f"{device_type}:{dist.get_default_backend_for_device(device_type)},cpu:gloo"
 
 
 def _device_for(local_rank: int) -> torch.device:

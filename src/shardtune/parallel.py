@@ -28,13 +28,22 @@ STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
 @dataclass(frozen=True)
 class Precision:
-    """storage: dtype the weights are held in (fp32 master weights unless pure_bf16);
+    """storage: dtype the trained weights are held in (fp32 master weights unless pure_bf16);
     compute: dtype of forward/backward; reduce: dtype of gradient reduction."""
 
     storage: torch.dtype = torch.float32
     compute: torch.dtype = torch.float32
     reduce: torch.dtype = torch.float32
     grad_scaler: bool = False  # fp16 needs loss scaling; bf16 does not
+
+    @property
+    def frozen(self) -> torch.dtype:
+        """The dtype of weights that do not train. Under mixed precision they are only ever
+        read in the compute dtype, so they are held in it: fp32 master weights are for what
+        the optimizer updates (torchtune holds a LoRA base in bf16 too). Half the bytes of the
+        frozen base of a LoRA run; bit for bit the same forward under FSDP2, which casts to
+        the compute dtype when it gathers."""
+        return self.compute if self.compute.itemsize < self.storage.itemsize else self.storage
 
     @property
     def name(self) -> str:
@@ -86,12 +95,14 @@ def build_mesh(dist: Dist, fsdp_cfg) -> DeviceMesh:
     shape = mesh_shape(fsdp_cfg, dist.world_size, dist.local_world_size)
     if len(shape) == 1:
         return init_device_mesh(dist.device.type, shape, mesh_dim_names=("shard",))
-    # Sub-groups get --dist_timeout too; without an override they take torch's 30 minutes.
     return init_device_mesh(dist.device.type, shape, mesh_dim_names=("replicate", "shard"),
-                            backend_override=_group_timeouts(dist, 2))
+                            backend_override=sub_group_backends(dist, 2))
 
 
-def _group_timeouts(dist: Dist, ndim: int) -> dict:
+def sub_group_backends(dist: Dist, ndim: int) -> dict:
+    """Each mesh dimension's (backend, options): the default group's backend, so CPU tensors
+    have gloo beside the accelerator's backend there too (device.backend_for), and
+    --dist_timeout (without an override, sub-groups take torch's 30 minutes)."""
     options = _compat.backend_options(dist.backend, datetime.timedelta(seconds=dist.timeout_s))
     return {dim: (dist.backend, options) for dim in range(ndim)}
 

@@ -34,9 +34,14 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def agreed(self, dist: Dist) -> bool:
-        """True on every rank once any rank got a signal (one tiny all-reduce per step)."""
+        """True on every rank once any rank got a signal (one tiny all-reduce per step).
+
+        The flag is a host tensor, reduced by the process group's CPU backend (gloo beside
+        NCCL: device.backend_for): a device tensor would make every step wait on the host
+        for all queued device work, where the loop otherwise syncs only at log steps. It is
+        read through numpy, host memory, with no tensor op that could sync."""
         if not dist.distributed:
             return self.signal_name is not None
-        flag = torch.tensor(1.0 if self.signal_name else 0.0, device=dist.device)
+        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return flag.item() > 0
+        return bool(flag.numpy()[0])

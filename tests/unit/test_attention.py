@@ -5,6 +5,7 @@ shorter than an example must fall back to the mask."""
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from shardtune.modeling import attention, loss
 from shardtune.config.parse import parse_args
@@ -49,12 +50,17 @@ def test_packed_attention_matches_the_masked_path(model_type, extra, packed, mon
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.PACKED).train()
 
-    calls = []
+    calls, masks = [], []
     sdpa = attention.sdpa_attention_forward
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    packed_loss, packed_grads = _loss_and_grads(model, batch)
+    AttentionMaskInterface.register(attention.PACKED, lambda *a, **k: masks.append(1) or sdpa_mask(*a, **k))
+    try:
+        packed_loss, packed_grads = _loss_and_grads(model, batch)
+    finally:
+        AttentionMaskInterface.register(attention.PACKED, sdpa_mask)
     windowed = "sliding_window" in extra
     assert len(calls) == LAYERS * (1 if windowed else sum(len(row) for row in lengths))
+    assert len(masks) == (1 if windowed else 0)  # no [batch, 1, seq, seq] mask for packed rows
 
     model.set_attn_implementation("sdpa")
     masked_loss, masked_grads = _loss_and_grads(model, batch)

@@ -8,6 +8,17 @@ Here the model's attention runs SDPA once per example instead, causal, over that
 example's slice of the row only. The result is the masked computation's, up to float
 rounding (tests/unit/test_attention.py).
 
+On CUDA, in bf16/fp16, one call per layer does all examples of the batch: torch's
+variable-length flash attention (torch.nn.attention.varlen), the same kernel family as
+flash-attn's varlen path that transformers' flash_attention_2 uses, with no extra
+package. It needs fp16/bf16 and CUDA; elsewhere (CPU, fp32) the per-example SDPA calls
+run, which on CPU are faster than one masked call (BENCHMARKS.md) and match it to 1e-5.
+
+No mask is built for packed rows. transformers would turn the restarting positions into a
+[batch, 1, seq, seq] mask and check for packing on the device (a host sync) on every
+forward; packed_inputs gives the model an empty 4-D mask instead, which transformers
+passes through as "already prepared", and this function ignores it.
+
 It is registered with transformers as the attention implementation PACKED. Without the
 `packed_lengths` keyword (generation, prefix tuning's masked rows, a custom collator's
 attention_mask) it is transformers' own SDPA path, mask and all; shardtune's loss passes
@@ -37,6 +48,42 @@ def packed_lengths(position_ids: torch.Tensor) -> Lengths:
     return tuple(lengths)
 
 
+def _window_fits(config, lengths: Lengths) -> bool:
+    """A sliding window no shorter than every example changes nothing (is_causal alone
+    would not apply a shorter one)."""
+    window = getattr(config, "sliding_window", None)
+    return not window or all(n <= window for row in lengths for n in row)
+
+
+def packed_inputs(position_ids: torch.Tensor, config) -> dict:
+    """The model's extra inputs for a packed batch (position_ids on the host): the example
+    lengths and the empty mask that stops transformers from building one; nothing when the
+    mask path must run (a sliding window shorter than an example)."""
+    lengths = packed_lengths(position_ids)
+    if not _window_fits(config, lengths):
+        return {}
+    return {"packed_lengths": lengths, "attention_mask": torch.ones(len(lengths), 1, 0, 0, dtype=torch.bool)}
+
+
+def _varlen_runs(query: torch.Tensor) -> bool:
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+
+
+def _varlen(module, query, key, value, lengths: Lengths, scaling) -> torch.Tensor:
+    """All examples in one flash-attention call: [batch*seq, heads, head_dim] with
+    cumulative example offsets, causal, grouped-query as the model has it."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    sizes = [n for row in lengths for n in row]
+    offsets = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    offsets = offsets.pin_memory().to(query.device, non_blocking=True)  # no host sync
+    batch, heads, seq, dim = query.shape
+    flat = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (query, key, value)]
+    out = varlen_attn(*flat, offsets, offsets, max(sizes), max(sizes), scale=scaling,
+                      window_size=(-1, 0), enable_gqa=key.shape[1] != heads)
+    return out.view(batch, seq, heads, dim)
+
+
 def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, packed_lengths: Lengths | None = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
@@ -48,6 +95,8 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         # the mask path: no lengths, a cache or prefix before the queries, or a sliding
         # window shorter than an example (is_causal alone would not apply the window)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if _varlen_runs(query) and not kwargs.get("dropout") and not kwargs.get("softcap"):
+        return _varlen(module, query, key, value, packed_lengths, kwargs.get("scaling")), None
     rows = []
     # unbind and split, not slicing: their backward concatenates the pieces' gradients
     # once, where each slice's backward would fill a zero tensor of the whole batch

@@ -155,6 +155,14 @@ def build_meta_model(spec: ModelSpec) -> torch.nn.Module:
     return model
 
 
+def hold_trainable_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Trainable parameters in `dtype` (mixed precision's fp32 master weights), frozen ones
+    in the dtype the model was built in. In place, so tied parameters stay tied."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def load_spec(model_name: str) -> ModelSpec:
     model_dir = resolve_model_dir(model_name)
     model_type = _declared_model_type(model_dir)
@@ -303,8 +311,10 @@ def _buffer_skeleton(spec: ModelSpec) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(copy.deepcopy(spec.config), dtype=spec.dtype)
 
 
-def load_quantized(spec: ModelSpec, quantization: str, device: torch.device) -> torch.nn.Module:
-    """8-bit or 4-bit (QLoRA, nf4) base weights through bitsandbytes, in one process."""
+def load_quantized(spec: ModelSpec, quantization: str, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """8-bit or 4-bit (QLoRA, nf4) base weights through bitsandbytes; the 4-bit matmuls and
+    the weights left unquantized (embeddings, norms) in `dtype`, the compute dtype."""
     try:
         from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
@@ -314,7 +324,7 @@ def load_quantized(spec: ModelSpec, quantization: str, device: torch.device) -> 
         qconfig = BitsAndBytesConfig(load_in_8bit=True)
     else:
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_compute_dtype=torch.float32)
+                                     bnb_4bit_compute_dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(spec.model_dir, quantization_config=qconfig,
-                                                dtype=torch.float32, device_map={"": device},
+                                                dtype=dtype, device_map={"": device},
                                                 attn_implementation=PACKED)

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import _compat
 from ..data.tokenize import IGNORE_INDEX
-from .attention import PACKED, packed_lengths
+from .attention import PACKED, packed_inputs
 
 CE_CHUNK_TOKENS = 1024  # positions per head + CE chunk: 1024 x 32k vocab x fp32 = 128 MiB of logits
 # config fields of transformers models that post-process the head's output
@@ -70,7 +70,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
         inputs["attention_mask"] = (pos == torch.arange(pos.shape[1], device=device)).long()
     elif "attention_mask" not in inputs and "position_ids" in inputs and _compat.attn_implementation(config_of(model)) == PACKED:
         # attention within each packed example only (attention.py), lengths read on the host
-        inputs["packed_lengths"] = packed_lengths(batch["position_ids"])
+        inputs.update(packed_inputs(batch["position_ids"], config_of(model)))
     targets = Targets.of(batch["labels"], device)
     head = output_head(model)
     fused = not any(getattr(config_of(model), name, None) for name in LOGIT_POSTPROCESSING)

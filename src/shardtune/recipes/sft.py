@@ -18,8 +18,9 @@ Features and the flags that turn them on:
   * activation checkpointing ................ --fsdp_activation_checkpointing (with FSDP)
   * torch.compile per decoder layer ......... --compile (graph breaks reported, never silent)
   * CPU offload of shards ................... --fsdp_cpu_offload
-  * gradient accumulation without reduce .... --batch_size_training / --micro_batch_size,
-                                              or --gradient_accumulation_steps
+  * gradient accumulation ................... --batch_size_training / --micro_batch_size,
+                                              or --gradient_accumulation_steps (PEFT: reduced once per
+                                              step; full fine-tuning: reduce-scattered per micro-batch)
   * gradient clipping (global norm) ......... --gradient_clipping --gradient_clipping_threshold
   * packing with per-example attention ...... --batching_strategy packing --context_length
   * validation each epoch (and every N steps)  --run_validation --val_batch_size --max_eval_step --eval_steps
@@ -159,31 +160,37 @@ def freeze_first_layers(model: torch.nn.Module, n: int) -> None:
 
 
 def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, precision: parallel.Precision):
-    """Meta model -> PEFT/freeze -> shard/DDP -> materialise. Returns (train_model, peft_model)."""
+    """Meta model -> PEFT/freeze -> shard/DDP -> materialise. Returns (train_model, peft_model).
+    Frozen weights are held in precision.frozen, trainable ones in precision.storage."""
     t = cfgs.train
+    spec.dtype = precision.frozen
     if t.quantization and not t.enable_fsdp:
-        model = model_lib.load_quantized(spec, t.quantization, dist.device)
+        model = model_lib.load_quantized(spec, t.quantization, dist.device, precision.frozen)
         torch.manual_seed(t.seed)
         peft_model = adapters.wrap(model, cfgs)
+        model_lib.hold_trainable_in(peft_model, precision.storage)
         if t.from_peft_checkpoint:
             values = adapters.load_adapter_weights(peft_model, t.peft_method, t.from_peft_checkpoint)
             with torch.no_grad():
                 for name, p in peft_model.named_parameters():
                     if name in values:
                         p.copy_(values[name])
+        if dist.world_size > 1:  # one adapter, its gradients averaged over the ranks
+            return parallel.wrap_ddp(peft_model, dist), peft_model
         return peft_model, peft_model
-    spec.dtype = precision.storage
     model = model_lib.build_meta_model(spec)
     new_params: dict[str, torch.Tensor] = {}
     from_adapter: dict[str, torch.Tensor] = {}
     if t.use_peft:
         model = adapters.wrap(model, cfgs)
+    elif t.freeze_layers:
+        freeze_first_layers(model, t.num_freeze_layers)
+    model_lib.hold_trainable_in(model, precision.storage)
+    if t.use_peft:
         new_params = adapters.init_new_params(model, t.peft_method, t.seed)
         if t.from_peft_checkpoint:
             from_adapter = adapters.load_adapter_weights(model, t.peft_method, t.from_peft_checkpoint)
             new_params.update(from_adapter)
-    elif t.freeze_layers:
-        freeze_first_layers(model, t.num_freeze_layers)
     if t.enable_fsdp and cfgs.fsdp.fsdp_activation_checkpointing:
         if not t.use_peft or PEFT_METHODS[t.peft_method].activation_checkpointing:
             parallel.enable_activation_checkpointing(model)
@@ -252,6 +259,7 @@ def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision:
         autocast_dtype=(precision.compute if precision.compute != precision.storage and not t.enable_fsdp
                         else None),
         mask_from_positions=needs_unpacked(cfgs), global_batch=global_batch,
+        defer_grad_reduce=t.use_peft,  # only an adapter's unsharded gradients are small enough to keep
         flops_per_token=flops.per_token, peak_flops=peak_flops(cfgs, dist),
     )
 
@@ -281,7 +289,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     n_train = sum(p.numel() for p in trainable)
     n_all = sum(p.numel() for p in peft_model.parameters())
     log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
-    optimizer = build_optimizer(trainable, cfgs)
+    optimizer = build_optimizer(trainable, cfgs, on_accelerator=dist.is_accelerator and not cfgs.fsdp.fsdp_cpu_offload)
     scheduler = build_scheduler(optimizer, cfgs, sampler.steps_per_epoch)
     flops = throughput.model_flops(peft_model, spec.config, t.context_length)
     loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, flops)
