@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # PIP_CONSTRAINT (not -c) also reaches the isolated environment that builds this package
 LOCKED := PIP_CONSTRAINT=$(abspath $(LOCK))
 
-.PHONY: demo test install clean bench bench-venv test-latest lock
+.PHONY: demo test install clean bench bench-venv test-latest lock test-floor
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,25 @@ test-latest:
 lock:
 	test -f $(LATEST)/versions.txt || { echo "run make test-latest first"; exit 1; }
 	{ sed -n '/^#/p' $(LOCK); cat $(LATEST)/versions.txt; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+
+# make test-floor: the oldest torch pyproject.toml admits, with the locked versions of
+# everything else, on a subset that covers the code paths torch's API shapes (2-rank FSDP2,
+# DCP resume at another world size, CPU offload with activation checkpointing, and the unit
+# tests but those that check a private API at the pinned torch, marked `pinned`). The
+# registry's torch for x86_64 Linux is a CUDA build: about 4 GB of downloads, once.
+FLOOR := .venv-floor
+TORCH_FLOOR := $(shell sed -n 's/.*"torch>=\([0-9.]*\)".*/torch==\1/p' pyproject.toml)
+FLOOR_TESTS := tests/unit \
+	tests/integration/test_loss.py::test_two_ranks_same_loss_and_gradients \
+	tests/integration/test_resume.py::test_saved_at_two_ranks_resumes_at_one \
+	tests/integration/test_fsdp_options.py::test_memory_flags_do_not_change_losses
+
+test-floor:
+	test -x $(FLOOR)/bin/python || $(PY) -m venv $(FLOOR)
+	grep -v '^torch==' $(LOCK) > $(FLOOR)/constraints.txt
+	PIP_CONSTRAINT=$(abspath $(FLOOR))/constraints.txt $(FLOOR)/bin/python -m pip install -q '$(TORCH_FLOOR)'
+	PIP_CONSTRAINT=$(abspath $(FLOOR))/constraints.txt $(FLOOR)/bin/python -m pip install -q -e '.[test]'
+	CUDA_VISIBLE_DEVICES= $(FLOOR)/bin/python -m pytest -q -m "not pinned" $(FLOOR_TESTS)
 
 # make bench: the benchmark harness (BENCHMARKS.md); make bench QUICK=1 is a few-step smoke run.
 # torchtune gets a venv of its own (torch pinned first, as above).

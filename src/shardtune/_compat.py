@@ -129,8 +129,10 @@ def allow_checkpointed_side_effects() -> None:
     then graph-breaks and runs the whole layer eagerly. The set/reset pair leaves the
     variable as it found it, and nothing in the layer's tensors depends on it, so not
     replaying it in backward computes the same gradients. The flag is process-wide; the
-    training process compiles nothing but the decoder layers."""
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    training process compiles nothing but the decoder layers. torch before 2.13 lacks it
+    (2.9.1 does): there a checkpointed layer graph-breaks, which the run reports."""
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 def graph_breaks() -> list[str]:

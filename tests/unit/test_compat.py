@@ -1,10 +1,12 @@
 """The private and version-dependent APIs in shardtune._compat still exist and still mean
 what shardtune relies on: an upgrade that changes one fails here, by name."""
+import pytest
 import torch
 
 from shardtune import _compat
 
 
+@pytest.mark.pinned
 def test_dynamo_has_the_checkpoint_side_effect_switch():
     assert hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint")
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False):
@@ -56,6 +58,7 @@ def test_peft_and_torchao_names_exist():
     assert hasattr(_compat.nf4_module(), "NF4Tensor")
 
 
+@pytest.mark.pinned
 def test_gloo_group_options_and_mesh_registry(tmp_path):
     """Options with a timeout reach a mesh's sub-groups; the registry release_device_meshes
     empties exists and is a dict (one real gloo rank)."""
