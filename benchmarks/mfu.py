@@ -1,8 +1,9 @@
 """How close one shardtune process comes to this CPU's matmul peak: the FLOPs the work
 needs per second, divided by the fp32 GEMM peak measured at the same thread count.
 
-Needed FLOPs of a LoRA step (per non-pad token, matmuls only; shardtune.throughput's
-accounting, except that it counts only what has to be computed):
+Needed FLOPs of a LoRA step (per non-pad token, matmuls only): shardtune.throughput's
+model FLOPs, counted here on their own from the saved batches (and the model's shape),
+except that the chunks' few pad positions count as attention queries too:
   - every frozen decoder weight 4 (forward and the input gradient), every adapter weight 6;
   - the output head 4 x vocab x hidden, but only at labelled positions (the rest of a
     position's head output is never needed: shardtune's loss.py skips it);

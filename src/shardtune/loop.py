@@ -25,7 +25,7 @@ from .errors import UserError
 from .metrics.logs import MetricsWriter, perplexity
 from .modeling.loss import token_loss_sum
 from .parallel import release_gathered
-from .metrics.throughput import mfu
+from .metrics.throughput import ModelFlops, mfu
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LoopConfig:
     grad_clip: float | None
     log_every: int
     autocast_dtype: torch.dtype | None = None  # mixed precision without FSDP
-    flops_per_token: float = 0.0  # model FLOPs per trained token (throughput.ModelFlops)
+    flops: ModelFlops | None = None  # counts a batch's model FLOPs; None: no MFU
     peak_flops: float = 0.0  # FLOP/s of all ranks' devices together; 0 = unknown, no MFU
     mask_from_positions: bool = False  # one example per row + attention_mask (prefix tuning)
     global_batch: int = 0  # samples per optimizer step, all ranks: advances the data position
@@ -76,7 +76,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def _to_device(count: int, device: torch.device) -> torch.Tensor:
+def _to_device(count: float, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(count)).to(device, non_blocking=True)
 
 
@@ -123,8 +123,8 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     if cfg.max_train_step:
         steps = min(steps, max(cfg.max_train_step - state.step, 0))
     autocast = _autocast(dist.device, cfg.autocast_dtype)
-    # per step: [local loss share, global targets, grad norm, local tokens]; reduced every
-    # log_every steps, so the loop never waits on the host between those
+    # per step: [local loss share, global targets, grad norm, local tokens, local model FLOPs];
+    # reduced every log_every steps, so the loop never waits on the host between those
     pending: list[torch.Tensor] = []
     lrs: list[float] = []  # the LR each pending step used (host floats: no device sync)
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}", disable=not dist.is_main, dynamic_ncols=True)
@@ -140,14 +140,14 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         vals = _all_reduce(stacked, dist).tolist()
         elapsed = time.perf_counter() - window_start
         tokens_per_s = sum(v[3] for v in vals) / elapsed
-        step_mfu = mfu(cfg.flops_per_token, tokens_per_s, cfg.peak_flops)
+        step_mfu = mfu(sum(v[4] for v in vals) / elapsed, cfg.peak_flops)
         speed = {"tokens_per_s": tokens_per_s, **({"mfu": step_mfu} if step_mfu is not None else {}),
                  "peak_memory_mib": round(dist.peak_memory_bytes() / 2**20, 1)}  # see Dist.peak_memory_bytes
         step_lrs = lrs[:]
         pending.clear()
         lrs.clear()
         first = state.step - len(vals) + 1
-        for k, ((loss, n, norm, tokens), lr) in enumerate(zip(vals, step_lrs)):
+        for k, ((loss, n, norm, tokens, _), lr) in enumerate(zip(vals, step_lrs)):
             _check_finite(first + k, loss, norm, cfg, scaled=scaler is not None)
             state.epoch_loss_sum += loss * n
             state.epoch_targets += n
@@ -167,6 +167,9 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         n_local = _to_device(sum(b["num_targets"] for b in micro), dist.device)
         n_global = _all_reduce(n_local, dist).clamp_min(1.0)
         tokens_local = _to_device(sum(b["num_tokens"] for b in micro), dist.device)
+        flops = sum(cfg.flops.of_batch(b["num_tokens"], b["num_targets"], b["num_attention_pairs"])
+                    for b in micro) if cfg.flops else 0.0
+        flops_local = _to_device(flops, dist.device)
         step_loss = torch.zeros((), device=dist.device)
         for i, batch in enumerate(micro):
             with _grad_sync(model, i == cfg.accum - 1, cfg.defer_grad_reduce), autocast:
@@ -180,7 +183,7 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
         state.samples_in_epoch += cfg.global_batch
-        pending.append(torch.stack([step_loss / n_global, n_global, norm.to(n_global), tokens_local]))
+        pending.append(torch.stack([step_loss / n_global, n_global, norm.to(n_global), tokens_local, flops_local]))
         bar.update(1)
         if len(pending) >= cfg.log_every:
             flush()

@@ -198,12 +198,15 @@ def test_custom_collator_batches_carry_counts(tmp_path, llama2_tok):
     assert batch["input_ids"].shape[1] % 8 == 0  # the user's collator built it
     assert batch["num_targets"] == sum(sum(l != -100 for l in it["labels"][1:]) for it in split.dataset.items)
     assert batch["num_tokens"] == int(batch["attention_mask"].sum())
+    lengths = [len(it["input_ids"]) for it in split.dataset.items]
+    assert batch["num_attention_pairs"] == sum(n * (n + 1) // 2 for n in lengths)  # causal, per example
     # 3 examples over 2 ranks x batch 2: rank 1 gets example 2 and a filler with no targets, no tokens
     (rank1,) = list(eval_loader(split, 2, 2, 1, llama2_tok.pad_token_id, 0))
     last = split.dataset.items[2]
     assert rank1["input_ids"].shape[0] == 2
     assert rank1["num_targets"] == sum(l != -100 for l in last["labels"][1:])
     assert rank1["num_tokens"] == len(last["input_ids"])
+    assert rank1["num_attention_pairs"] == lengths[2] * (lengths[2] + 1) // 2
 
 
 BASE = ["--num_workers_dataloader", "0", "--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0", "--num_epochs", "1",

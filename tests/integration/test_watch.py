@@ -11,9 +11,12 @@ import matplotlib.image
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import (SHIM, check, error_lines, read_metrics, read_wandb_run, run_cmd, tensorboard_scalars,
+from conftest import (SHIM, check, error_lines, examples_in_chunk, read_metrics, read_wandb_run, run_cmd,
+                      tensorboard_scalars,
                       torchrun, wandb_offline_run)
 from shardtune.config.validate import check_supported
+from shardtune.data import build_split, train_loader
+from shardtune.modeling.load import load_tokenizer
 from shardtune.metrics import curve as plot, throughput
 from shardtune.config.parse import parse_args
 from shardtune.checkpoint import state as ckpt_state
@@ -47,20 +50,39 @@ def one_process(tmp_path_factory, tiny_model):
     return root, out
 
 
-def reference_flops_per_token(tiny_model) -> float:
-    """6N + 12 * layers * width * seq_len, with N counted by transformers (embedding lookups left out)."""
+def reference_flops_per_token(tiny_model) -> list[float]:
+    """Model FLOPs per token of each logged window (--log_every 2 steps), counted here from the
+    chunks the one-process run trains on (same data, seed and sampler): a full fine-tune's 6
+    per decoder matrix at every token, 6 per head weight at each labelled position, and
+    12 x layers x width per causal query-key pair within each packed example."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     cfg = model.config
-    return 6 * model.num_parameters(exclude_embeddings=True) + 12 * cfg.num_hidden_layers * cfg.hidden_size * CONTEXT
+    decoder = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 2)
+    head = model.lm_head.weight.numel()
+    cfgs = parse_args([*COMMON, "--batch_size_training", "4", "--model_name", str(tiny_model)])
+    tok = load_tokenizer(str(tiny_model))
+    split = build_split(cfgs, tok, "train")
+    _, sampler = train_loader(split, 4, 1, 1, 0, cfgs.train.seed, tok.pad_token_id, 0)
+    sampler.set_epoch(0)
+    steps = list(sampler)
+    windows = []
+    for first in range(0, STEPS, 2):
+        chunks = [split.dataset[i] for step in steps[first:first + 2] for i in step]
+        tokens = sum(len(c["input_ids"]) for c in chunks)
+        targets = sum(int((c["labels"][1:] != -100).sum()) for c in chunks)
+        pairs = sum(len(ids) * (len(ids) + 1) // 2 for c in chunks for ids, _ in examples_in_chunk(c))
+        flops = 6 * decoder * tokens + 6 * head * targets + 12 * cfg.num_hidden_layers * cfg.hidden_size * pairs
+        windows += [flops / tokens] * 2
+    return windows
 
 
 def test_steps_carry_tokens_per_s_mfu_and_grad_norm(one_process, tiny_model):
     steps, _ = read_metrics(one_process[1])
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
-    flops = reference_flops_per_token(tiny_model)
-    for s in steps:
+    for s, flops in zip(steps, reference_flops_per_token(tiny_model)):
         assert s["tokens_per_s"] > 0
-        assert s["mfu"] == pytest.approx(flops * s["tokens_per_s"] / (PEAK_TFLOPS * 1e12), rel=1e-9)
+        # mfu x peak / tokens_per_s: the window's FLOPs per token, its seconds cancel
+        assert s["mfu"] == pytest.approx(flops * s["tokens_per_s"] / (PEAK_TFLOPS * 1e12), rel=1e-6)  # float32
         assert math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0  # logged without --gradient_clipping
         assert s["perplexity"] == pytest.approx(math.exp(s["loss"]), rel=1e-12)
         assert s["peak_memory_mib"] > 0
@@ -151,8 +173,9 @@ def test_two_ranks_only_rank0_writes(tmp_path, tiny_model, one_process):
     assert [s["step"] for s in two] == list(range(1, STEPS + 1))
     assert [s["loss"] for s in two] == pytest.approx([s["loss"] for s in one], rel=1e-5)
     assert [s["grad_norm"] for s in two] == pytest.approx([s["grad_norm"] for s in one], rel=1e-4)
+    # the same global batches: both ranks' FLOPs against 2 devices' peak
     assert [s["mfu"] / s["tokens_per_s"] for s in two] == pytest.approx(
-        [reference_flops_per_token(tiny_model) / (2 * PEAK_TFLOPS * 1e12)] * STEPS, rel=1e-9)  # 2 devices' peak
+        [s["mfu"] / s["tokens_per_s"] / 2 for s in one], rel=1e-6)
     assert (out / "loss.png").is_file()
 
 
@@ -177,12 +200,12 @@ def test_model_flops_counts_frozen_weights_at_4_and_trainable_at_6(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     model.model.layers[0].requires_grad_(False)
     model.get_input_embeddings().requires_grad_(False)
-    counts = throughput.model_flops(model, model.config, CONTEXT)
-    trainable = model.num_parameters(only_trainable=True, exclude_embeddings=True)
-    frozen = model.num_parameters(exclude_embeddings=True) - trainable
-    cfg = model.config
-    assert counts.per_token == 6 * trainable + 4 * frozen + 12 * cfg.num_hidden_layers * cfg.hidden_size * CONTEXT
-    assert trainable > 0 and frozen > 0
+    counts = throughput.model_flops(model, model.config)
+    frozen, trainable = (sum(p.numel() for p in layers.parameters() if p.ndim == 2)
+                         for layers in (model.model.layers[:1], model.model.layers[1:]))
+    assert (counts.frozen, counts.trainable) == (frozen, trainable) and frozen > 0 and trainable > 0
+    assert (counts.head_frozen, counts.head_trainable) == (0, model.lm_head.weight.numel())  # the head trains
+    assert counts.of_batch(1, 0, 0) == 6 * trainable + 4 * frozen
 
 
 def test_peak_table_tells_variants_apart():

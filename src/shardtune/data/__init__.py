@@ -41,7 +41,7 @@ class SplitData:
     source: str
     # per-sample lengths for length-grouped batches (batching_strategy=padding), else None
     lengths: Optional[list[int]] = None
-    # a custom dataset's collator, wrapped to add num_targets/num_tokens; None = the default
+    # a custom dataset's collator, wrapped to add the loop's counts (num_targets, ...); None = the default
     collate_fn: Optional[Callable] = None
 
 

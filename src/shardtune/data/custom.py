@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ..errors import UserError
+from .packing import causal_pairs
 from .records import BadRecords
 from .source import Source
 from .tokenize import IGNORE_INDEX, Example
@@ -152,8 +153,8 @@ def source(dataset_config, split: str) -> Source:
 
 class CustomCollator:
     """The user's get_data_collator(tokenizer), adapted to what the training loop reads: it
-    adds num_targets and num_tokens, and gives eval filler items (see ChunkDataset) all -100
-    labels. DataLoader workers start as fresh processes, so this pickles as (file, tokenizer)
+    adds num_targets, num_tokens and num_attention_pairs, and gives eval filler items (see
+    ChunkDataset) all -100 labels. DataLoader workers start as fresh processes, so this pickles as (file, tokenizer)
     and a worker rebuilds the user's collator by running the user's file again."""
 
     def __init__(self, path: Path, tokenizer) -> None:
@@ -171,7 +172,8 @@ class CustomCollator:
         return self._user
 
     def __call__(self, items: list[dict]) -> dict:
-        real_tokens = sum(len(it["input_ids"]) for it in items if not it.get("dummy"))
+        # each item is one example (packing.truncate_each), however the user's collator lays them out
+        real = [len(it["input_ids"]) for it in items if not it.get("dummy")]
         cleaned = []
         for it in items:
             plain = {k: v for k, v in it.items() if k != "dummy"}
@@ -184,5 +186,6 @@ class CustomCollator:
         if "input_ids" not in batch or "labels" not in batch:
             raise UserError("the custom get_data_collator must return a batch with input_ids and labels")
         batch["num_targets"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        batch["num_tokens"] = real_tokens
+        batch["num_tokens"] = sum(real)
+        batch["num_attention_pairs"] = sum(causal_pairs(n) for n in real)
         return batch

@@ -197,6 +197,18 @@ class ExampleDataset(Dataset):
         return [len(it["input_ids"]) for it in self.items]
 
 
+def causal_pairs(length: int) -> int:
+    """The (query, key) pairs of causal attention over one example: each token attends to
+    itself and the example's earlier tokens. What model FLOPs count attention by
+    (metrics/throughput.py)."""
+    return length * (length + 1) // 2
+
+
+def _chunk_attention_pairs(position_ids: torch.Tensor) -> int:
+    starts = (position_ids == 0).nonzero().squeeze(1).tolist()  # each example restarts at 0
+    return sum(causal_pairs(end - start) for start, end in zip(starts, starts[1:] + [len(position_ids)]))
+
+
 def collate(chunks: list[dict], pad_id: int) -> dict:
     """Right-pad to the longest chunk. The pad run gets its own restarting position_ids,
     so it forms a separate 'document' that no real token attends to."""
@@ -219,4 +231,5 @@ def collate(chunks: list[dict], pad_id: int) -> dict:
         # counted here, on the host, so the training loop needs no device sync
         "num_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "num_tokens": sum(len(c["input_ids"]) for c in chunks if not c.get("dummy")),
+        "num_attention_pairs": sum(_chunk_attention_pairs(c["position_ids"]) for c in chunks if not c.get("dummy")),
     }

@@ -260,7 +260,7 @@ def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision:
                         else None),
         mask_from_positions=needs_unpacked(cfgs), global_batch=global_batch,
         defer_grad_reduce=t.use_peft,  # only an adapter's unsharded gradients are small enough to keep
-        flops_per_token=flops.per_token, peak_flops=peak_flops(cfgs, dist),
+        flops=flops, peak_flops=peak_flops(cfgs, dist),
     )
 
 
@@ -291,7 +291,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
     optimizer = build_optimizer(trainable, cfgs, on_accelerator=dist.is_accelerator and not cfgs.fsdp.fsdp_cpu_offload)
     scheduler = build_scheduler(optimizer, cfgs, sampler.steps_per_epoch)
-    flops = throughput.model_flops(peft_model, spec.config, t.context_length)
+    flops = throughput.model_flops(peft_model, spec.config)
     loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, flops)
     metrics = build_metrics(cfgs, dist, ckpt)
     recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loader,
