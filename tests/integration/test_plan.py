@@ -56,6 +56,18 @@ def test_7b_full_fp32_and_lora_terms():
                        KNOWN_MODELS["7B"], Launch(overhead=0))
     assert lora.optimizer == 8 * 4_194_304
     assert lora.parameters == 4 * (p + 4_194_304)
+    # bf16 mixed precision: the frozen base in bf16, the adapter's master weights in fp32
+    mixed = plan_memory(parse_args(["--model_name", "7B", "--use_peft", "--mixed_precision", "True"]),
+                        KNOWN_MODELS["7B"], Launch(overhead=0))
+    assert mixed.parameters == 2 * p + 4 * 4_194_304
+    # under FSDP an adapter's gradients stay unsharded across accumulating micro-batches; a
+    # full fine-tune's are reduce-scattered after each one, so accumulation adds nothing
+    def grads(*flags):
+        return plan_memory(parse_args(["--model_name", "7B", "--enable_fsdp", "--mixed_precision", "False",
+                                       "--batch_size_training", "8", *flags]),
+                           KNOWN_MODELS["7B"], Launch(world_size=8, overhead=0)).gradients
+    assert grads("--use_peft", "--micro_batch_size", "2") == 8 * grads("--use_peft", "--micro_batch_size", "8")
+    assert grads("--micro_batch_size", "2") == grads("--micro_batch_size", "8")
     # FULL_SHARD over 8 ranks: an eighth of the states per rank
     sharded = plan_memory(parse_args(["--model_name", "7B", "--enable_fsdp", "--mixed_precision", "False"]),
                           KNOWN_MODELS["7B"], Launch(world_size=8, overhead=0))

@@ -7,10 +7,12 @@ It takes finetune's own flags (same parser, same configs) plus the launch: --wor
 --nnodes, --device (cuda or cpu) and --device_memory. The prediction is analytic: it
 counts what the recipe allocates, from the model's shape alone (nothing is loaded):
 
-  parameters   the sharded (or replicated) weights in their storage dtype, plus FSDP's
+  parameters   the sharded (or replicated) weights: trained ones in their storage dtype,
+               frozen ones in the compute dtype (parallel.Precision.frozen), plus FSDP's
                unsharded compute-dtype copies while a layer runs (the root module's
                embeddings and head stay gathered through forward and backward)
-  gradients    the trainable parameters' sharded gradients, plus the root's unsharded ones
+  gradients    the trainable parameters' sharded gradients (an adapter's stay unsharded
+               across accumulating micro-batches), plus the root's unsharded ones
   optimizer    AdamW: 2 states of the parameter dtype; anyprecision: 2 fp32 states, and a
                bf16 Kahan buffer when the weights are bf16
   activations  what autograd saves per token in each decoder layer (counted tensor by
@@ -154,7 +156,8 @@ class MemoryPlan:
 class Setup:
     """The choices of a run that memory depends on, resolved from the configs."""
 
-    storage: int  # bytes per stored weight (and gradient)
+    storage: int  # bytes per stored trainable weight (and gradient)
+    frozen: int  # bytes per stored frozen weight (the compute dtype's under mixed precision)
     compute: int  # bytes per activation element
     trainable_linears: frozenset  # linear names trained in full (full fine-tuning)
     lora_linears: frozenset  # linear names with a LoRA adapter
@@ -168,6 +171,7 @@ class Setup:
     ddp: bool
     checkpointing: bool
     offload: bool
+    deferred_reduce: bool  # PEFT under FSDP with accumulation: unsharded gradients kept until the last micro-batch
     optimizer_bytes: int  # optimizer state bytes per trainable parameter
     quant_bytes: float | None  # bytes per base linear weight when quantized
 
@@ -196,11 +200,12 @@ def resolve_setup(cfgs: Configs, launch: Launch) -> Setup:
     checkpointing = (t.enable_fsdp and f.fsdp_activation_checkpointing
                      and (not t.use_peft or PEFT_METHODS[t.peft_method].activation_checkpointing))
     return Setup(
-        storage=storage, compute=compute, trainable_linears=frozenset() if t.use_peft else names,
+        storage=storage, frozen=precision.frozen.itemsize, compute=compute, trainable_linears=frozenset() if t.use_peft else names,
         lora_linears=lora_linears, lora_rank=lora_cfg.r, lora_dropout=lora_cfg.lora_dropout > 0,
         micro_batch=batching.micro, context=t.context_length, shard=shard, fsdp=t.enable_fsdp,
         reshard=parallel.reshards_after_forward(f), ddp=world > 1 and not t.enable_fsdp,
         checkpointing=checkpointing, offload=f.fsdp_cpu_offload,
+        deferred_reduce=t.enable_fsdp and t.use_peft and batching.accum > 1,  # loop._grad_sync
         optimizer_bytes=(8 + (2 if f.pure_bf16 else 0)) if anyprecision else 2 * storage,
         quant_bytes={"8bit": 1.0, "4bit": 0.5 + 4 / 64}.get(t.quantization),  # nf4 + an fp32 absmax per 64
     )
@@ -254,24 +259,27 @@ def plan_memory(cfgs: Configs, shape: ModelShape, launch: Launch) -> MemoryPlan:
     n_adapter = adapter_params(cfgs, shape)
     trainable = shape.params() if full_ft else n_adapter
 
-    # parameters: sharded storage + what FSDP gathers in the compute dtype while it runs
+    # parameters: sharded storage (trained weights in the storage dtype, frozen ones in
+    # Precision.frozen) + what FSDP gathers in the compute dtype while it runs
     base = shape.params()
+    base_bytes = s.storage if full_ft else s.frozen
     if s.quant_bytes is not None:
         quantized = shape.layers * sum(a * b for a, b in shape.linears().values())
-        stored = int(quantized * s.quant_bytes) + (base - quantized) * s.storage
+        stored = int(quantized * s.quant_bytes) + (base - quantized) * base_bytes
     else:
-        stored = base * s.storage
+        stored = base * base_bytes
     stored = stored // s.shard + n_adapter * s.storage // s.shard
     gathered = 0
     if s.fsdp:
         live_layers = 2 if s.reshard else shape.layers  # the running layer and the prefetched next
         gathered = (shape.root_params() + live_layers * shape.layer_params()) * s.compute
-    elif s.compute != s.storage and s.storage == 4:
-        gathered = base * s.compute  # autocast's cache of low-precision weight copies
+    elif s.compute != base_bytes:
+        gathered = base * s.compute  # autocast's cache of low-precision copies of fp32 weights
 
-    # gradients: sharded (in the storage dtype); FSDP also holds the root's unsharded ones
-    # until backward ends, and DDP its buckets (a second copy)
-    grads = trainable * s.storage // s.shard
+    # gradients: sharded (in the storage dtype), but an adapter's stay unsharded across
+    # accumulating micro-batches; FSDP also holds the root's unsharded ones until backward
+    # ends, and DDP its buckets (a second copy)
+    grads = trainable * s.storage // (1 if s.deferred_reduce else s.shard)
     if s.ddp:
         grads *= 2
     root_grad = shape.root_params() * 4 if (full_ft and s.fsdp) else 0
