@@ -71,3 +71,14 @@ def test_4bit_lora_under_torchrun_trains_one_adapter(one_rank, tmp_path, tiny_qu
     assert expected.keys() == got.keys() and expected
     for name, tensor in expected.items():
         assert (got[name] - tensor).abs().max().item() <= 1e-5, name
+
+
+def test_bitsandbytes_base_follows_the_compute_dtype(tiny_quantizable):
+    """--quantization under bf16 mixed precision: the 4-bit matmuls compute in bf16 and the
+    weights left unquantized are held in bf16 (they were fp32 whatever the precision)."""
+    from shardtune.modeling.load import load_quantized, load_spec
+
+    model = load_quantized(load_spec(str(tiny_quantizable)), "4bit", torch.device("cpu"), torch.bfloat16)
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized and all(m.compute_dtype == torch.bfloat16 for m in quantized)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
