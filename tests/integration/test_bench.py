@@ -32,14 +32,18 @@ def test_quick_bench_emits_results(tmp_path, shared_data):
 
 
 def test_gpu_check_script_runs_its_path_on_cpu(tmp_path):
-    """benchmarks/gpu_check.sh is meant for a lent GPU; --smoke takes the same path (model
-    build, data, one torchrun rank under FSDP2, metrics read back) for LoRA on a micro model
-    on CPU, so the script is known to work before a GPU is ever lent."""
-    check(run_cmd(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)],
+    """benchmarks/gpu_check.sh is meant for a lent GPU; --smoke takes the same steps (model
+    build, data, one torchrun rank under FSDP2 per run, metrics read back, the tests step)
+    with a micro model on CPU, so the script is known to work before a GPU is ever lent."""
+    check(run_cmd(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path),
+                   "--work", str(tmp_path / "work")],
                   timeout=600, extra_env={"PYTHON": sys.executable}))
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [(run["method"], run["compile"]) for run in report["runs"]] == [("lora", False)]
-    for run in report["runs"]:
-        assert "error" not in run, run
-        assert run["steps"] >= 1 and run["tokens_per_s"] > 0 and math.isfinite(run["final_loss"])
-    assert "| lora | False |" in (tmp_path / "gpu_check.md").read_text()
+    steps = {step["name"]: step for step in report["steps"]}
+    assert list(steps) == ["environment", "assets", "lora_cpu_offload", "full_accum4", "full_accum1", "resume_save",
+                           "resume_auto", "qlora_fsdp", "perf_eager", "core_tests"]
+    assert all(step["status"] in ("ok", "skipped") for step in steps.values()), report
+    perf = steps["perf_eager"]["figures"]
+    assert perf["tokens_per_s"] > 0 and math.isfinite(perf["final_loss"])
+    assert steps["full_accum1"]["figures"]["peak_ratio_accum4_to_accum1"] > 0
+    assert "| perf_eager | ok |" in (tmp_path / "gpu_check.md").read_text()

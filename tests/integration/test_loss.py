@@ -1,7 +1,10 @@
 """The loss computes the output head and cross-entropy only at labelled positions, in
 checkpointed chunks: its value and every gradient must equal the plain path (full
 logits, then CE) on the same batch, in one process and under 2-rank FSDP2, with tied
-embeddings too, and for a model that soft-caps its logits."""
+embeddings too, and for a model that soft-caps its logits. The one-process tests run in
+fp32 on the device SHARDTUNE_TEST_DEVICE names (default cpu)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ from shardtune.modeling.tiny import build_tiny
 
 WORKER = REPO / "tests" / "workers" / "loss_probe.py"
 CHUNK = 32  # several chunks per batch, the last one partial
+DEVICE = torch.device(os.environ.get("SHARDTUNE_TEST_DEVICE", "cpu"))
 
 
 def _args(model_dir, shared_data, *extra):
@@ -33,15 +37,16 @@ def _batch(model_dir, shared_data, chunks=range(3)):
 
 
 def _plain_loss(model, batch):
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+    ids, pos, labels = (batch[k].to(DEVICE) for k in ("input_ids", "position_ids", "labels"))
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=-100, reduction="sum")
 
 
 def _both(model, batch):
     """(loss, grads) of shardtune's loss and of the plain path."""
     results = []
-    for compute in (lambda: loss.token_loss_sum(model, batch, torch.device("cpu")), lambda: _plain_loss(model, batch)):
+    for compute in (lambda: loss.token_loss_sum(model, batch, DEVICE), lambda: _plain_loss(model, batch)):
         model.zero_grad(set_to_none=True)
         value = compute()
         value.backward()
@@ -71,7 +76,7 @@ def test_same_loss_and_gradients_as_full_logits(tied, llama2_models, shared_data
     model_dir = llama2_models[tied]
     batch = _batch(model_dir, shared_data)
     assert batch["num_targets"] > 2 * CHUNK
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).train()
     _assert_same(*_both(model, batch))
 
 
@@ -82,15 +87,15 @@ def test_softcapped_logits_take_the_unfused_path(tiny_model, shared_data):
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   final_logit_softcapping=5.0)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(DEVICE).train()
     _assert_same(*_both(model, _batch(tiny_model, shared_data)))
 
 
 def test_a_batch_without_targets_still_backwards(tiny_model, shared_data):
     batch = _batch(tiny_model, shared_data, chunks=[0])
     batch["labels"][:] = -100
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).train()
-    value = loss.token_loss_sum(model, batch, torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to(DEVICE).train()
+    value = loss.token_loss_sum(model, batch, DEVICE)
     value.backward()
     assert value.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
@@ -98,9 +103,9 @@ def test_a_batch_without_targets_still_backwards(tiny_model, shared_data):
 
 def test_eval_under_no_grad_gives_the_same_loss(tiny_model, shared_data):
     batch = _batch(tiny_model, shared_data)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to(DEVICE).eval()
     with torch.no_grad():
-        ours, plain = loss.token_loss_sum(model, batch, torch.device("cpu")).item(), _plain_loss(model, batch).item()
+        ours, plain = loss.token_loss_sum(model, batch, DEVICE).item(), _plain_loss(model, batch).item()
     assert abs(ours - plain) <= 1e-6 * plain
 
 

@@ -10,6 +10,7 @@ COMMON = ["--num_workers_dataloader", "0", "--use_peft", "--peft_method", "lora"
           "--num_epochs", "1", "--max_train_step", "10", "--context_length", "256",
           "--lr", "2e-3", "--weight_decay", "0.01", "--save_metrics", "--log_every", "5",
           "--fsdp_activation_checkpointing", "False",
+          "--mixed_precision", "False",  # fp32 also on a GPU (SHARDTUNE_TEST_DEVICE=cuda), where bf16 is the default
           # a threshold every step exceeds: parity then also checks the global norm across shards
           "--gradient_clipping", "--gradient_clipping_threshold", "0.01"]
 
