@@ -46,3 +46,22 @@ def test_adamw_is_fused_on_accelerators_only():
 def test_frozen_weights_are_held_in_the_compute_dtype(flags, frozen, trained):
     precision = parallel.resolve_precision(parse_args(["--model_name", "unused", *flags]), fast_bf16=False)
     assert (precision.frozen, precision.storage) == (frozen, trained)
+
+
+def test_a_bf16_checkpoint_keeps_its_fingerprint_once_a_model_is_built(tmp_path):
+    """Real Llama checkpoints are saved in bf16. Building the model writes the run's dtype
+    into the config; the fingerprint a resume compares must be the config as read, or
+    --resume refuses the run's own checkpoints as "another model"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardtune.checkpoint.resume import model_fingerprint
+    from shardtune.modeling.load import build_meta_model, load_spec
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    spec = load_spec(str(tmp_path))
+    saved = model_fingerprint(spec)
+    spec.dtype = torch.float32
+    build_meta_model(spec)
+    assert model_fingerprint(spec) == saved == model_fingerprint(load_spec(str(tmp_path)))

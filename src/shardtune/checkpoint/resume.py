@@ -2,7 +2,6 @@
 it belongs to this model and method, and the batch split that continues its data position."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -37,7 +36,7 @@ def find_resume(cfgs: Configs, run_dir: Path) -> Optional[ckpt_state.Checkpoint]
 
 
 def model_fingerprint(spec: ModelSpec) -> str:
-    return hashlib.sha256(spec.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return spec.fingerprint
 
 
 def check_resumable(ckpt: ckpt_state.Checkpoint, cfgs: Configs, spec: ModelSpec) -> None:

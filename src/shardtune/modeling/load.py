@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -147,6 +148,9 @@ class ModelSpec:
     model_dir: Path
     config: object
     dtype: torch.dtype = torch.float32
+    # the config as read from disk, hashed before anything builds a model from it (from_config
+    # writes its dtype and attention choices into the config): what a resume must match
+    fingerprint: str = ""
 
 
 def build_meta_model(spec: ModelSpec) -> torch.nn.Module:
@@ -176,7 +180,8 @@ def load_spec(model_name: str) -> ModelSpec:
     if getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{model_dir}: {config.model_type} is not a decoder-only causal language model; {SUPPORTED}")
     WeightFiles(model_dir)  # a damaged or truncated weights file fails now, not after data preparation
-    return ModelSpec(model_dir, config)
+    fingerprint = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return ModelSpec(model_dir, config, fingerprint=fingerprint)
 
 
 def _declared_model_type(model_dir: Path) -> str | None:
