@@ -15,7 +15,7 @@ each a subprocess with its own timeout:
     assets            model, data, a ../shared/data stand-in (bundled sample only)
     lora_cpu_offload  LoRA, --enable_fsdp --fsdp_cpu_offload, then the final adapter save
     full_accum4       full fine-tune, --batch_size_training 4 --micro_batch_size 1: peak memory
-    full_accum1       the same without accumulation (micro batch 4): the peak-memory ratio
+    full_accum1       the same micro batch without accumulation (batch 1): the peak-memory ratio
     resume_save       LoRA, --save_steps 2, 2 steps
     resume_auto       --resume auto to step 4: resumed from step 2, metrics steps 1..4
     qlora_fsdp        --quantization 4bit --enable_fsdp (torchao NF4); skipped without torchao
@@ -319,7 +319,7 @@ class Check:
         return self.train("full_accum4", ["--batch_size_training", "4", "--micro_batch_size", "1"], self.mode["steps"])
 
     def step_full_accum1(self) -> dict:
-        result = self.train("full_accum1", ["--batch_size_training", "4", "--micro_batch_size", "4"], self.mode["steps"])
+        result = self.train("full_accum1", ["--batch_size_training", "1", "--micro_batch_size", "1"], self.mode["steps"])
         accum4 = next((e for e in self.entries if e["name"] == "full_accum4"), {}).get("figures", {})
         mine = result["figures"]
         if accum4.get("peak_memory_mib") and mine.get("peak_memory_mib"):
