@@ -19,6 +19,8 @@ each a subprocess with its own timeout:
     resume_save       LoRA, --save_steps 2, 2 steps
     resume_auto       --resume auto to step 4: resumed from step 2, metrics steps 1..4
     qlora_fsdp        --quantization 4bit --enable_fsdp (torchao NF4); skipped without torchao
+    attention_paths   packed attention on the GPU's bf16 (varlen flash attention, one call per
+                      layer) against SDPA once per example and the masked path: time, differences
     perf_eager        LoRA, bf16, context 2048, packed: tokens/s and MFU (PERF_VARIANTS)
     core_tests        single-process core tests on the GPU, fp32 (CORE_TESTS)
 
@@ -59,7 +61,7 @@ STEP_SCRIPT = REPO / "benchmarks" / "gpu_step.py"
 # Per-step timeouts (seconds) on the GPU, each several times the expected time (a torchrun
 # start with its imports is ~15 s; a 1.1B load ~10 s); --step_timeout overrides one.
 TIMEOUTS = {"environment": 120, "environment_pip": 120, "assets": 150, "lora_cpu_offload": 150,
-            "full_accum4": 150, "full_accum1": 150, "resume_save": 120, "resume_auto": 120, "qlora_fsdp": 180,
+            "full_accum4": 150, "full_accum1": 150, "resume_save": 120, "resume_auto": 120, "qlora_fsdp": 180, "attention_paths": 120,
             "perf_eager": 240, "perf_compile": 300, "core_tests": 300}
 # Sizes per mode: the 1.1B model on the GPU; on CPU (--smoke) a micro model, fewer steps.
 MODES = {
@@ -351,6 +353,18 @@ class Check:
         return self.train("qlora_fsdp", ["--use_peft", "--peft_method", "lora", "--quantization", "4bit"],
                           self.mode["steps"], save=True)
 
+    def step_attention_paths(self) -> dict:
+        size = ["--rows", "2", "--seq", "512", "--repeats", "2"] if self.smoke else []
+        result = self.run("attention_paths", [self.python, "-m", "benchmarks.gpu_attention",
+                                              "--device", self.mode["device"], *size])
+        if result["status"] == "ok":
+            report = json.loads((self.logs / "attention_paths.out").read_text().strip().splitlines()[-1])
+            result["figures"] = {f"{path}_{key}": report[path][key] for path in ("packed", "per_example", "masked")
+                                 for key in ("ms", "max_diff_out", "max_diff_grad")}
+            result["note"] = (f"{report['examples']} examples in {report['rows']} rows of {report['seq']}; "
+                              f"varlen {'ran' if report['varlen_runs'] else 'not available here'}")
+        return result
+
     def step_perf(self, variant: str) -> dict:
         m = self.mode
         name = f"perf_{variant}"
@@ -387,7 +401,8 @@ class Check:
                  ("lora_cpu_offload", self.step_lora_cpu_offload, needs_model),
                  ("full_accum4", self.step_full_accum4, needs_model), ("full_accum1", self.step_full_accum1, needs_model),
                  ("resume_save", self.step_resume_save, needs_model), ("resume_auto", self.step_resume_auto, "resume_save"),
-                 ("qlora_fsdp", self.step_qlora_fsdp, needs_model)]
+                 ("qlora_fsdp", self.step_qlora_fsdp, needs_model),
+                 ("attention_paths", self.step_attention_paths, "environment")]
         steps += [(f"perf_{v}", lambda v=v: self.step_perf(v), needs_model) for v in self.args.perf]
         return steps + [("core_tests", self.step_core_tests, "assets")]
 
