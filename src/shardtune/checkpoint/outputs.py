@@ -122,6 +122,8 @@ def write_full_model(model: torch.nn.Module, tokenizer, directory: Path | None, 
     hf_model = model.module if hasattr(model, "module") else model  # DDP wraps; FSDP2 does not
     tensors = saved_tensors(hf_model)
     files = plan_files(tensors, dtype, shard_bytes)
+    if dist.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for file_name, names in files.items():
         gathered = {name: _gathered(tensors[name], dtype, keep=dist.is_main) for name in names}
