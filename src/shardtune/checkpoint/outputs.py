@@ -25,6 +25,7 @@ from . import manifest
 # Files that mark output_dir as holding a run's results.
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
                 "model.safetensors.index.json", manifest.MANIFEST, "metrics.jsonl", "loss.png", "tensorboard")
+MODEL_SHARDS = "model-*-of-*.safetensors"  # a full model in Hugging Face's sharded layout
 
 
 def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -49,7 +50,11 @@ def check_writable(directory: str, flag: str = "--output_dir") -> Path:
 
 
 def used_by_a_run(output_dir: Path) -> list[str]:
-    return [name for name in OUTPUT_FILES if (output_dir / name).exists()]
+    return [name for name in OUTPUT_FILES if (output_dir / name).exists()] + _model_shards(output_dir)
+
+
+def _model_shards(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob(MODEL_SHARDS))
 
 
 def claim_output_dir(output_dir: str, resume: bool, overwrite: bool) -> Path:
@@ -72,6 +77,9 @@ def publish_files(tmp: Path, out: Path) -> None:
     manifest.write_manifest(tmp)
     manifest.remove_now(out / manifest.MANIFEST)  # incomplete until the new one lands
     names = sorted(p.name for p in tmp.iterdir() if p.name != manifest.MANIFEST)
+    if "config.json" in names:  # a model: one written before in the other layout would shadow or litter it
+        for stale in set(_model_shards(out) + ["model.safetensors", "model.safetensors.index.json"]) - set(names):
+            manifest.remove_now(out / stale)
     for name in names + [manifest.MANIFEST]:
         os.replace(tmp / name, out / name)
     manifest.fsync_dir(out)
