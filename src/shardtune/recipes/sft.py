@@ -29,6 +29,7 @@ Features and the flags that turn them on:
   * TensorBoard, Weights & Biases, loss.png .. --use_tensorboard --tensorboard_dir, --use_wandb --wandb_config.*
   * tokens/s and MFU per step ............... --peak_tflops (detected for known GPUs)
   * step checkpoints (DCP, atomic) .......... --save_steps N, --save_total_limit K, best/ by eval loss
+  * written while training continues ........ --async_checkpoint (default; False: synchronous)
   * from_pretrained-ready step checkpoints .. --checkpoint_type FULL_STATE_DICT (hf/ in each)
   * exact resume, also at another world size  --resume auto|PATH
   * preemption (SIGTERM, SIGUSR1) ........... always on: finish the step, checkpoint, exit 0
