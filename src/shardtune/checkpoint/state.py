@@ -280,7 +280,10 @@ class StepWriter:
     def _write_shards(self, state: dict, directory: Path) -> Future:
         writer = dcp.FileSystemWriter(str(directory), sync_files=True)
         if self.background:
-            return dcp.async_save(state, storage_writer=writer, process_group=self._group, async_stager=_HostCopy())
+            stager = _HostCopy()
+            upload = dcp.async_save(state, storage_writer=writer, process_group=self._group, async_stager=stager)
+            upload.add_done_callback(lambda _: stager.release())
+            return upload
         done: Future = Future()
         with _single_process_quiet():
             done.set_result(dcp.save(state, storage_writer=writer))
@@ -292,8 +295,18 @@ class _HostCopy(BlockingAsyncStager):
     copies a DTensor whole (deepcopy, or a device-to-host copy) and then once more into a fresh
     buffer: twice the stall."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.staged: dict = {}
+
     def stage(self, state_dict: dict) -> dict:
-        return _host_copy(state_dict)
+        self.staged = _host_copy(state_dict)
+        return self.staged
+
+    def release(self) -> None:
+        """Free the copy once written: DCP's worker thread holds it (its task's arguments)
+        until all the write's callbacks have run, which can be well into the next save."""
+        self.staged.clear()
 
 
 def _host_copy(value):
