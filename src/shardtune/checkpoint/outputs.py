@@ -183,14 +183,15 @@ def plan_files(tensors: dict[str, torch.Tensor], dtype: torch.dtype, shard_bytes
 
 
 def _gathered(tensor: torch.Tensor, dtype: torch.dtype, keep: bool) -> torch.Tensor | None:
-    """Collective for a DTensor: the full tensor in its saved dtype, a CPU copy where kept.
+    """Collective for a DTensor: the full tensor in its saved dtype, on the CPU where kept (the
+    live parameter itself when it already is one: written at once, never changed meanwhile).
     Cast before the gather (elementwise, so the same bits) to move fewer bytes."""
     tensor = tensor.detach().to(_saved_dtype(tensor, dtype))
     if isinstance(tensor, DTensor):
         if tensor.device.type != tensor.device_mesh.device_type:  # --fsdp_cpu_offload's host shards
             tensor = tensor.to(tensor.device_mesh.device_type)
         tensor = tensor.full_tensor()
-    return tensor.to("cpu", copy=True) if keep else None
+    return tensor.to("cpu").contiguous() if keep else None
 
 
 def _write_index(directory: Path, weight_map: dict[str, str], tensors: dict[str, torch.Tensor], dtype: torch.dtype,
