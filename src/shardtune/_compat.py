@@ -92,6 +92,16 @@ def attn_implementation(config) -> str:
     return config._attn_implementation
 
 
+def checkpoint_format(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as save_pretrained writes them: transformers 5 reverts the weight conversions
+    it applies on load (fused MoE experts back to one tensor per expert, renamed keys); for
+    the dense families nothing changes. Applied per file of a streamed save, as transformers
+    does for offloaded models: its save-direction conversions each come from one tensor."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, tensors)
+
+
 def adapted_attention_class() -> type:
     """peft's LLaMA-Adapter attention wrapper, whose prompt and gate shardtune initialises."""
     from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention

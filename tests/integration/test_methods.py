@@ -58,21 +58,44 @@ def test_method_trains_and_reloads(method, world, tmp_path, tiny_model):
 @pytest.mark.parametrize("world", [1, 2])
 def test_tied_embeddings_stay_tied_in_full_finetuning(world, tmp_path, tmp_path_factory):
     """Llama 3.2-style tied input/output embeddings: training must update one shared
-    matrix, so the saved model (which HF re-ties on load) reproduces the trained logits."""
+    matrix, so the saved model (which HF re-ties on load) reproduces the trained logits.
+    At 2 ranks the same launch also trains with bf16 compute: the model is saved in bf16."""
     from shardtune.modeling.tiny import build_tiny
 
     tied = build_tiny(str(tmp_path / "tied"), intermediate_size=128, tie_word_embeddings=True)
     out, probe_file = tmp_path / "out", tmp_path / "probe.safetensors"
-    args = [str(probe_file), "--model_name", str(tied), "--output_dir", str(out), "--num_workers_dataloader", "0", "--batch_size_training",
-            str(4 // world), "--context_length", "128", "--num_epochs", "1", "--max_train_step", "4",
-            "--lr", "1e-2", "--run_validation", "False", "--checkpoint_type", "FULL_STATE_DICT"]
+
+    def run(probe, out):
+        return [str(probe), "--model_name", str(tied), "--output_dir", str(out), "--num_workers_dataloader", "0",
+                "--batch_size_training", str(4 // world), "--context_length", "128", "--num_epochs", "1",
+                "--max_train_step", "4", "--lr", "1e-2", "--run_validation", "False",
+                "--checkpoint_type", "FULL_STATE_DICT"]
+
     if world == 1:
-        check(python(WORKER, args))
+        check(python(WORKER, run(probe_file, out)))
     else:
-        check(torchrun(world, WORKER, args + ["--enable_fsdp"]))
+        bf16 = run(tmp_path / "probe_bf16.safetensors", tmp_path / "bf16") + ["--mixed_precision", "True", "--max_train_step", "2"]
+        check(torchrun(world, WORKER, run(probe_file, out) + ["--enable_fsdp", "--then"] + bf16 + ["--enable_fsdp"]))
+        _saved_in_bf16(tmp_path / "bf16")
     probe = load_file(probe_file)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     with torch.no_grad():
         logits = model(input_ids=probe["probe"]).logits
     assert (logits - probe["logits"]).abs().max().item() <= 1e-5
+
+
+def _saved_in_bf16(out):
+    """The final model of a --mixed_precision run: its fp32 master weights (the last step
+    checkpoint's) rounded to bf16, config.json saying so, loadable as it is."""
+    import json
+
+    from shardtune.checkpoint import state as ckpt_state
+    from shardtune.checkpoint.convert import read_trainable
+
+    saved = load_file(out / "model.safetensors")
+    master = read_trainable(ckpt_state.open_checkpoint(sorted((out / "checkpoints").glob("*/step_*"))[-1]))
+    assert master["model.embed_tokens.weight"].dtype == torch.float32 and "lm_head.weight" not in saved
+    assert saved.keys() <= master.keys() and all(torch.equal(saved[k], master[k].to(torch.bfloat16)) for k in saved)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16

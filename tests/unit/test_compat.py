@@ -39,16 +39,23 @@ def test_parameters_on_meta_moves_parameters_and_keeps_buffers():
     assert not torch.nn.Linear(2, 2).weight.is_meta  # and the swap is undone
 
 
-def test_attention_choice_and_decoder_layer_names():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_attention_choice_decoder_layer_names_and_saved_format():
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
+    shape = dict(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+        moe = MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=2))
     model.set_attn_implementation("eager")
     assert _compat.attn_implementation(model.config) == "eager"
     assert _compat.no_split_module_names(model) == {"LlamaDecoderLayer"}
+    # a dense model is saved as it is held; Mixtral's fused experts, one tensor per expert
+    tensors = dict(model.state_dict())
+    assert _compat.checkpoint_format(model, tensors).keys() == tensors.keys()
+    fused = {k: v for k, v in moe.state_dict().items() if ".experts." in k}
+    saved = _compat.checkpoint_format(moe, fused)
+    assert len(fused) == 2 and "model.layers.0.block_sparse_moe.experts.1.w3.weight" in saved and len(saved) == 6
 
 
 def test_peft_and_torchao_names_exist():

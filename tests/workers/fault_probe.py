@@ -1,9 +1,10 @@
 """Test worker (python or torchrun): the real entry point (sft.main) with one
 fault injected, chosen by the first argument (JSON):
 
-  {"pause_at": K, "dir": D}   before step K's optimizer step, rank 0 writes D/paused and
-                              every rank waits until D/release exists (SIGKILL or SIGTERM
-                              it meanwhile)
+  {"pause_at": K, "dir": D}   before step K's optimizer step, once no step checkpoint is
+                              still being written in the background (under --output_dir),
+                              rank 0 writes D/paused and every rank waits until D/release
+                              exists (SIGKILL or SIGTERM it meanwhile)
   {"stall_publish_at": K, "dir": D}   the step-K checkpoint is fully written but hangs
                               before its publishing rename; rank 0 writes D/stalled
   {"nan_at": K}               rank 0's first trainable gradient becomes NaN at step K
@@ -36,13 +37,21 @@ def _wait_for(path: Path) -> None:
         time.sleep(0.05)
 
 
-def hooks(fault: dict, dist):
+def _wait_for_checkpoint_writes(output_dir: Path) -> None:
+    """Until every step checkpoint started so far is published (its temporary renamed)."""
+    deadline = time.monotonic() + WAIT_S
+    while any(output_dir.rglob(f"{manifest.TMP_PREFIX}step_*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def hooks(fault: dict, dist, output_dir: Path):
     if "pause_at" in fault:
         folder = Path(fault["dir"])
 
         def before_step(model, state):
             if state.step + 1 == fault["pause_at"]:
                 if dist.is_main:
+                    _wait_for_checkpoint_writes(output_dir)
                     (folder / "paused").write_text(str(os.getpid()))
                 _wait_for(folder / "release")
         return before_step
@@ -73,7 +82,8 @@ def hooks(fault: dict, dist):
 def main() -> int:
     fault, argv = json.loads(sys.argv[1]), sys.argv[2:]
     rank = Rank(int(os.environ.get("RANK", 0)))
-    return sft.main(argv, before_step=hooks(fault, rank))
+    output_dir = Path(argv[argv.index("--output_dir") + 1])
+    return sft.main(argv, before_step=hooks(fault, rank, output_dir))
 
 
 if __name__ == "__main__":  # spawned DataLoader workers import this file too

@@ -8,12 +8,16 @@ output_dir without a matching manifest is visibly incomplete.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
+from .. import _compat
 from ..device import Dist
 from ..errors import UserError
 from . import manifest
@@ -21,6 +25,7 @@ from . import manifest
 # Files that mark output_dir as holding a run's results.
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
                 "model.safetensors.index.json", manifest.MANIFEST, "metrics.jsonl", "loss.png", "tensorboard")
+MODEL_SHARDS = "model-*-of-*.safetensors"  # a full model in Hugging Face's sharded layout
 
 
 def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,7 +50,11 @@ def check_writable(directory: str, flag: str = "--output_dir") -> Path:
 
 
 def used_by_a_run(output_dir: Path) -> list[str]:
-    return [name for name in OUTPUT_FILES if (output_dir / name).exists()]
+    return [name for name in OUTPUT_FILES if (output_dir / name).exists()] + _model_shards(output_dir)
+
+
+def _model_shards(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob(MODEL_SHARDS))
 
 
 def claim_output_dir(output_dir: str, resume: bool, overwrite: bool) -> Path:
@@ -68,6 +77,9 @@ def publish_files(tmp: Path, out: Path) -> None:
     manifest.write_manifest(tmp)
     manifest.remove_now(out / manifest.MANIFEST)  # incomplete until the new one lands
     names = sorted(p.name for p in tmp.iterdir() if p.name != manifest.MANIFEST)
+    if "config.json" in names:  # a model: one written before in the other layout would shadow or litter it
+        for stale in set(_model_shards(out) + ["model.safetensors", "model.safetensors.index.json"]) - set(names):
+            manifest.remove_now(out / stale)
     for name in names + [manifest.MANIFEST]:
         os.replace(tmp / name, out / name)
     manifest.fsync_dir(out)
@@ -95,10 +107,6 @@ def write_adapter(peft_model, directory: Path | None, dist: Dist, adapter_state=
 
 def save_peft_files(peft_config, tensors: dict[str, torch.Tensor], directory: Path) -> None:
     """An adapter directory from a peft config and peft's on-disk tensors."""
-    import copy
-
-    from safetensors.torch import save_file
-
     config = copy.deepcopy(peft_config)
     config.inference_mode = True  # as peft writes it
     config.save_pretrained(directory)
@@ -106,18 +114,102 @@ def save_peft_files(peft_config, tensors: dict[str, torch.Tensor], directory: Pa
               metadata={"format": "pt"})
 
 
-def write_full_model(model: torch.nn.Module, tokenizer, directory: Path | None, dist: Dist) -> None:
-    """Collective: full fine-tuning's Hugging Face directory (config, safetensors, tokenizer)
-    that `from_pretrained` loads, gathered to rank 0 and written there into `directory`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+# The most tensor bytes rank 0 holds while writing the full model: one file's worth.
+SHARD_BYTES = 2 * 2**30
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
+
+def write_full_model(model: torch.nn.Module, tokenizer, directory: Path | None, dist: Dist, dtype: torch.dtype,
+                     shard_bytes: int = SHARD_BYTES) -> None:
+    """Collective: full fine-tuning's Hugging Face directory (config, safetensors, tokenizer)
+    that `from_pretrained` loads, written by rank 0 into `directory`. Floating tensors are
+    written in `dtype` (the training's compute dtype), streamed: every rank joins one gather
+    per tensor and rank 0 writes each file of at most `shard_bytes` once it is full (HF's
+    sharded layout with its index; one model.safetensors when the model fits one file)."""
     hf_model = model.module if hasattr(model, "module") else model  # DDP wraps; FSDP2 does not
-    if dist.distributed:
-        state = get_model_state_dict(hf_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        state = {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
+    tensors = saved_tensors(hf_model)
+    files = plan_files(tensors, dtype, shard_bytes)
     if dist.is_main:
-        hf_files(hf_model, state, tokenizer, directory)
+        directory.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for file_name, names in files.items():
+        gathered = {name: _gathered(tensors[name], dtype, keep=dist.is_main) for name in names}
+        if dist.is_main:
+            gathered = _compat.checkpoint_format(hf_model, gathered)
+            save_file(gathered, directory / file_name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(gathered, file_name))
+        del gathered  # one file's tensors at a time
+    if dist.is_main:
+        if len(files) > 1:
+            _write_index(directory, weight_map, tensors, dtype, hf_model.num_parameters())
+        _write_config(hf_model, dtype, directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+
+def saved_tensors(hf_model) -> dict[str, torch.Tensor]:
+    """The state dict's live tensors (sharded under FSDP2), as save_pretrained writes them:
+    keys it ignores on save left out, and a tied parameter once, under its first name
+    (embed_tokens, not lm_head: the name from_pretrained ties from)."""
+    ignored = set(getattr(hf_model, "_keys_to_ignore_on_save", None) or ())
+    out, seen = {}, set()
+    for name, tensor in hf_model.state_dict(keep_vars=True).items():
+        if name in ignored or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        out[name] = tensor
+    return out
+
+
+def _saved_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    return dtype if tensor.is_floating_point() else tensor.dtype
+
+
+def plan_files(tensors: dict[str, torch.Tensor], dtype: torch.dtype, shard_bytes: int) -> dict[str, list[str]]:
+    """File name -> the tensor names it holds, in state-dict order: a new file starts when
+    the next tensor would take the current one past shard_bytes."""
+    groups, size = [[]], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * _saved_dtype(tensor, dtype).itemsize
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {SINGLE_FILE: groups[0]}
+    return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": names for i, names in enumerate(groups, 1)}
+
+
+def _gathered(tensor: torch.Tensor, dtype: torch.dtype, keep: bool) -> torch.Tensor | None:
+    """Collective for a DTensor: the full tensor in its saved dtype, on the CPU where kept (the
+    live parameter itself when it already is one: written at once, never changed meanwhile).
+    Cast before the gather (elementwise, so the same bits) to move fewer bytes."""
+    tensor = tensor.detach().to(_saved_dtype(tensor, dtype))
+    if isinstance(tensor, DTensor):
+        if tensor.device.type != tensor.device_mesh.device_type:  # --fsdp_cpu_offload's host shards
+            tensor = tensor.to(tensor.device_mesh.device_type)
+        tensor = tensor.full_tensor()
+    return tensor.to("cpu").contiguous() if keep else None
+
+
+def _write_index(directory: Path, weight_map: dict[str, str], tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                 parameters: int) -> None:
+    total = sum(t.numel() * _saved_dtype(t, dtype).itemsize for t in tensors.values())
+    index = {"metadata": {"total_parameters": parameters, "total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_config(hf_model, dtype: torch.dtype, directory: Path) -> None:
+    """config.json naming the dtype written and the model's own class (FSDP2 renames the
+    class of the module it wraps), and generation_config.json, as save_pretrained writes them."""
+    config = copy.deepcopy(hf_model.config)
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.architectures = [type(hf_model).__name__.removeprefix("FSDP")]
+    config.save_pretrained(directory)
+    if hf_model.can_generate():
+        hf_model.generation_config.save_pretrained(directory)
 
 
 def hf_files(hf_model, state: dict, tokenizer, directory: Path) -> None:

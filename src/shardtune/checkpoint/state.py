@@ -10,6 +10,8 @@
         shardtune_manifest.json      written last: the directory is complete
     best -> step_000100   (with validation: the step with the lowest eval loss)
 
+The shards are written in the background (StepWriter): training stalls only while they are
+copied to host memory, and the directory appears once every rank's write has finished.
 Only tensors go into DCP (nothing pickled rides along); the rest is JSON and safetensors.
 DCP reshards on load, so a checkpoint written at one world size loads at another.
 All ranks must see one filesystem for the root (as for any DCP checkpoint).
@@ -18,23 +20,31 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import re
 import warnings
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from ..device import Dist
 from ..errors import UserError
 from . import manifest
+
+log = logging.getLogger("shardtune.finetuning")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST = "best"
@@ -188,30 +198,164 @@ def _tensor_state(model, optimizer) -> tuple[dict, dict]:
     return {"model": trainable_parameters(model), "optim": optim_sd["state"]}, optim_sd
 
 
-def save(run_dir: Path, step: int, model, optimizer, info: RunState, dist: Dist,
-         export: Callable[[Path | None], None] | None = None) -> Path:
-    """Collective: every rank writes its shards and RNG into a hidden temporary; rank 0
-    adds state.json and the manifest and publishes it with one rename. export(directory),
-    also collective, writes hf/ (rank 0 gets the directory, the others None)."""
-    final = run_dir / step_dir_name(step)
-    tmp = manifest.temporary_for(final)
-    if dist.is_main:
-        manifest.remove_now(tmp)
-        (tmp / "rng").mkdir(parents=True)
-    dist.barrier()
-    state, _ = _tensor_state(model, optimizer)
-    with _single_process_quiet():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / "dcp"), sync_files=True))
-    save_file(_rng_tensors(dist.device), tmp / "rng" / f"rank_{dist.rank:05d}.safetensors")
-    if export is not None:
-        export(tmp / "hf" if dist.is_main else None)
-    dist.barrier()
-    if dist.is_main:
-        (tmp / "state.json").write_text(info.to_json())
+@dataclass
+class _Pending:
+    """A step checkpoint whose shards are being written: `published` resolves (on rank 0,
+    from the writer thread) once every rank's write finished and the directory is in place."""
+
+    final: Path
+    upload: Future  # this rank's DCP write
+    published: Optional[Future]  # rank 0: the directory published and retention applied
+
+
+class StepWriter:
+    """Step checkpoints that stall training only for a copy. The trainable parameters and
+    the optimizer state are copied to host memory at the step (DCP async_save stages them
+    before it returns) and written by a background thread while training goes on; RNG,
+    state.json and hf/ are written at the step too. Rank 0 publishes the directory (manifest,
+    rename, then best/ and pruning) as soon as DCP's write has finished on every rank: the
+    coordinator's write returns only after every rank reported its files written.
+
+    At most one checkpoint is in flight: `finish` (collective) waits for it, at the next
+    checkpoint and wherever the run must see it published (the end of fit, a stop, a
+    non-finite stop). background=False writes before `start` returns, as DCP save does."""
+
+    def __init__(self, dist: Dist, background: bool) -> None:
+        self.dist, self.background = dist, background
+        self._pending: Optional[_Pending] = None
+        self._group = None
+        if background and dist.distributed:
+            # DCP's collectives run in the writer thread while training's run on the default
+            # group: one group used from two threads would interleave their messages
+            self._group = tdist.new_group(backend="gloo", timeout=timedelta(seconds=dist.timeout_s))
+        elif background:
+            _quiet_single_process_saves()
+
+    def start(self, run_dir: Path, step: int, model, optimizer, info: RunState,
+              export: Callable[[Path | None], None] | None = None, best: bool = False, keep: int = 0) -> None:
+        """Collective: checkpoint the step into a hidden temporary that rank 0 publishes as
+        step_NNNNNN once written. export(directory), also collective, writes hf/ (rank 0 gets
+        the directory, the others None). best: point best/ at it; keep: see prune."""
+        if self._pending is not None:
+            raise RuntimeError("finish() the checkpoint in flight before starting another")
+        final = run_dir / step_dir_name(step)
+        tmp = manifest.temporary_for(final)
+        if self.dist.is_main:
+            manifest.remove_now(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        self.dist.barrier()
+        # Everything but the shards is on disk before this rank's write begins, so a finished
+        # write on every rank means a complete directory.
+        save_file(_rng_tensors(self.dist.device), tmp / "rng" / f"rank_{self.dist.rank:05d}.safetensors")
+        if export is not None:
+            export(tmp / "hf" if self.dist.is_main else None)
+        if self.dist.is_main:
+            (tmp / "state.json").write_text(info.to_json())
+        upload = self._write_shards(_tensor_state(model, optimizer)[0], tmp / "dcp")
+        published = None
+        if self.dist.is_main:
+            published = Future()
+            upload.add_done_callback(lambda written: _publish(written, tmp, final, step, best, keep, published))
+        self._pending = _Pending(final, upload, published)
+
+    def finish(self) -> Optional[Path]:
+        """Collective: wait until the checkpoint in flight is published; its path (None when
+        none was in flight). A failed write or publish stops every rank with its cause."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        _wait(pending.upload, pending.final)  # DCP hands every rank the failure of any rank's write
+        self.dist.on_main(lambda: _wait(pending.published, pending.final))  # and rank 0's, to all
+        return pending.final
+
+    def close(self) -> Optional[Path]:
+        """Collective: finish, then release the checkpoint group (no reference to it may
+        outlive the process group's teardown). The published path, as finish."""
+        published = self.finish()
+        if self._group is not None:
+            tdist.destroy_process_group(self._group)
+            self._group = None
+        return published
+
+    def _write_shards(self, state: dict, directory: Path) -> Future:
+        writer = dcp.FileSystemWriter(str(directory), sync_files=True)
+        if self.background:
+            stager = _HostCopy()
+            upload = dcp.async_save(state, storage_writer=writer, process_group=self._group, async_stager=stager)
+            upload.add_done_callback(lambda _: stager.release())
+            return upload
+        done: Future = Future()
+        with _single_process_quiet():
+            done.set_result(dcp.save(state, storage_writer=writer))
+        return done
+
+
+class _HostCopy(BlockingAsyncStager):
+    """The state on the host, one copy per tensor, before async_save returns. DCP's own staging
+    copies a DTensor whole (deepcopy, or a device-to-host copy) and then once more into a fresh
+    buffer: twice the stall."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.staged: dict = {}
+
+    def stage(self, state_dict: dict) -> dict:
+        self.staged = _host_copy(state_dict)
+        return self.staged
+
+    def release(self) -> None:
+        """Free the copy once written: DCP's worker thread holds it (its task's arguments)
+        until all the write's callbacks have run, which can be well into the next save."""
+        self.staged.clear()
+
+
+def _host_copy(value):
+    if isinstance(value, DTensor):
+        local = value.to_local().to("cpu", copy=True)
+        return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                                  stride=value.stride())
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(item) for item in value)
+    return value  # the optimizer's Python numbers
+
+
+def _publish(written: Future, tmp: Path, final: Path, step: int, best: bool, keep: int, published: Future) -> None:
+    """Rank 0, when its write completes (in the writer thread, or the caller's when synchronous):
+    every rank's shards are on disk then, so the directory is complete."""
+    try:
+        written.result()
         manifest.write_manifest(tmp, {"step": step})
         manifest.publish(tmp, final)
-    dist.barrier()
-    return final
+        if best:
+            point_best(final.parent, final)
+        prune(final.parent, keep)
+        log.info("checkpoint step %d written to %s", step, final)
+        published.set_result(final)
+    except BaseException as err:  # raised by finish() in the training thread
+        published.set_exception(err)
+
+
+def _wait(future: Future, final: Path) -> None:
+    try:
+        future.result()
+    except Exception as err:
+        raise UserError(f"step checkpoint {final} was not written: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def _quiet_single_process_saves() -> None:
+    # DCP warns on every save without a process group that it assumes one process: that is
+    # ours. The warning comes from the writer thread, where catch_warnings (process-wide
+    # state, not thread-safe) cannot scope it, so the filter is installed for the process.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def load(ckpt: Checkpoint, model, optimizer) -> None:
@@ -221,8 +365,7 @@ def load(ckpt: Checkpoint, model, optimizer) -> None:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(ckpt.path / "dcp"))
     except Exception as err:  # DCP wraps per-rank failures; the cause is what the user can act on
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load {ckpt.path}: {first[:300]}; it was written for another model or "
+        raise UserError(f"cannot load {ckpt.path}: {_first_line(err)}; it was written for another model or "
                         "PEFT config") from None
     # the parameters were loaded in place; the optimizer state is mapped back from names
     set_optimizer_state_dict(model, optimizer, {"state": state["optim"], "param_groups": optim_sd["param_groups"]},

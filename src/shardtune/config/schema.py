@@ -82,6 +82,9 @@ class train_config:
     save_optimizer: bool = flag(False, "accepted for llama-recipes; step checkpoints always hold the optimizer")
     save_steps: int = flag(0, "also a step checkpoint every N optimizer steps (0 = only at epoch ends)")
     save_total_limit: int = flag(2, "newest step checkpoints kept, plus best/ (0 = keep all)")
+    async_checkpoint: bool = flag(
+        True, "step checkpoints stall training only to copy their tensors to host memory, then write in the "
+        "background (False: write before training continues, without the host copy)")
     resume: str = flag("", "auto (newest complete checkpoint, or a fresh start) | a step_NNNNNN or best path")
     overwrite_output_dir: bool = flag(False, "replace a previous run's outputs and checkpoints instead of refusing")
     save_metrics: bool = flag(False, "append per-step and per-epoch JSON lines to output_dir/metrics.jsonl")

@@ -30,6 +30,7 @@ Features and the flags that turn them on:
   * TensorBoard, Weights & Biases, loss.png .. --use_tensorboard --tensorboard_dir, --use_wandb --wandb_config.*
   * tokens/s and MFU per step ............... --peak_tflops (detected for known GPUs)
   * step checkpoints (DCP, atomic) .......... --save_steps N, --save_total_limit K, best/ by eval loss
+  * written while training continues ........ --async_checkpoint (default; False: synchronous)
   * from_pretrained-ready step checkpoints .. --checkpoint_type FULL_STATE_DICT (hf/ in each)
   * exact resume, also at another world size  --resume auto|PATH
   * preemption (SIGTERM, SIGUSR1) ........... always on: finish the step, checkpoint, exit 0
@@ -93,11 +94,13 @@ class Recipe:
     metrics: MetricsWriter
     run_dir: Path  # this run's step checkpoints
     epochs: list[dict] = field(default_factory=list)
-    last_checkpoint: Optional[Path] = None
+    last_checkpoint: Optional[Path] = None  # the newest published step checkpoint
     last_eval: Optional[tuple[int, float]] = None  # (step, eval loss) of the latest evaluation
     grad_scaler: Optional[object] = None  # fp16's loss scaling
     before_step: Optional[Callable] = None  # before_step(model, state): see run
     graph_breaks: Optional[list[str]] = None  # --compile: the causes reported so far (None: none checked yet)
+    precision: parallel.Precision = field(default_factory=parallel.Precision)
+    checkpoints: Optional[ckpt_state.StepWriter] = None  # created by the first step checkpoint
 
 
 @dataclass
@@ -296,7 +299,8 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     metrics = build_metrics(cfgs, dist, ckpt)
     recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loader,
                     train_model, peft_model, optimizer, scheduler, loop_cfg, loop.LoopState(), metrics, run_dir,
-                    grad_scaler=build_grad_scaler(cfgs, dist, precision), before_step=before_step)
+                    grad_scaler=build_grad_scaler(cfgs, dist, precision), before_step=before_step,
+                    precision=precision)
     if ckpt:
         restore(recipe, ckpt)
     elif t.resume == "auto":
@@ -371,7 +375,7 @@ def after_step(recipe: Recipe, stop: StopRequest, sync: Callable[[], None]) -> b
     new_best = eval_loss is not None and improves_best(state, eval_loss) and t.save_model
     if stopping or new_best or (t.save_steps and state.step % t.save_steps == 0):
         sync()  # log the pending steps; a non-finite one stops the run before the save
-        save_checkpoint(recipe, eval_loss)
+        save_checkpoint(recipe, eval_loss, wait=stopping)  # the process exits right after a stop
     if stopping:
         log.warning("stopping after step %d on %s: checkpoint %s; continue with --resume auto",
                     state.step, stop.signal_name or "a signal on another rank", recipe.last_checkpoint)
@@ -467,8 +471,10 @@ def checkpoint_info(recipe: Recipe) -> ckpt_state.RunState:
     )
 
 
-def save_checkpoint(recipe: Recipe, eval_loss: Optional[float] = None) -> Path:
-    """A step checkpoint (collective); with an eval loss, best/ follows the lowest one."""
+def save_checkpoint(recipe: Recipe, eval_loss: Optional[float] = None, wait: bool = False) -> None:
+    """A step checkpoint (collective); with an eval loss, best/ follows the lowest one. With
+    --async_checkpoint it is written while training goes on and appears once written; wait:
+    return only then."""
     r, t, state = recipe, recipe.cfgs.train, recipe.state
     require_finite(recipe)
     best = eval_loss is not None and improves_best(state, eval_loss)
@@ -476,14 +482,23 @@ def save_checkpoint(recipe: Recipe, eval_loss: Optional[float] = None) -> Path:
         state.best_eval_loss, state.best_step = eval_loss, state.step
     # FULL_STATE_DICT: the step also holds what save() writes, loadable with from_pretrained
     export = (lambda directory: write_outputs(r, directory)) if r.cfgs.fsdp.checkpoint_type == "FULL_STATE_DICT" else None
-    path = ckpt_state.save(r.run_dir, state.step, r.train_model, r.optimizer, checkpoint_info(r), r.dist, export)
-    if r.dist.is_main:
-        if best:
-            ckpt_state.point_best(r.run_dir, path)
-        ckpt_state.prune(r.run_dir, t.save_total_limit)
-    r.last_checkpoint = path
-    log.info("checkpoint step %d written to %s", state.step, path)
-    return path
+    if r.checkpoints is None:
+        r.checkpoints = ckpt_state.StepWriter(r.dist, background=t.async_checkpoint)
+    publish_checkpoint(recipe)  # the previous one: at most one in flight
+    r.checkpoints.start(r.run_dir, state.step, r.train_model, r.optimizer, checkpoint_info(r), export,
+                        best=best, keep=t.save_total_limit)
+    if wait or not r.checkpoints.background:
+        publish_checkpoint(recipe)
+
+
+def publish_checkpoint(recipe: Recipe, close: bool = False) -> None:
+    """Collective: wait until the step checkpoint in flight, if any, is published; close: also
+    release the checkpoint writer (the run saves no more steps)."""
+    writer = recipe.checkpoints
+    if writer is None:
+        return
+    path = writer.close() if close else writer.finish()
+    recipe.last_checkpoint = path or recipe.last_checkpoint
 
 
 def require_finite(recipe: Recipe) -> None:
@@ -517,7 +532,7 @@ def write_outputs(recipe: Recipe, directory: Optional[Path]) -> None:
     if t.use_peft:
         checkpoint.outputs.write_adapter(r.peft_model, directory, r.dist, adapters.adapter_state(t.peft_method))
     else:
-        checkpoint.outputs.write_full_model(r.train_model, r.tokenizer, directory, r.dist)
+        checkpoint.outputs.write_full_model(r.train_model, r.tokenizer, directory, r.dist, r.precision.compute)
 
 
 def report_skipped(recipe: Recipe) -> None:
@@ -541,9 +556,11 @@ def run_checked(cfgs: Configs, dist: device.Dist, before_step: Callable | None =
         try:
             stopped_by = fit(recipe)
         except loop.NonFiniteError as err:
+            publish_checkpoint(recipe, close=True)  # every rank stops here; the last good one may be in flight
             newest = ckpt_state.complete_steps(recipe.run_dir)
             keep = f"; the last good checkpoint is {newest[-1]}" if newest else "; no checkpoint was written"
             raise loop.NonFiniteError(f"{err}{keep}") from None
+        publish_checkpoint(recipe, close=True)
         if stopped_by is None:
             save(recipe)
     finally:
