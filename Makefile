@@ -27,7 +27,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --durations=15
+	$(BIN)/python -m pytest -q tests --durations=25
 
 clean:
 	rm -rf demo_out
@@ -46,7 +46,7 @@ test-latest:
 	PIP_CONSTRAINT=$(abspath $(LATEST))/torch-pin.txt $(LATEST)/bin/python -m pip install -q $(TORCH) -e '.[test]'
 	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/' > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pip list --format freeze | grep -E '^(pip|setuptools)==' >> $(LATEST)/versions.txt
-	$(LATEST)/bin/python -m pytest -q tests --durations=15
+	$(LATEST)/bin/python -m pytest -q tests --durations=25
 
 lock:
 	test -f $(LATEST)/versions.txt || { echo "run make test-latest first"; exit 1; }

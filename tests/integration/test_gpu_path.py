@@ -11,23 +11,29 @@ from conftest import REPO, check, torchrun
 PROBE = REPO / "tests" / "workers" / "gpu_path_probe.py"
 
 
-def _probe(tmp_path, tiny_model, *extra) -> list[dict]:
-    record = tmp_path / "probe"
-    check(torchrun(2, PROBE, [str(record), "--model_name", str(tiny_model), "--output_dir", str(tmp_path / "out"),
-                              "--enable_fsdp", "--num_epochs", "1", "--num_workers_dataloader", "0",
-                              "--context_length", "128", "--run_validation", "False", "--save_model", "False",
-                              "--fsdp_activation_checkpointing", "False", "--max_train_step", "4",
-                              "--log_every", "100",  # only the end of the run logs
-                              "--batch_size_training", "4", "--micro_batch_size", "2", *extra]))
-    return [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in range(2)]
+COMMON = ["--enable_fsdp", "--num_epochs", "1", "--num_workers_dataloader", "0", "--context_length", "128",
+          "--run_validation", "False", "--save_model", "False", "--fsdp_activation_checkpointing", "False",
+          "--max_train_step", "4", "--log_every", "100",  # only the end of the run logs
+          "--batch_size_training", "4", "--micro_batch_size", "2"]
+RUNS = {"lora": ["--use_peft", "--peft_method", "lora", "--mixed_precision", "True"], "full": []}
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_steps_without_logging_make_no_host_sync_and_reduce_by_what_trains(method, tmp_path, tiny_model):
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory, tiny_model) -> dict[str, list[dict]]:
+    """Both runs in one launch: method -> each rank's record."""
+    tmp = tmp_path_factory.mktemp("gpu_path")
+    argv = []
+    for method, flags in RUNS.items():
+        argv += ["--then"] * bool(argv) + [str(tmp / method), "--model_name", str(tiny_model),
+                                           "--output_dir", str(tmp / f"out_{method}"), *COMMON, *flags]
+    check(torchrun(2, PROBE, argv))
+    return {method: [json.loads((tmp / f"{method}.rank{r}.json").read_text()) for r in range(2)] for method in RUNS}
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_steps_without_logging_make_no_host_sync_and_reduce_by_what_trains(method, probed):
     lora = method == "lora"
-    ranks = _probe(tmp_path, tiny_model, *(["--use_peft", "--peft_method", "lora", "--mixed_precision", "True"]
-                                            if lora else []))
-    for rank in ranks:
+    for rank in probed[method]:
         assert rank["steps"] == 4
         # steps 1-3 end to step 4's backward: .item() on the stop flag or loss, transformers'
         # packed-sequence check, ... would each show here

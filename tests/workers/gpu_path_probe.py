@@ -1,6 +1,8 @@
 """Test worker (torchrun): what the GPU path must get right, observed on CPU in one run.
 
-Writes OUT.rank<r>.json with
+    gpu_path_probe.py OUT FLAGS... [--then OUT FLAGS...]...   (one launch, several runs)
+
+Writes OUT.rank<r>.json for each run, with
   * host_syncs: ops that force a host-device sync on an accelerator (.item(), nonzero, ...)
     issued between one optimizer step and the next, counted by a TorchDispatchMode over the
     steps that do not log (the run logs only at its end). On CPU every tensor is a host
@@ -48,15 +50,14 @@ class SyncCounter(TorchDispatchMode):
 
 
 counter = SyncCounter()
-calls: list = []
-dtypes: Counter = Counter()
+record: dict = {}
 
 
 def spy(module, name):
     real = getattr(module, name)
 
     def call(flag, *args, **kwargs):
-        calls.append([name, bool(flag)])
+        record["grad_sync"].append([name, bool(flag)])
         return real(flag, *args, **kwargs)
 
     setattr(module, name, call)
@@ -67,24 +68,40 @@ def before_step(model, state):
     before_step (optimizer step, after_step, forward and backward) closes here."""
     if state.step == 0:  # first call: record the setup, open the first window
         for p in model.parameters():
-            dtypes[str(p.dtype).replace("torch.", "") + (" trainable" if p.requires_grad else " frozen")] += 1
+            key = str(p.dtype).replace("torch.", "") + (" trainable" if p.requires_grad else " frozen")
+            record["dtypes"][key] = record["dtypes"].get(key, 0) + 1
         if hasattr(model, "set_requires_gradient_sync"):
             spy(model, "set_requires_gradient_sync")
             spy(model, "set_requires_all_reduce")
     counter.window = state.step + 1
 
 
+def runs(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """OUT FLAGS... [--then OUT FLAGS...]...: several runs in one launch."""
+    groups, current = [], []
+    for arg in argv + ["--then"]:
+        if arg == "--then":
+            groups.append((current[0], current[1:]))
+            current = []
+        else:
+            current.append(arg)
+    return groups
+
+
 if __name__ == "__main__":
-    out_file, argv = sys.argv[1], sys.argv[2:]
     register_optimizer_step_pre_hook(lambda *a: setattr(counter, "in_optimizer", True))
     register_optimizer_step_post_hook(lambda *a: setattr(counter, "in_optimizer", False))
-    cfgs = parse_args(argv)
-    dist = device.setup(require_distributed=cfgs.train.enable_fsdp)
-    with counter:
-        result = sft.run(cfgs, dist, before_step=before_step)
-    # the last window holds the final flush (the one logging step): not counted
-    last = result.steps
-    syncs = {k: v for k, v in counter.found.items() if not k.startswith(f"step {last}:")}
-    with open(f"{out_file}.rank{dist.rank}.json", "w") as f:
-        json.dump({"host_syncs": syncs, "grad_sync": calls, "dtypes": dict(dtypes), "steps": result.steps}, f)
+    plan = [(out_file, parse_args(argv)) for out_file, argv in runs(sys.argv[1:])]
+    dist = device.setup(require_distributed=True)
+    for out_file, cfgs in plan:
+        counter.found.clear()
+        counter.window = None
+        record.update(grad_sync=[], dtypes={})
+        with counter:
+            result = sft.run(cfgs, dist, before_step=before_step)
+        counter.window = None
+        # the last window holds the final flush (the one logging step): not counted
+        syncs = {k: v for k, v in counter.found.items() if not k.startswith(f"step {result.steps}:")}
+        with open(f"{out_file}.rank{dist.rank}.json", "w") as f:
+            json.dump({"host_syncs": syncs, **record, "steps": result.steps}, f)
     device.teardown()
