@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from shardtune import device
 from shardtune.config.parse import parse_args
 from shardtune.recipes import sft
+from several_runs import runs
 
 # Host-side preparation of a batch: the collate's tensors stay in host memory on every
 # device, so reading them never waits for the device.
@@ -74,18 +75,6 @@ def before_step(model, state):
             spy(model, "set_requires_gradient_sync")
             spy(model, "set_requires_all_reduce")
     counter.window = state.step + 1
-
-
-def runs(argv: list[str]) -> list[tuple[str, list[str]]]:
-    """OUT FLAGS... [--then OUT FLAGS...]...: several runs in one launch."""
-    groups, current = [], []
-    for arg in argv + ["--then"]:
-        if arg == "--then":
-            groups.append((current[0], current[1:]))
-            current = []
-        else:
-            current.append(arg)
-    return groups
 
 
 if __name__ == "__main__":

@@ -14,19 +14,9 @@ from safetensors.torch import save_file
 
 from shardtune import device, parallel
 from shardtune.recipes import sft
+from several_runs import runs
 from shardtune.modeling import quant
 from shardtune.config.parse import parse_args
-
-
-def runs(argv: list[str]) -> list[tuple[str, list[str]]]:
-    groups, current = [], []
-    for arg in argv + ["--then"]:
-        if arg == "--then":
-            groups.append((current[0], current[1:]))
-            current = []
-        else:
-            current.append(arg)
-    return groups
 
 
 def main() -> None:
