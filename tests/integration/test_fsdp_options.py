@@ -69,16 +69,22 @@ def test_freeze_layers_keeps_frozen_weights_bitwise(tmp_path, tiny_model):
         assert not torch.equal(base[k], tuned[k]), k
 
 
-@pytest.mark.parametrize("flags", [["--mixed_precision", "True"], ["--pure_bf16", "--optimizer", "anyprecision"],
-                                   ["--use_fp16"]])
-def test_low_precision_trains(flags, tmp_path, tiny_model):
-    out = tmp_path / "out"
-    check(torchrun(2, SHIM, LORA + _args(tiny_model, out, "--enable_fsdp", "--batch_size_training", "2",
-                                         "--num_epochs", "2", "--lr", "1e-2", *flags)))
-    epochs = read_metrics(out)[1]
-    losses = [s for s in _losses(out)]
-    assert all(math.isfinite(l) for l in losses)
-    assert epochs[1]["train_loss"] < epochs[0]["train_loss"], epochs
+LOW_PRECISIONS = {"bf16_mixed": ["--mixed_precision", "True"], "pure_bf16": ["--pure_bf16", "--optimizer", "anyprecision"],
+                  "fp16": ["--use_fp16"]}
+
+
+def test_low_precision_trains(tmp_path, tiny_model):
+    """Each precision in turn, in one launch (tests/workers/train_probe.py --then)."""
+    argv = []
+    for name, flags in LOW_PRECISIONS.items():
+        argv += ["--then"] * bool(argv) + [str(tmp_path / f"{name}.safetensors"), *LORA, *_args(
+            tiny_model, tmp_path / name, "--enable_fsdp", "--batch_size_training", "2", "--num_epochs", "2",
+            "--lr", "1e-2", *flags)]
+    check(torchrun(2, REPO / "tests" / "workers" / "train_probe.py", argv))
+    for name in LOW_PRECISIONS:
+        epochs = read_metrics(tmp_path / name)[1]
+        assert all(math.isfinite(l) for l in _losses(tmp_path / name)), name
+        assert epochs[1]["train_loss"] < epochs[0]["train_loss"], (name, epochs)
 
 
 def test_fp16_scaler_skips_step_with_inf_on_one_rank(tmp_path, tiny_model):
