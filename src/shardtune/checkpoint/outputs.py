@@ -22,9 +22,12 @@ from ..device import Dist
 from ..errors import UserError
 from . import manifest
 
+# A full model's weights: one file, or HF's sharded layout with its index.
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 # Files that mark output_dir as holding a run's results.
-OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
-                "model.safetensors.index.json", manifest.MANIFEST, "metrics.jsonl", "loss.png", "tensorboard")
+OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json", SINGLE_FILE, INDEX_FILE,
+                manifest.MANIFEST, "metrics.jsonl", "loss.png", "tensorboard")
 MODEL_SHARDS = "model-*-of-*.safetensors"  # a full model in Hugging Face's sharded layout
 
 
@@ -78,7 +81,7 @@ def publish_files(tmp: Path, out: Path) -> None:
     manifest.remove_now(out / manifest.MANIFEST)  # incomplete until the new one lands
     names = sorted(p.name for p in tmp.iterdir() if p.name != manifest.MANIFEST)
     if "config.json" in names:  # a model: one written before in the other layout would shadow or litter it
-        for stale in set(_model_shards(out) + ["model.safetensors", "model.safetensors.index.json"]) - set(names):
+        for stale in set(_model_shards(out) + [SINGLE_FILE, INDEX_FILE]) - set(names):
             manifest.remove_now(out / stale)
     for name in names + [manifest.MANIFEST]:
         os.replace(tmp / name, out / name)
@@ -116,8 +119,6 @@ def save_peft_files(peft_config, tensors: dict[str, torch.Tensor], directory: Pa
 
 # The most tensor bytes rank 0 holds while writing the full model: one file's worth.
 SHARD_BYTES = 2 * 2**30
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def write_full_model(model: torch.nn.Module, tokenizer, directory: Path | None, dist: Dist, dtype: torch.dtype,
@@ -166,12 +167,16 @@ def _saved_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return dtype if tensor.is_floating_point() else tensor.dtype
 
 
+def _saved_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> int:
+    return tensor.numel() * _saved_dtype(tensor, dtype).itemsize
+
+
 def plan_files(tensors: dict[str, torch.Tensor], dtype: torch.dtype, shard_bytes: int) -> dict[str, list[str]]:
     """File name -> the tensor names it holds, in state-dict order: a new file starts when
     the next tensor would take the current one past shard_bytes."""
     groups, size = [[]], 0
     for name, tensor in tensors.items():
-        nbytes = tensor.numel() * _saved_dtype(tensor, dtype).itemsize
+        nbytes = _saved_bytes(tensor, dtype)
         if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
@@ -196,7 +201,7 @@ def _gathered(tensor: torch.Tensor, dtype: torch.dtype, keep: bool) -> torch.Ten
 
 def _write_index(directory: Path, weight_map: dict[str, str], tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                  parameters: int) -> None:
-    total = sum(t.numel() * _saved_dtype(t, dtype).itemsize for t in tensors.values())
+    total = sum(_saved_bytes(t, dtype) for t in tensors.values())
     index = {"metadata": {"total_parameters": parameters, "total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
