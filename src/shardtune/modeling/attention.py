@@ -48,10 +48,9 @@ def packed_lengths(position_ids: torch.Tensor) -> Lengths:
     return tuple(lengths)
 
 
-def _window_fits(config, lengths: Lengths) -> bool:
+def _window_fits(window: int | None, lengths: Lengths) -> bool:
     """A sliding window no shorter than every example changes nothing (is_causal alone
     would not apply a shorter one)."""
-    window = getattr(config, "sliding_window", None)
     return not window or all(n <= window for row in lengths for n in row)
 
 
@@ -60,7 +59,7 @@ def packed_inputs(position_ids: torch.Tensor, config) -> dict:
     lengths and the empty mask that stops transformers from building one; nothing when the
     mask path must run (a sliding window shorter than an example)."""
     lengths = packed_lengths(position_ids)
-    if not _window_fits(config, lengths):
+    if not _window_fits(getattr(config, "sliding_window", None), lengths):
         return {}
     return {"packed_lengths": lengths, "attention_mask": torch.ones(len(lengths), 1, 0, 0, dtype=torch.bool)}
 
@@ -89,9 +88,8 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                 **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query [batch, heads, seq, head_dim], key and value
     [batch, kv_heads, seq, head_dim]; returns [batch, seq, heads, head_dim]."""
-    window = kwargs.get("sliding_window")
     if (packed_lengths is None or key.shape[2] != query.shape[2]
-            or (window and any(n > window for row in packed_lengths for n in row))):
+            or not _window_fits(kwargs.get("sliding_window"), packed_lengths)):
         # the mask path: no lengths, a cache or prefix before the queries, or a sliding
         # window shorter than an example (is_causal alone would not apply the window)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
