@@ -18,6 +18,9 @@ def _entry(target: str):
 COMMANDS = {
     "finetune": ("[flags]", "fine-tune (same flags as llama_finetuning.py; launch with torchrun for N ranks)",
                  _entry(".commands.finetune:main")),
+    "dpo": ("[flags] --dataset preference_dataset --preference_dataset.data_path FILE",
+            "preference tuning: DPO, IPO, SimPO or ORPO (finetune's flags plus --dpo_config.*)",
+            _entry(".commands.dpo:main")),
     "convert": ("CHECKPOINT OUT", "a step checkpoint -> a PEFT adapter or Hugging Face model directory",
                 _entry(".commands.convert:main")),
     "merge": ("--model_name BASE --peft_model ADAPTER --output_dir OUT", "merge LoRA into the base model",

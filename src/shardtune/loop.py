@@ -1,10 +1,12 @@
 """Train stage: the explicit loop, evaluation, and the per-epoch summary.
 
-Loss normalisation: each micro-batch contributes sum(token CE) / (target tokens of the
-whole optimizer step, all ranks) * world_size. FSDP2 and DDP average gradients over
-ranks, so the world_size factor turns that average back into a sum, and the step's
-gradient is that of the mean token loss over the global batch, whatever the world
-size or accumulation split.
+What is trained is an Objective: supervised fine-tuning's token cross-entropy (TokenLoss,
+here) or a preference loss (preference.py). Loss normalisation: each micro-batch
+contributes its loss sum / (the objective's count over the whole optimizer step, all ranks)
+* world_size; the count is target tokens for TokenLoss and pairs for preference losses.
+FSDP2 and DDP average gradients over ranks, so the world_size factor turns that average
+back into a sum, and the step's gradient is that of the mean loss over the global batch,
+whatever the world size or accumulation split.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.distributed as tdist
@@ -52,6 +54,37 @@ class LoopState:
         self.samples_in_epoch, self.epoch_loss_sum, self.epoch_targets, self.epoch_tokens = 0, 0.0, 0.0, 0
 
 
+class Objective(Protocol):
+    """What a recipe trains. counts(batch): host-side counts of a micro-batch, the first being
+    what the loss is averaged over. loss(...) -> (the micro-batch's share of the step loss,
+    scaled by world for backward; detached sums [loss numerator, *stat_names]), given the
+    step's global counts. The step's loss and stats are those sums over the global count."""
+
+    count_name: str  # what counts()[0] counts: "targets", "pairs"
+    stat_names: tuple[str, ...]  # per-step means logged besides the loss
+
+    def counts(self, batch: dict) -> list[float]: ...
+
+    def loss(self, model, batch: dict, device: torch.device, global_counts: torch.Tensor,
+             world: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class TokenLoss:
+    """Supervised fine-tuning: the mean next-token cross-entropy over target tokens."""
+
+    mask_from_positions: bool = False  # one example per row + attention_mask (prefix tuning)
+    count_name: str = "targets"
+    stat_names: tuple[str, ...] = ()
+
+    def counts(self, batch: dict) -> list[float]:
+        return [batch["num_targets"]]
+
+    def loss(self, model, batch, device, global_counts, world):
+        loss_sum = token_loss_sum(model, batch, device, self.mask_from_positions)
+        return loss_sum * (world / global_counts[0]), loss_sum.detach()[None]
+
+
 class NonFiniteError(UserError):
     """A non-finite loss or gradient norm: the run stops before anything is saved from it."""
 
@@ -70,6 +103,10 @@ class LoopConfig:
     mask_from_positions: bool = False  # one example per row + attention_mask (prefix tuning)
     global_batch: int = 0  # samples per optimizer step, all ranks: advances the data position
     defer_grad_reduce: bool = True  # accumulate unreduced gradients until the last micro-batch (see _grad_sync)
+    objective: Optional[Objective] = None  # None: TokenLoss(mask_from_positions)
+
+    def trained(self) -> Objective:
+        return self.objective or TokenLoss(self.mask_from_positions)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -78,6 +115,10 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def _to_device(count: float, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(count)).to(device, non_blocking=True)
+
+
+def _to_device_vector(counts: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor([float(c) for c in counts]).to(device, non_blocking=True)
 
 
 def _all_reduce(t: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -123,7 +164,8 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
     if cfg.max_train_step:
         steps = min(steps, max(cfg.max_train_step - state.step, 0))
     autocast = _autocast(dist.device, cfg.autocast_dtype)
-    # per step: [local loss share, global targets, grad norm, local tokens, local model FLOPs];
+    objective = cfg.trained()
+    # per step: [local loss share, global count, grad norm, local tokens, local model FLOPs, local stat shares];
     # reduced every log_every steps, so the loop never waits on the host between those
     pending: list[torch.Tensor] = []
     lrs: list[float] = []  # the LR each pending step used (host floats: no device sync)
@@ -147,13 +189,14 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         pending.clear()
         lrs.clear()
         first = state.step - len(vals) + 1
-        for k, ((loss, n, norm, tokens, _), lr) in enumerate(zip(vals, step_lrs)):
+        for k, ((loss, n, norm, tokens, _, *stats), lr) in enumerate(zip(vals, step_lrs)):
             _check_finite(first + k, loss, norm, cfg, scaled=scaler is not None)
             state.epoch_loss_sum += loss * n
             state.epoch_targets += n
             state.epoch_tokens += int(tokens)
-            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, perplexity=perplexity(loss),
-                          targets=int(n), lr=lr, grad_norm=norm, **speed)
+            fields = {"perplexity": perplexity(loss)} if not stats else dict(zip(objective.stat_names, stats))
+            metrics.write("step", epoch=state.epoch + 1, step=first + k, loss=loss, **fields,
+                          **{objective.count_name: int(n)}, lr=lr, grad_norm=norm, **speed)
         postfix = {"loss": f"{vals[-1][0]:.4f}", "tok/s": f"{tokens_per_s:.0f}"}
         if step_mfu is not None:
             postfix["mfu"] = f"{step_mfu:.1%}"
@@ -164,26 +207,27 @@ def train_epoch(model, loader, optimizer, dist: Dist, cfg: LoopConfig, state: Lo
         micro = [next(it) for _ in range(cfg.accum)]
         # counted by the collate on the host; non_blocking: a copy from host memory does not
         # wait for the device to finish queued work, so the step never stalls on these
-        n_local = _to_device(sum(b["num_targets"] for b in micro), dist.device)
-        n_global = _all_reduce(n_local, dist).clamp_min(1.0)
+        counts = [sum(c) for c in zip(*(objective.counts(b) for b in micro))]
+        n_global = _all_reduce(_to_device_vector(counts, dist.device), dist).clamp_min(1.0)
         tokens_local = _to_device(sum(b["num_tokens"] for b in micro), dist.device)
         flops = sum(cfg.flops.of_batch(b["num_tokens"], b["num_targets"], b["num_attention_pairs"])
                     for b in micro) if cfg.flops else 0.0
         flops_local = _to_device(flops, dist.device)
-        step_loss = torch.zeros((), device=dist.device)
+        step_sums = torch.zeros(1 + len(objective.stat_names), device=dist.device)
         for i, batch in enumerate(micro):
             with _grad_sync(model, i == cfg.accum - 1, cfg.defer_grad_reduce), autocast:
-                loss_sum = token_loss_sum(model, batch, dist.device, cfg.mask_from_positions)
-            loss = loss_sum * (cfg.world / n_global)
+                loss, sums = objective.loss(model, batch, dist.device, n_global, cfg.world)
             (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss_sum.detach()
+            step_sums += sums
         if before_step:
             before_step(model, state)
         lrs.append(optimizer.param_groups[0]["lr"])
         norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         state.step += 1
         state.samples_in_epoch += cfg.global_batch
-        pending.append(torch.stack([step_loss / n_global, n_global, norm.to(n_global), tokens_local, flops_local]))
+        step_means = step_sums / n_global[0]
+        pending.append(torch.cat([torch.stack([step_means[0], n_global[0], norm.to(n_global), tokens_local,
+                                               flops_local]), step_means[1:]]))
         bar.update(1)
         if len(pending) >= cfg.log_every:
             flush()
@@ -253,22 +297,28 @@ def _eval_mode(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, dist: Dist, cfg: LoopConfig) -> float:
-    """Token-weighted eval loss over the whole split (or max_eval_step batches)."""
+def evaluate(model, loader, dist: Dist, cfg: LoopConfig) -> tuple[float, dict[str, float]]:
+    """The objective's loss over the whole split (or max_eval_step batches), weighted by its
+    count (target tokens, pairs), and its stats' means."""
     _eval_mode(model)
     autocast = _autocast(dist.device, cfg.autocast_dtype)
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    objective = cfg.trained()
+    totals = torch.zeros(2 + len(objective.stat_names), dtype=torch.float64, device=dist.device)
     for i, batch in enumerate(tqdm(loader, desc="eval", disable=not dist.is_main, dynamic_ncols=True)):
         if cfg.max_eval_step and i >= cfg.max_eval_step:
             break
+        counts = objective.counts(batch)
         with autocast:
-            loss_sum = token_loss_sum(model, batch, dist.device, cfg.mask_from_positions)
-        totals[0] += loss_sum.double()
-        totals[1] += batch["num_targets"]
+            _, sums = objective.loss(model, batch, dist.device, _to_device_vector(counts, dist.device).clamp_min(1.0), 1)
+        totals[0] += sums[0].double()
+        totals[1] += counts[0]
+        totals[2:] += sums[1:].double()
     release_gathered(model)  # FSDP2 units that stay gathered after a forward wait for a backward
     _all_reduce(totals, dist)
-    loss_sum, n = totals.tolist()
-    return loss_sum / n if n else float("nan")
+    loss_sum, n, *stat_sums = totals.tolist()
+    if not n:
+        return float("nan"), {}
+    return loss_sum / n, {name: v / n for name, v in zip(objective.stat_names, stat_sums)}
 
 
 def peak_memory_all_ranks(dist: Dist) -> list[int]:

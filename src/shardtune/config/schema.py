@@ -199,6 +199,21 @@ class chat_dataset:
 
 
 @dataclass
+class dpo_config:
+    """The dpo recipe's own flags (shardtune dpo); TRL's names and defaults."""
+
+    loss_type: str = flag("sigmoid", "sigmoid (DPO) | ipo | simpo (reference-free) | orpo (reference-free, + NLL)")
+    beta: float = flag(0.1, "how far the policy may move from the reference (IPO's tau; SimPO's beta) (> 0)")
+    label_smoothing: float = flag(
+        0.0, "sigmoid and simpo: probability that a preference is flipped (conservative DPO), in [0, 0.5)")
+    simpo_gamma: float = flag(0.5, "simpo: target reward margin (>= 0)")
+    orpo_alpha: float = flag(0.1, "orpo: weight of the odds-ratio term against the NLL (TRL's ORPO beta) (> 0)")
+    reference: str = flag(
+        "base", "base (adapter disabled; full fine-tuning: a frozen sharded copy) | precomputed (base log-probs "
+        "computed once before training, cached) | a model directory (a frozen sharded copy of it)")
+
+
+@dataclass
 class wandb_config:
     """llama-recipes' configs/wandb.py, plus the run name: wandb.init's arguments."""
 
@@ -255,7 +270,7 @@ DATASETS = {kind.config.__name__: kind for kind in (
 )}
 
 ALL_CONFIGS = (train_config, fsdp_config, *(m.config for m in PEFT_METHODS.values()),
-               *(d.config for d in DATASETS.values()), wandb_config)
+               *(d.config for d in DATASETS.values()), wandb_config, dpo_config)
 
 # fields whose valid values are a registry's names: --help lists them from it
 CHOICES = {("train_config", "peft_method"): PEFT_METHODS, ("train_config", "dataset"): DATASETS}
@@ -271,9 +286,10 @@ class Configs:
     datasets: dict  # dataset name -> instance
     explicit: set = field(default_factory=set)  # "config_name.field" set by YAML or CLI
     wandb: wandb_config = field(default_factory=wandb_config)
+    dpo: dpo_config = field(default_factory=dpo_config)
 
     def all(self) -> list:
-        return [self.train, self.fsdp, *self.peft.values(), *self.datasets.values(), self.wandb]
+        return [self.train, self.fsdp, *self.peft.values(), *self.datasets.values(), self.wandb, self.dpo]
 
     def was_set(self, config, name: str) -> bool:
         return f"{type(config).__name__}.{name}" in self.explicit

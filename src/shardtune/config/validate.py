@@ -48,10 +48,15 @@ def resolve_batching(cfgs: Configs) -> Batching:
     return Batching(micro=micro, accum=bst // micro)
 
 
-def check_supported(cfgs: Configs) -> None:
-    """Reject unknown values and contradictory combinations before any heavy work."""
+def check_supported(cfgs: Configs, pairs: bool = False) -> None:
+    """Reject unknown values and contradictory combinations before any heavy work. pairs: the
+    run trains preference pairs (the dpo recipe)."""
     t, f = cfgs.train, cfgs.fsdp
     data.check_flags(t)
+    if pairs:
+        check_dpo(cfgs)
+    elif any(name.startswith("dpo_config.") for name in cfgs.explicit):
+        raise UserError("--dpo_config.* flags belong to preference tuning: run `shardtune dpo`, not finetune")
     for name, least in MINIMUM.items():
         if getattr(t, name) < least:
             raise UserError(f"--{name} must be >= {least}, got {getattr(t, name)}")
@@ -105,3 +110,28 @@ def check_supported(cfgs: Configs) -> None:
         raise UserError(f"--peak_tflops must be >= 0 (0 = detect the GPU), got {t.peak_tflops}")
     sinks.check_flags(cfgs)
     resolve_batching(cfgs)
+
+
+def check_dpo(cfgs: Configs) -> None:
+    from ..modeling.preference import LOSS_TYPES, REFERENCE_FREE
+
+    d = cfgs.dpo
+    if d.loss_type not in LOSS_TYPES:
+        raise UserError(f"unknown --dpo_config.loss_type {d.loss_type!r}; choose one of: {', '.join(LOSS_TYPES)}")
+    if d.beta <= 0:
+        raise UserError(f"--dpo_config.beta must be > 0, got {d.beta}")
+    if not 0 <= d.label_smoothing < 0.5:
+        raise UserError(f"--dpo_config.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+    if d.label_smoothing and d.loss_type not in ("sigmoid", "simpo"):
+        raise UserError(f"--dpo_config.label_smoothing applies to sigmoid and simpo, not {d.loss_type}; drop it")
+    if d.simpo_gamma < 0:
+        raise UserError(f"--dpo_config.simpo_gamma must be >= 0, got {d.simpo_gamma}")
+    if d.orpo_alpha <= 0:
+        raise UserError(f"--dpo_config.orpo_alpha must be > 0, got {d.orpo_alpha}")
+    if d.loss_type in REFERENCE_FREE and cfgs.was_set(d, "reference"):
+        raise UserError(f"--dpo_config.loss_type {d.loss_type} is reference-free: drop --dpo_config.reference")
+    if cfgs.train.use_peft and cfgs.train.peft_method != "lora" and d.loss_type not in REFERENCE_FREE \
+            and d.reference in ("base", "precomputed"):
+        raise UserError(f"--dpo_config.reference {d.reference} with --peft_method {cfgs.train.peft_method}: the "
+                        "reference is the model with the adapter disabled, which shardtune supports for lora (and "
+                        "DoRA); use --peft_method lora, or name a reference model directory")

@@ -58,11 +58,15 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
 
 # The fields of each metrics event that the sinks (TensorBoard, wandb, loss.png) receive,
 # by tag. A step event also carries targets, epoch and run_id, which stay in the file.
+# the dpo recipe's per-step means (modeling/preference.py STAT_NAMES; TRL's names)
+PREFERENCE_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                    "logps/chosen", "logps/rejected")
 SINK_TAGS = {
     "step": {"loss": "train/loss", "perplexity": "train/perplexity", "lr": "train/lr",
              "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu",
-             "peak_memory_mib": "train/peak_memory_mib"},
-    "eval": {"eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity"},
+             "peak_memory_mib": "train/peak_memory_mib", **{name: f"train/{name}" for name in PREFERENCE_STATS}},
+    "eval": {"eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity",
+             **{f"eval_{name}": f"eval/{name}" for name in PREFERENCE_STATS}},
 }
 
 

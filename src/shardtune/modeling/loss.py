@@ -56,9 +56,9 @@ class Targets:
         return cls(positions.to(device, non_blocking=True), flat[positions].to(device, non_blocking=True))
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
-                   mask_from_positions: bool = False) -> torch.Tensor:
-    """Summed next-token cross-entropy over target tokens."""
+def model_inputs(model: torch.nn.Module, batch: dict, device: torch.device,
+                 mask_from_positions: bool = False) -> dict:
+    """The batch as the model's forward takes it, on the device."""
     # Packed batches carry restarting position_ids and no attention_mask (transformers then
     # isolates examples); a custom collator may send an attention_mask instead.
     inputs = {k: batch[k].to(device, non_blocking=True)
@@ -71,17 +71,36 @@ def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
     elif "attention_mask" not in inputs and "position_ids" in inputs and _compat.attn_implementation(config_of(model)) == PACKED:
         # attention within each packed example only (attention.py), lengths read on the host
         inputs.update(packed_inputs(batch["position_ids"], config_of(model)))
+    return inputs
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict, device: torch.device,
+                   mask_from_positions: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over target tokens."""
+    return _target_ce(model, batch, device, mask_from_positions, per_token=False)
+
+
+def target_logps(model: torch.nn.Module, batch: dict, device: torch.device,
+                 mask_from_positions: bool = False) -> torch.Tensor:
+    """The log-probability of every target token, in Targets.of(batch["labels"]) order
+    (preference losses sum them per example)."""
+    return -_target_ce(model, batch, device, mask_from_positions, per_token=True)
+
+
+def _target_ce(model: torch.nn.Module, batch: dict, device: torch.device, mask_from_positions: bool,
+               per_token: bool) -> torch.Tensor:
+    inputs = model_inputs(model, batch, device, mask_from_positions)
     targets = Targets.of(batch["labels"], device)
     head = output_head(model)
     fused = not any(getattr(config_of(model), name, None) for name in LOGIT_POSTPROCESSING)
-    with _head_at_targets(head, targets, fused) as fused_loss:
+    with _head_at_targets(head, targets, fused, per_token) as fused_loss:
         logits = model(**inputs, use_cache=False).logits
     if fused:
         if logits is not fused_loss[0]:  # fails loudly should a model start post-processing its logits
             raise RuntimeError(f"{type(head).__name__}'s output was changed after the head; add the config "
                                "field that does it to shardtune.loss.LOGIT_POSTPROCESSING")
         return logits
-    return F.cross_entropy(logits.float(), targets.labels, reduction="sum")
+    return F.cross_entropy(logits.float(), targets.labels, reduction="none" if per_token else "sum")
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -97,29 +116,37 @@ def config_of(model: torch.nn.Module):
     return _unwrapped(model).config
 
 
-def _chunk_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     # head.forward, not head(...): calling the module would run these hooks again
-    return F.cross_entropy(head.forward(hidden).float(), labels, reduction="sum")
+    return F.cross_entropy(head.forward(hidden).float(), labels, reduction=reduction)
 
 
-def chunked_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sum CE(head(hidden), labels) over rows, CE_CHUNK_TOKENS rows at a time; with grad
-    enabled each chunk is checkpointed, so only one chunk's logits are alive at once."""
-    total = hidden.new_zeros((), dtype=torch.float32)
+def chunked_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+               per_token: bool = False) -> torch.Tensor:
+    """CE(head(hidden), labels), summed over rows (per_token: one value per row),
+    CE_CHUNK_TOKENS rows at a time; with grad enabled each chunk is checkpointed, so only
+    one chunk's logits are alive at once."""
+    reduction = "none" if per_token else "sum"
+    parts = []
     # at least one (maybe empty) chunk, so a batch without targets still has a graph to backward
     for start in range(0, max(hidden.shape[0], 1), CE_CHUNK_TOKENS):
         rows = slice(start, start + CE_CHUNK_TOKENS)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce_sum, head, hidden[rows], labels[rows], use_reentrant=False)
+            parts.append(checkpoint(_chunk_ce, head, hidden[rows], labels[rows], reduction, use_reentrant=False))
         else:
-            total = total + _chunk_ce_sum(head, hidden[rows], labels[rows])
+            parts.append(_chunk_ce(head, hidden[rows], labels[rows], reduction))
+    if per_token:
+        return torch.cat(parts)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for part in parts:  # summed in chunk order, as before
+        total = total + part
     return total
 
 
 @contextlib.contextmanager
-def _head_at_targets(head: torch.nn.Module, targets: Targets, fused: bool):
+def _head_at_targets(head: torch.nn.Module, targets: Targets, fused: bool, per_token: bool = False):
     """While open, `head` sees only the labelled rows; fused: it returns their CE sum
-    (also kept in the yielded list) instead of logits."""
+    (per_token: each row's CE), also kept in the yielded list, instead of logits."""
     labelled: list[torch.Tensor] = []
     fused_loss: list[torch.Tensor] = []
 
@@ -132,7 +159,7 @@ def _head_at_targets(head: torch.nn.Module, targets: Targets, fused: bool):
         return (rows[:0],)  # the head's own forward then computes nothing
 
     def replace_output(module, args, output):
-        fused_loss.append(chunked_ce_sum(module, labelled.pop(), targets.labels))
+        fused_loss.append(chunked_ce(module, labelled.pop(), targets.labels, per_token))
         return fused_loss[-1]
 
     # FSDP2's pre-forward hook is prepended (it gathers the weight before `gather` runs); its

@@ -162,9 +162,11 @@ def freeze_first_layers(model: torch.nn.Module, n: int) -> None:
         layer.requires_grad_(False)
 
 
-def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, precision: parallel.Precision):
+def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, precision: parallel.Precision,
+                frozen: bool = False):
     """Meta model -> PEFT/freeze -> shard/DDP -> materialise. Returns (train_model, peft_model).
-    Frozen weights are held in precision.frozen, trainable ones in precision.storage."""
+    Frozen weights are held in precision.frozen, trainable ones in precision.storage.
+    frozen: every weight frozen (a reference model: sharded like the policy, never DDP-wrapped)."""
     t = cfgs.train
     spec.dtype = precision.frozen
     if t.quantization and not t.enable_fsdp:
@@ -182,6 +184,8 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
             return parallel.wrap_ddp(peft_model, dist), peft_model
         return peft_model, peft_model
     model = model_lib.build_meta_model(spec)
+    if frozen:
+        model.requires_grad_(False)
     new_params: dict[str, torch.Tensor] = {}
     from_adapter: dict[str, torch.Tensor] = {}
     if t.use_peft:
@@ -217,7 +221,7 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
     model_lib.materialize(model, spec, dist.device, new_params)
     if t.use_peft:
         adapters.init_from_base(model, t.peft_method, new_params, keep=set(from_adapter))
-    if dist.world_size > 1:
+    if dist.world_size > 1 and not frozen:
         return parallel.wrap_ddp(model, dist), model
     return model, model
 
@@ -267,8 +271,11 @@ def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision:
     )
 
 
-def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> Recipe:
-    """Config -> data -> model (+PEFT, sharded) -> optimizer -> resumed state."""
+def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None, data_stage: Callable = None,
+          objective: Callable | None = None) -> Recipe:
+    """Config -> data -> model (+PEFT, sharded) -> optimizer -> resumed state. Another recipe
+    passes its data_stage (setup_data's signature) and objective(recipe) -> loop.Objective,
+    built after the model and before any checkpoint is restored (so it sees the base weights)."""
     cfgs = resolve(cfgs)
     t = cfgs.train
     run_dir = checkpoint_dir(cfgs)
@@ -286,7 +293,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
     if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
         log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
 
-    train_split, eval_split, loader, sampler, eval_loader = setup_data(cfgs, dist, tokenizer, batching)
+    train_split, eval_split, loader, sampler, eval_loader = (data_stage or setup_data)(cfgs, dist, tokenizer, batching)
     train_model, peft_model = setup_model(cfgs, dist, spec, precision)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
@@ -301,6 +308,8 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None)
                     train_model, peft_model, optimizer, scheduler, loop_cfg, loop.LoopState(), metrics, run_dir,
                     grad_scaler=build_grad_scaler(cfgs, dist, precision), before_step=before_step,
                     precision=precision)
+    if objective is not None:
+        recipe.loop_cfg.objective = objective(recipe)
     if ckpt:
         restore(recipe, ckpt)
     elif t.resume == "auto":
@@ -441,11 +450,12 @@ def fit_epoch(recipe: Recipe, stop: StopRequest) -> bool:
 def validate(recipe: Recipe) -> float:
     """Evaluate at the current step; the loss goes to the metrics (an "eval" event) and the log."""
     state = recipe.state
-    eval_loss = loop.evaluate(recipe.train_model, recipe.eval_loader, recipe.dist, recipe.loop_cfg)
+    eval_loss, stats = loop.evaluate(recipe.train_model, recipe.eval_loader, recipe.dist, recipe.loop_cfg)
     recipe.last_eval = (state.step, eval_loss)
-    recipe.metrics.write("eval", epoch=state.epoch + 1, step=state.step, eval_loss=eval_loss,
-                         eval_perplexity=perplexity(eval_loss))
-    log.info("step %d: eval loss %.4f ppl %.2f", state.step, eval_loss, perplexity(eval_loss))
+    fields = {f"eval_{name}": value for name, value in stats.items()} or {"eval_perplexity": perplexity(eval_loss)}
+    recipe.metrics.write("eval", epoch=state.epoch + 1, step=state.step, eval_loss=eval_loss, **fields)
+    log.info("step %d: eval loss %.4f %s", state.step, eval_loss,
+             " ".join(f"{k} {v:.4f}" for k, v in fields.items()))
     return eval_loss
 
 
@@ -549,9 +559,10 @@ def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -
     return run_checked(cfgs, dist, before_step)
 
 
-def run_checked(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> RunResult:
+def run_checked(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None,
+                setup_recipe: Callable[..., Recipe] = setup) -> RunResult:
     """setup -> fit -> save, on configs that check_supported has passed."""
-    recipe = setup(cfgs, dist, before_step)
+    recipe = setup_recipe(cfgs, dist, before_step)
     try:
         try:
             stopped_by = fit(recipe)
@@ -572,18 +583,24 @@ def run_checked(cfgs: Configs, dist: device.Dist, before_step: Callable | None =
 @exit_on_user_error
 def main(argv: list[str] | None = None, before_step: Callable | None = None) -> int:
     """The command line entry. before_step: see run (tests inject faults through it)."""
+    return launch(argv, before_step, check_supported, run_checked)
+
+
+def launch(argv: list[str] | None, before_step: Callable | None, check: Callable[[Configs], None],
+           run_recipe: Callable[..., RunResult]) -> int:
+    """A recipe's command line: parse, check, process group, run, tear down."""
     argv = take_debug_flag(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(usage())
         return 0
     cfgs = parse_args(argv)
-    check_supported(cfgs)  # before the process group: a bad flag fails in a second on every rank
+    check(cfgs)  # before the process group: a bad flag fails in a second on every rank
     faulthandler.enable()  # a crash prints every thread's stack
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID`: where is a hung rank?
     dist = device.setup(require_distributed=cfgs.train.enable_fsdp, timeout_s=cfgs.train.dist_timeout)
     setup_logging(dist.rank)
     try:
-        run_checked(cfgs, dist, before_step)
+        run_recipe(cfgs, dist, before_step)
     except BaseException as err:
         if dist.distributed:
             exit_now(err)  # never waits on peers: they fail within seconds instead of at the timeout

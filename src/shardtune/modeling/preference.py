@@ -1,0 +1,136 @@
+"""Preference losses (DPO and its variants) with TRL's meanings, as a loop.Objective.
+
+Per pair, from the summed log-probabilities of the chosen (c) and rejected (r) completions
+under the policy and, where the loss has one, the reference model:
+
+  sigmoid  DPO: -(1-e) log s(b*d) - e log s(-b*d), d = (c - ref_c) - (r - ref_r);
+           e = label_smoothing (conservative DPO; 0 is TRL's sigmoid)
+  ipo      ((c - ref_c)/|c| - (r - ref_r)/|r| - 1/(2b))^2, per-token log-ratios as TRL's
+  simpo    reference-free: -(1-e) log s(b*(c/|c| - r/|r|) - g), g = simpo_gamma (TRL's CPO simpo)
+  orpo     reference-free: NLL of the chosen tokens (mean over the batch's chosen tokens)
+           - a * log s(log-odds(c/|c|) - log-odds(r/|r|)), a = orpo_alpha (TRL's ORPO beta)
+
+|c| is the completion's token count. Rewards as TRL logs them: b*(c - ref_c) for sigmoid and
+ipo; b*c/|c| for simpo and a*c/|c| for orpo. The loss is the mean over the global batch of
+pairs (ORPO's NLL over its chosen tokens), so it does not depend on world size or accumulation.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..data.tokenize import IGNORE_INDEX
+from ..metrics.logs import PREFERENCE_STATS
+from .loss import target_logps
+
+LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+STAT_NAMES = PREFERENCE_STATS  # in this order: PreferenceLoss.loss stacks them so
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (TRL's formula)."""
+    return torch.where(x > -0.6931472, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@dataclass(frozen=True)
+class PairLoss:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    orpo_alpha: float = 0.1
+
+    def terms(self, c, r, ref_c, ref_r, len_c, len_r) -> tuple[torch.Tensor, ...]:
+        """Per pair: (loss, chosen reward, rejected reward, chosen logps, rejected logps),
+        the logps as the loss reads them (summed; averaged for simpo and orpo)."""
+        b, e = self.beta, self.label_smoothing
+        if self.loss_type in ("sigmoid", "ipo"):
+            ratio_c, ratio_r = c - ref_c, r - ref_r
+            if self.loss_type == "sigmoid":
+                d = b * (ratio_c - ratio_r)
+                loss = -(1 - e) * F.logsigmoid(d) - e * F.logsigmoid(-d)
+            else:
+                loss = (ratio_c / len_c - ratio_r / len_r - 1 / (2 * b)) ** 2
+            return loss, b * ratio_c.detach(), b * ratio_r.detach(), c.detach(), r.detach()
+        avg_c, avg_r = c / len_c, r / len_r
+        if self.loss_type == "simpo":
+            d = b * (avg_c - avg_r - self.simpo_gamma / b)
+            loss = -(1 - e) * F.logsigmoid(d) - e * F.logsigmoid(-d)
+            scale = b
+        else:  # orpo: the odds-ratio term; the NLL is added by PreferenceLoss
+            log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+            loss = -self.orpo_alpha * F.logsigmoid(log_odds)
+            scale = self.orpo_alpha
+        return loss, scale * avg_c.detach(), scale * avg_r.detach(), avg_c.detach(), avg_r.detach()
+
+
+def example_logps(model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each example's completion [2P], per-token log-probs [T]),
+    examples in the collate's order (chosen..., rejected...)."""
+    token_logps = target_logps(model, batch, device)
+    owner = target_owner(batch)
+    sums = torch.zeros(len(batch["completion_lengths"]), device=device, dtype=token_logps.dtype)
+    return sums.index_add(0, owner.to(device, non_blocking=True), token_logps), token_logps
+
+
+def target_owner(batch: dict) -> torch.Tensor:
+    """The example each target token belongs to, in loss.Targets order (host tensors only)."""
+    labels, examples = batch["labels"], batch["example_ids"]
+    shifted_labels = torch.full_like(labels, IGNORE_INDEX)
+    shifted_labels[:, :-1] = labels[:, 1:]
+    shifted_owner = torch.full_like(examples, -1)
+    shifted_owner[:, :-1] = examples[:, 1:]  # position i predicts token i + 1, of the same example
+    return shifted_owner.flatten()[shifted_labels.flatten() != IGNORE_INDEX]
+
+
+@dataclass
+class PreferenceLoss:
+    """loop.Objective for preference pairs. reference(batch) -> the reference's example logps
+    [2P] under no_grad (None: reference-free, or precomputed and carried by the batch)."""
+
+    pair_loss: PairLoss
+    reference: Optional[Callable[[dict], torch.Tensor]] = None
+    count_name: str = "pairs"
+    stat_names: tuple[str, ...] = STAT_NAMES
+
+    def counts(self, batch: dict) -> list[float]:
+        return [batch["num_pairs"], batch["num_chosen_targets"]]
+
+    def loss(self, model, batch, device, global_counts, world):
+        pairs = len(batch["pair_weights"])
+        ref = self._reference_logps(batch, device)  # first: nothing of the policy's graph is alive during it
+        logps, token_logps = example_logps(model, batch, device)
+        lengths = batch["completion_lengths"].to(device, non_blocking=True).clamp_min(1.0)
+        weights = batch["pair_weights"].to(device, non_blocking=True)
+        ref_c, ref_r = (ref[:pairs], ref[pairs:]) if ref is not None else (None, None)
+        loss, rew_c, rew_r, shown_c, shown_r = self.pair_loss.terms(
+            logps[:pairs], logps[pairs:], ref_c, ref_r, lengths[:pairs], lengths[pairs:])
+        loss_sum = (loss * weights).sum()
+        share = loss_sum * (world / global_counts[0])
+        numerator = loss_sum.detach()
+        if self.pair_loss.loss_type == "orpo":  # + the chosen tokens' NLL, a mean over the step's chosen tokens
+            owner = target_owner(batch).to(device, non_blocking=True)
+            chosen = owner < pairs
+            nll_sum = -(token_logps * chosen * weights[owner.clamp_max(pairs - 1)]).sum()
+            share = share + nll_sum * (world / global_counts[1])
+            numerator = numerator + nll_sum.detach() * (global_counts[0] / global_counts[1])
+        stats = torch.stack([rew_c, rew_r, (rew_c > rew_r).float(), rew_c - rew_r, shown_c, shown_r])
+        return share, torch.cat([numerator[None], (stats * weights).sum(1)])
+
+    def _reference_logps(self, batch: dict, device: torch.device) -> Optional[torch.Tensor]:
+        if self.pair_loss.loss_type in REFERENCE_FREE:
+            return None
+        if "reference_logps" in batch:
+            return batch["reference_logps"].to(device, non_blocking=True)
+        with torch.no_grad():
+            return self.reference(batch)
+
+
+def adapter_disabled(peft_model: torch.nn.Module):
+    """The base model's forward: the same weights with the adapter switched off, no copy."""
+    return peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()

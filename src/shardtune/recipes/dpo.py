@@ -1,0 +1,236 @@
+"""Preference tuning (DPO, IPO, SimPO, ORPO) of a decoder-only model with PEFT and FSDP2:
+the second shardtune recipe, on the same library as supervised fine-tuning (recipes/sft.py).
+
+    torchrun --nproc_per_node N -m shardtune.dpo --enable_fsdp --model_name DIR --use_peft \
+        --dataset preference_dataset --preference_dataset.data_path pairs.jsonl --output_dir OUT
+
+Every flag of finetune applies unchanged (FSDP, PEFT, QLoRA, precision, accumulation,
+checkpoints, resume, signals, metrics, trackers); batch sizes count pairs. What is new:
+  * preference pairs ...................... --dataset preference_dataset --preference_dataset.*
+                                            (TRL's plain and conversational layouts, TRL's token ids)
+  * the loss .............................. --dpo_config.loss_type sigmoid|ipo|simpo|orpo,
+                                            --dpo_config.beta / label_smoothing / simpo_gamma / orpo_alpha
+  * the reference model ................... --dpo_config.reference base (LoRA: the adapter disabled, no
+                                            copy; full fine-tuning: a frozen copy sharded like the policy)
+                                            | precomputed (one pass before training, cached) | DIR
+  * packed pairs .......................... --batching_strategy packing (chosen and rejected as separate
+                                            examples in shared rows, each attending to itself)
+  * TRL's metrics ......................... loss, rewards/{chosen,rejected,accuracies,margins},
+                                            logps/{chosen,rejected} per step and at evaluation
+
+Shape: sft.setup with this recipe's data stage and objective -> sft.fit -> sft.save.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as tdist
+from safetensors.torch import load_file, save_file
+
+from .. import data, device
+from ..config.schema import Configs
+from ..config.validate import Batching, check_supported
+from ..data import cache
+from ..data.packing import PackStats
+from ..data.pairs import PairDataset, collate_pairs, fit_pairs
+from ..data.records import BadRecords
+from ..data.sampler import EvalSampler, GlobalBatchSampler
+from ..errors import UserError, exit_on_user_error
+from ..loop import _eval_mode
+from ..modeling import load as model_lib
+from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, adapter_disabled, example_logps
+from ..parallel import release_gathered
+from . import sft
+
+log = logging.getLogger("shardtune.dpo")
+
+REFERENCE_CACHE_VERSION = 1
+
+
+# ---- data -----------------------------------------------------------------------------
+
+def read_pairs(cfgs: Configs, tokenizer, split: str) -> data.SplitData:
+    t = cfgs.train
+    src = data.source(cfgs, getattr(cfgs.dataset, "train_split" if split == "train" else "test_split"))
+    bad = BadRecords(t.on_bad_record)
+    pairs = fit_pairs(src.read(tokenizer, bad), t.context_length, bad)
+    if not pairs:
+        first = f" (first bad record: {bad.messages[0]})" if bad.messages else ""
+        raise UserError(f"{src.name}: the {split} split has no usable preference pairs{first}; check the data, or "
+                        "raise --context_length")
+    dataset = PairDataset(pairs)
+    tokens = sum(dataset.lengths())
+    stats = PackStats(examples=len(pairs), tokens=tokens, chunks=len(pairs), bad_records=bad.count,
+                      notes=bad.messages, tokenized=len(pairs), context_length=t.context_length)
+    log.info("%s split from %s: %d pairs, %d tokens, %d bad records skipped", split, src.name, len(pairs), tokens,
+             bad.count)
+    return data.SplitData(dataset, stats, src.name)
+
+
+def setup_pair_data(cfgs: Configs, dist: device.Dist, tokenizer, batching: Batching) -> tuple:
+    """sft.setup_data's contract, for pairs: the sampler draws pairs, the collate lays them out."""
+    t = cfgs.train
+    train_split = read_pairs(cfgs, tokenizer, "train")
+    eval_split = read_pairs(cfgs, tokenizer, "validation") if t.run_validation else None
+    collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, context_length=t.context_length,
+                                packing=t.batching_strategy == "packing")
+    for split in (train_split, eval_split):
+        if split is not None:
+            split.collate_fn = collate
+    loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size, dist.rank,
+                                        t.seed, tokenizer.pad_token_id, t.num_workers_dataloader, dist.is_accelerator)
+    eval_loader = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank,
+                                    tokenizer.pad_token_id, t.num_workers_dataloader, dist.is_accelerator)
+                   if eval_split else None)
+    log.info("global batch %d pairs = micro batch %d x %d ranks x %d accumulation; %d steps per epoch",
+             sampler.global_batch, batching.micro, dist.world_size, batching.accum, sampler.steps_per_epoch)
+    return train_split, eval_split, loader, sampler, eval_loader
+
+
+# ---- the reference model ----------------------------------------------------------------
+
+def frozen_copy(recipe: sft.Recipe, model_dir: Optional[str]) -> torch.nn.Module:
+    """The reference as a model of its own: every weight frozen, sharded like the policy."""
+    cfgs = copy.deepcopy(recipe.cfgs)
+    t = cfgs.train
+    t.use_peft, t.quantization, t.freeze_layers, t.compile, t.from_peft_checkpoint = False, None, False, False, ""
+    cfgs.fsdp.fsdp_activation_checkpointing = False  # nothing to recompute without a backward
+    spec = model_lib.load_spec(model_dir) if model_dir else model_lib.load_spec(recipe.cfgs.train.model_name)
+    if model_dir:
+        model_lib.check_vocab(recipe.tokenizer, spec)
+    model, _ = sft.setup_model(cfgs, recipe.dist, spec, recipe.precision, frozen=True)
+    model.eval()
+    return model
+
+
+def reference_fn(recipe: sft.Recipe, loss_type: str) -> Optional[Callable[[dict], torch.Tensor]]:
+    """batch -> the reference's per-example log-probabilities (called under no_grad)."""
+    if loss_type in REFERENCE_FREE:
+        return None
+    d, t, dev = recipe.cfgs.dpo, recipe.cfgs.train, recipe.dist.device
+    if d.reference in ("base", "precomputed") and t.use_peft:
+        def disabled(batch: dict) -> torch.Tensor:
+            with adapter_disabled(recipe.peft_model):
+                return example_logps(recipe.train_model, batch, dev)[0]
+        return disabled
+    if d.reference == "precomputed":  # full fine-tuning, before any step or restore: the policy is the base
+        return lambda batch: example_logps(recipe.train_model, batch, dev)[0]
+    if d.reference != "base" and not Path(d.reference).expanduser().is_dir():
+        raise UserError(f"--dpo_config.reference {d.reference!r} is not base, precomputed or a model directory")
+    ref = frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser()))
+    return lambda batch: example_logps(ref, batch, dev)[0]
+
+
+def _reference_cache(recipe: sft.Recipe, split: str) -> Optional[Path]:
+    """Reference log-probabilities are cached beside the prepared data, under a key covering
+    the data, the tokenization and the reference model (weights config, precision, quantization)."""
+    cfgs, t = recipe.cfgs, recipe.cfgs.train
+    root = cache.cache_root(t.data_cache_dir)
+    src = data.source(cfgs, getattr(cfgs.dataset, "train_split" if split == "train" else "test_split"))
+    if root is None or src.fingerprint is None:
+        return None
+    key = cache.cache_key({
+        "version": REFERENCE_CACHE_VERSION, "data": src.fingerprint, "template": src.template,
+        "tokenizer": cache.tokenizer_fingerprint(recipe.tokenizer), "context_length": t.context_length,
+        "on_bad_record": t.on_bad_record, "batching": t.batching_strategy, "model": str(recipe.spec.model_dir),
+        "model_fingerprint": recipe.spec.fingerprint, "weights": _weights_digest(recipe.spec.model_dir),
+        "precision": recipe.precision.name, "quantization": t.quantization, "fsdp": t.enable_fsdp,
+    })
+    return root / f"reference-logps-{key[:32]}.safetensors"
+
+
+def _weights_digest(model_dir: Path) -> str:
+    """Names, sizes and modification times of the weight files: a retrained base gets a new key."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    return json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+@torch.no_grad()
+def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, fn: Callable) -> None:
+    """One pass over the split before training; every rank ends with all pairs' values."""
+    path = _reference_cache(recipe, name)
+    if path is not None and path.is_file():
+        values = load_file(str(path))["reference_logps"]
+        if len(values) == len(split.dataset):
+            split.dataset.reference_logps = values
+            log.info("%s split: reference log-probabilities from the cache %s", name, path)
+            return
+    dist, t = recipe.dist, recipe.cfgs.train
+    collate = split.collate_fn
+    dataset = split.dataset
+    sampler = EvalSampler(len(dataset), t.val_batch_size, dist.world_size, dist.rank)
+    mine: list[tuple[int, float, float]] = []
+    _eval_mode(recipe.train_model)
+    for indices in sampler:
+        batch = collate([dataset[i] for i in indices])
+        logps = fn(batch).double().cpu()
+        n = len(indices)
+        mine += [(i, logps[k].item(), logps[n + k].item()) for k, i in enumerate(indices) if i >= 0]
+    release_gathered(recipe.train_model)
+    recipe.train_model.train()
+    everyone = [mine]
+    if dist.distributed:
+        everyone = [None] * dist.world_size
+        tdist.all_gather_object(everyone, mine)
+    values = torch.zeros(len(dataset), 2, dtype=torch.float32)
+    for part in everyone:
+        for i, c, r in part:
+            values[i, 0], values[i, 1] = c, r
+    dataset.reference_logps = values
+    if path is not None and dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file({"reference_logps": values}, tmp)
+        os.replace(tmp, path)  # whole or not at all
+    log.info("%s split: reference log-probabilities of %d pairs computed before training", name, len(dataset))
+
+
+def objective(recipe: sft.Recipe) -> PreferenceLoss:
+    """The preference loss, with its reference ready (built, or precomputed into the data)."""
+    d = recipe.cfgs.dpo
+    pair_loss = PairLoss(d.loss_type, d.beta, d.label_smoothing, d.simpo_gamma, d.orpo_alpha)
+    fn = reference_fn(recipe, d.loss_type)
+    if fn is not None and d.reference == "precomputed":
+        for name, split in (("train", recipe.train_split), ("validation", recipe.eval_split)):
+            if split is not None:
+                precompute_reference(recipe, split, name, fn)
+        fn = None  # the batches carry the values
+    return PreferenceLoss(pair_loss, fn)
+
+
+# ---- run --------------------------------------------------------------------------------
+
+def check(cfgs: Configs) -> None:
+    check_supported(cfgs, pairs=True)
+
+
+def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> sft.Recipe:
+    return sft.setup(cfgs, dist, before_step, data_stage=setup_pair_data, objective=objective)
+
+
+def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> sft.RunResult:
+    """The whole recipe on configs not yet validated."""
+    check(cfgs)
+    return sft.run_checked(cfgs, dist, before_step, setup_recipe=setup)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None, before_step: Callable | None = None) -> int:
+    return sft.launch(argv, before_step, check,
+                      functools.partial(sft.run_checked, setup_recipe=setup))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
