@@ -48,10 +48,11 @@ def resolve_batching(cfgs: Configs) -> Batching:
     return Batching(micro=micro, accum=bst // micro)
 
 
-def check_supported(cfgs: Configs) -> None:
-    """Reject unknown values and contradictory combinations before any heavy work."""
+def check_supported(cfgs: Configs, pairs: bool = False) -> None:
+    """Reject unknown values and contradictory combinations before any heavy work.
+    `pairs`: the recipe trains preference pairs (dpo), see data.check_flags."""
     t, f = cfgs.train, cfgs.fsdp
-    data.check_flags(t)
+    data.check_flags(t, pairs)
     for name, least in MINIMUM.items():
         if getattr(t, name) < least:
             raise UserError(f"--{name} must be >= {least}, got {getattr(t, name)}")
