@@ -1,4 +1,5 @@
 """`shardtune prepare grammar --jfleg DIR [--c4 FILE] --out DIR`: the grammar_dataset CSVs.
+(`shardtune prepare preference`: preference_dataset pairs, see data/preference_pairs.py.)
 
 Follows llama-recipes' grammar_dataset_process notebook:
   * train = JFLEG dev: each source sentence paired with each of its 4 references
@@ -16,60 +17,16 @@ import argparse
 import csv
 import io
 import os
-import re
 import tempfile
 from pathlib import Path
 
+from ..data.jfleg import jfleg_pairs, normalize_spacing, read_lines  # noqa: F401 (tests import normalize_spacing from here)
+from ..data.preference_pairs import prepare_preferences
 from ..data.records import BadRecords, read_records, valid_records
 from ..errors import UserError
 
 TRAIN_CSV, VALIDATION_CSV = "grammar_train.csv", "grammar_validation.csv"
 NUM_REFS = 4
-
-# Ordered (pattern, replacement) pairs for tokenised English.
-_SPACING = tuple((re.compile(p), r) for p, r in (
-    (r" n't\b", "n't"),  # do n't -> don't
-    (r" '(s|re|m|ll|ve|d)\b", r"'\1"),  # it 's -> it's
-    (r"(?<=\S) ' (?=\S)", "' "),  # twenty years ' time -> years' time
-    (r"(?<!\S)\d(?: \d)+(?!\S)", lambda m: m.group(0).replace(" ", "")),  # 2 0 0 6 -> 2006
-    (r" ([.,!?:;%)])", r"\1"),  # space before closing punctuation
-    (r"\( ", "("),
-))
-
-
-def normalize_spacing(text: str) -> str:
-    for pattern, repl in _SPACING:
-        text = pattern.sub(repl, text)
-    return text.strip()
-
-
-def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; --jfleg must be the JFLEG directory (with dev/ and test/)")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line}: bytes are not valid UTF-8; re-save the file as UTF-8") from None
-
-
-def _split_dir(jfleg: Path, name: str) -> Path:
-    """JFLEG's layout is DIR/dev/dev.src; a flat DIR/dev.src is accepted too."""
-    return jfleg / name if (jfleg / name / f"{name}.src").is_file() else jfleg
-
-
-def jfleg_pairs(jfleg: Path, name: str, refs: int) -> list[tuple[str, str]]:
-    """(source, reference) pairs of one JFLEG split, source-major, using refs 0..refs-1."""
-    d = _split_dir(jfleg, name)
-    sources = _lines(d / f"{name}.src")
-    references = []
-    for j in range(refs):
-        ref = _lines(d / f"{name}.ref{j}")
-        if len(ref) != len(sources):
-            raise UserError(f"{d / f'{name}.ref{j}'} has {len(ref)} lines but {name}.src has {len(sources)}; the files must be parallel")
-        references.append(ref)
-    return [(src, references[j][i]) for i, src in enumerate(sources) for j in range(refs)]
-
 
 def c4_pairs(path: Path) -> list[tuple[str, str]]:
     """C4_200M pairs: JSON lines with src/trg (or input/output), or a TSV of incorrect<TAB>correct."""
@@ -81,7 +38,7 @@ def c4_pairs(path: Path) -> list[tuple[str, str]]:
 
 
 def _c4_tsv(path: Path) -> list[tuple[str, str]]:
-    text = "\n".join(_lines(path))
+    text = "\n".join(read_lines(path))
     pairs = []
     for i, row in enumerate(csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)):
         if i == 0 and [c.strip().lower() for c in row] in (["input", "output"], ["src", "trg"]):
@@ -128,14 +85,33 @@ def prepare_grammar(jfleg: Path, out: Path, c4: Path | None = None) -> dict[str,
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="shardtune prepare", description="build dataset files in llama-recipes' formats")
     sub = p.add_subparsers(dest="dataset", required=True)
+    _add_preference_parser(sub)
     g = sub.add_parser("grammar", help="grammar_dataset CSVs from JFLEG (+ optional C4_200M pairs)")
     g.add_argument("--jfleg", required=True, type=Path, help="JFLEG directory with dev/ and test/")
     g.add_argument("--c4", type=Path, help="C4_200M pairs to append to train: JSON lines (src/trg) or TSV")
     g.add_argument("--out", required=True, type=Path, help="output directory")
     a = p.parse_args(argv)
+    if a.dataset == "preference":
+        return _main_preference(a)
     counts = prepare_grammar(a.jfleg, a.out, a.c4)
     print(f"wrote {a.out / TRAIN_CSV} ({counts['train']} rows: {counts['jfleg_train_pairs']} JFLEG dev pairs, "
           f"{counts['c4_pairs']} C4 pairs) and {a.out / VALIDATION_CSV} ({counts['validation']} rows)")
     print(f"train with: --dataset grammar_dataset --grammar_dataset.train_split {a.out / TRAIN_CSV} "
           f"--grammar_dataset.test_split {a.out / VALIDATION_CSV}")
+    return 0
+
+
+def _add_preference_parser(sub) -> None:
+    g = sub.add_parser("preference", help="preference_dataset pairs (.jsonl) from JFLEG and/or SAMSum")
+    g.add_argument("--jfleg", type=Path, help="JFLEG directory: dev corrections chosen over the learner's sentence")
+    g.add_argument("--samsum", type=Path, help="one SAMSum file (e.g. train.json): each dialogue's summary chosen "
+                                               "over another dialogue's")
+    g.add_argument("--seed", type=int, default=0, help="draws the other dialogue of each SAMSum pair")
+    g.add_argument("--out", required=True, type=Path, help="output .jsonl file")
+
+
+def _main_preference(a) -> int:
+    counts = prepare_preferences(a.out, a.jfleg, a.samsum, a.seed)
+    print(f"wrote {a.out} ({counts['jfleg']} JFLEG pairs, {counts['samsum']} SAMSum pairs)")
+    print(f"train with: shardtune dpo --dataset preference_dataset --preference_dataset.data_path {a.out}")
     return 0

@@ -199,6 +199,18 @@ class chat_dataset:
 
 
 @dataclass
+class preference_dataset:
+    dataset: str = flag("preference_dataset", "the config's name")
+    data_path: str = flag(
+        "", '.jsonl, .json or .parquet of preference records {"prompt", "chosen", "rejected"} (TRL\'s layouts)')
+    validation_path: str = flag("", 'a separate validation file ("" = the first 5% of data_path)')
+    template: str = flag("tokenizer", "conversational records: tokenizer (its own chat template) | llama3 | llama2 | chatml")
+    system_prompt: str = flag("", "system turn for conversational prompts that have none")
+    train_split: str = flag("train", "train: data_path after the first 5% (all of it with validation_path)")
+    test_split: str = flag("validation", "validation: the first 5% of data_path, or validation_path")
+
+
+@dataclass
 class dpo_config:
     """The dpo recipe's own flags (shardtune dpo); TRL's names and defaults."""
 
@@ -259,6 +271,7 @@ class DatasetKind:
     config: type
     module: str
     generation_metric: Optional[str] = None  # what `shardtune eval` scores generations with
+    pairs: bool = False  # preference pairs: trained by the dpo recipe, not by finetune
 
 
 DATASETS = {kind.config.__name__: kind for kind in (
@@ -267,6 +280,7 @@ DATASETS = {kind.config.__name__: kind for kind in (
     DatasetKind(alpaca_dataset, "alpaca"),
     DatasetKind(custom_dataset, "custom"),
     DatasetKind(chat_dataset, "chat"),
+    DatasetKind(preference_dataset, "preference", pairs=True),
 )}
 
 ALL_CONFIGS = (train_config, fsdp_config, *(m.config for m in PEFT_METHODS.values()),

@@ -50,9 +50,9 @@ def resolve_batching(cfgs: Configs) -> Batching:
 
 def check_supported(cfgs: Configs, pairs: bool = False) -> None:
     """Reject unknown values and contradictory combinations before any heavy work. pairs: the
-    run trains preference pairs (the dpo recipe)."""
+    run trains preference pairs (the dpo recipe); see data.check_flags."""
     t, f = cfgs.train, cfgs.fsdp
-    data.check_flags(t)
+    data.check_flags(t, pairs)
     if pairs:
         check_dpo(cfgs)
     elif any(name.startswith("dpo_config.") for name in cfgs.explicit):

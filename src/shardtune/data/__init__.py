@@ -45,10 +45,18 @@ class SplitData:
     collate_fn: Optional[Callable] = None
 
 
-def check_flags(t) -> None:
-    """Validate the data flags of a train_config; cheap, so callers run it before heavy work."""
+def check_flags(t, pairs: bool = False) -> None:
+    """Validate the data flags of a train_config; cheap, so callers run it before heavy work.
+    `pairs`: the caller trains preference pairs (dpo) rather than single examples (finetune);
+    a dataset of the other kind would fail late, inside the data stage or the loss."""
     if t.dataset not in DATASETS:
         raise UserError(f"unknown dataset {t.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if DATASETS[t.dataset].pairs and not pairs:
+        raise UserError(f"{t.dataset} holds preference pairs; train it with `shardtune dpo`")
+    if pairs and not DATASETS[t.dataset].pairs:
+        pair_datasets = " or ".join(name for name, kind in DATASETS.items() if kind.pairs)
+        raise UserError(f"dpo trains preference pairs: use --dataset {pair_datasets} "
+                        f"({t.dataset} holds single examples, for `shardtune finetune`)")
     if t.batching_strategy not in BATCHING_STRATEGIES:
         raise UserError(f"unknown --batching_strategy {t.batching_strategy!r}; choose packing or padding")
     BadRecords(t.on_bad_record)  # validates the mode

@@ -92,12 +92,13 @@ def parse_conversation(record) -> list[Message]:
 class ChatRenderer:
     """One tokenizer with one chat template: renders conversations, finds the assistant spans."""
 
-    def __init__(self, tokenizer, template: Optional[str] = None) -> None:
-        self.tokenizer = tokenizer
-        self.name = f"--chat_dataset.template {template}" if template else "the tokenizer's chat template"
+    def __init__(self, tokenizer, template: Optional[str] = None, flag: str = "--chat_dataset.template") -> None:
+        # flag: the template option of the dataset being read, for messages
+        self.tokenizer, self.flag = tokenizer, flag
+        self.name = f"{flag} {template}" if template else "the tokenizer's chat template"
         if template is None:
             if not tokenizer.chat_template:
-                raise UserError("the tokenizer has no chat template; pass --chat_dataset.template "
+                raise UserError(f"the tokenizer has no chat template; pass {flag} "
                                 f"{'|'.join(TEMPLATES)} to choose one")
             self.jinja = None  # apply_chat_template uses the tokenizer's own
         else:
@@ -107,7 +108,7 @@ class ChatRenderer:
             self._require_special_tokens(template, chosen.special_tokens)
             if chosen.uses_bos_eos and not (tokenizer.bos_token and tokenizer.eos_token):
                 raise UserError(f"the {template} chat template needs the tokenizer's bos and eos tokens, "
-                                "and this tokenizer lacks one; choose another --chat_dataset.template")
+                                f"and this tokenizer lacks one; choose another {self.flag}")
             self.jinja = chosen.jinja
         # Every special token string; content holding one would be read as template markup.
         self.special_tokens = sorted({tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special}
@@ -120,7 +121,7 @@ class ChatRenderer:
         if missing:
             raise UserError(f"the tokenizer lacks the special tokens {', '.join(missing)} that the {template} "
                             "chat template writes; use the tokenizer of a model trained with that format, "
-                            "or choose another --chat_dataset.template")
+                            f"or choose another {self.flag}")
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> str:
         try:
@@ -149,7 +150,7 @@ class ChatRenderer:
             if not (text.startswith(through) and through.startswith(head)):
                 raise UserError(
                     f"{self.name} does not render a conversation turn by turn (turn {k} changes the text "
-                    "before it), so the assistant turns cannot be located; pass --chat_dataset.template "
+                    f"before it), so the assistant turns cannot be located; pass {self.flag} "
                     f"{'|'.join(TEMPLATES)}")
             turn = through[len(head):]
             end_of_turn = max((turn.rfind(special) + len(special) for special in self.special_tokens if special in turn),
@@ -232,13 +233,20 @@ def prompt_ids(tokenizer, messages: list[dict], template: Optional[str] = None, 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def split_bounds(num_records: int, split: str, separate_validation: bool) -> tuple[int, int]:
-    """[start, end) of a split within its file."""
+def split_bounds(num_records: int, split: str, separate_validation: bool,
+                 dataset: str = "chat_dataset") -> tuple[int, int]:
+    """[start, end) of a split within its file (chat_dataset's rule, shared by preference_dataset)."""
     if split in _TRAIN:
         return (0 if separate_validation else num_records // 20), num_records
     if split in _EVAL:
         return 0, (num_records if separate_validation else num_records // 20)
-    raise UserError(f"unknown chat_dataset split {split!r}; use train or validation")
+    raise UserError(f"unknown {dataset} split {split!r}; use train or validation")
+
+
+def split_role(split: str, dataset: str = "chat_dataset") -> str:
+    """"train" or "validation": which of split_bounds' two parts a split name selects."""
+    split_bounds(0, split, False, dataset)  # rejects an unknown name
+    return "train" if split in _TRAIN else "validation"
 
 
 def source(dataset_config, split: str) -> Source:
