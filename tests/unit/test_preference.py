@@ -121,6 +121,7 @@ def test_bad_records_named_by_file_and_record(tmp_path, llama2):
         json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),  # 9 no preference
         json.dumps({"prompt": user, "chosen": [{"role": "assistant", "content": "x"}],
                     "rejected": [{"role": "assistant", "content": "y"}]}),  # 10 good
+        json.dumps({"prompt": "p", "chosen": "same</s>", "rejected": "same"}),  # 11 the same once EOS is added
     ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -130,13 +131,13 @@ def test_bad_records_named_by_file_and_record(tmp_path, llama2):
     assert [p["origin"] for p in pairs] == [f"{path} record 0", f"{path} record 10"]
     named = [m.split(": record ")[1].split(":")[0] for m in bad.messages]
     assert all(m.startswith(f"{path}: record ") for m in bad.messages)
-    assert named == ["1", "2", "3", "4", "5", "6", "7", "9"]  # 8 is the reader's to report
+    assert named == ["1", "2", "3", "4", "5", "6", "7", "9", "11"]  # 8 is the reader's to report
 
     # through the dataset's source: the reader names the unreadable line; error mode stops at the first bad one
     cfg = parse_args(["--dataset", "preference_dataset", "--preference_dataset.data_path", str(path),
                       "--preference_dataset.template", "llama2"]).dataset
     skipped = BadRecords("skip")
-    assert len(source(cfg, "train").read(llama2, skipped)) == 2 and skipped.count == 9
+    assert len(source(cfg, "train").read(llama2, skipped)) == 2 and skipped.count == 10
     # the file is read before its records are checked, so the unreadable line is the first error
     with pytest.raises(UserError, match=rf"^{path}: record 8 \(line 9\): invalid JSON.*; fix the record"):
         source(cfg, "train").read(llama2, BadRecords("error"))
