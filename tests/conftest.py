@@ -90,6 +90,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def preference_files(tmp_path_factory, shared_data) -> dict[str, Path]:
+    """Small preference_dataset files derived from the real corpora by data.preference_pairs:
+    "grammar" (the first 40 JFLEG dev pairs) and "samsum" (the first 40 SAMSum val pairs)."""
+    from shardtune.data.preference_pairs import jfleg_preferences, samsum_preferences, write_jsonl
+
+    out = tmp_path_factory.mktemp("preference")
+    write_jsonl(out / "grammar.jsonl", jfleg_preferences(shared_data / "jfleg")[:40])
+    write_jsonl(out / "samsum.jsonl", samsum_preferences(shared_data / "samsum" / "val.json")[:40])
+    return {"grammar": out / "grammar.jsonl", "samsum": out / "samsum.jsonl"}
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Tiny Llama, briefly pretrained on the bundled text so that fine-tuning has signal."""
     from shardtune.modeling.tiny import build_tiny

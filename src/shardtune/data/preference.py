@@ -137,13 +137,13 @@ def tokenize_pairs(tokenizer, records: list, source: str, bad: BadRecords, templ
             continue  # unreadable, already reported
         try:
             if not _check_shape(record):
-                if record["chosen"] == record["rejected"]:
-                    raise BadConversation("chosen and rejected are the same text, so there is no preference")
                 eos = tokenizer.eos_token
                 if not eos:
                     raise UserError("preference_dataset needs the tokenizer's eos_token (appended to chosen and "
                                     "rejected, as TRL does); add one to its tokenizer_config.json")
                 chosen, rejected = (c if c.endswith(eos) else c + eos for c in (record["chosen"], record["rejected"]))
+                if chosen == rejected:  # after EOS, so "a" and "a</s>" are the same text too
+                    raise BadConversation("chosen and rejected are the same text, so there is no preference")
                 plain.add(record["prompt"], record["prompt"] + chosen, record["prompt"] + rejected, i)
                 continue
             try:
