@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..data.jfleg import jfleg_pairs, normalize_spacing, read_lines  # noqa: F401 (tests import normalize_spacing from here)
+from ..data.jfleg import jfleg_pairs, normalize_spacing, read_lines
 from ..data.preference_pairs import prepare_preferences
 from ..data.records import BadRecords, read_records, valid_records
 from ..errors import UserError
