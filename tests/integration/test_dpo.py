@@ -1,0 +1,99 @@
+"""The dpo recipe on real processes: packing, world size and accumulation change nothing;
+QLoRA (NF4 under FSDP2) trains the same at 1 and 2 ranks; resume is bitwise at the same world
+size and exact at another. Two launches (2 ranks, then 1) run every case in turn."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, check, metric_events, torchrun
+
+WORKER = REPO / "tests" / "workers" / "dpo_runs.py"
+KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def steps(out):
+    return [{k: s[k] for k in KEYS} for s in metric_events(out, "step")]
+
+
+def assert_close(a, b, tol):
+    assert len(a) == len(b) and a
+    for step, (x, y) in enumerate(zip(a, b), 1):
+        assert max(abs(x[k] - y[k]) for k in KEYS) <= tol, f"step {step}: {x} vs {y}"
+
+
+def trained(out):
+    return load_file(out / "trained.safetensors")
+
+
+def assert_same_weights(a, b, tol):
+    assert a.keys() == b.keys() and a
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= tol
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model, tiny_nf4_model, preference_files):
+    root = tmp_path_factory.mktemp("dpo")
+    common = ["--model_name", str(tiny_model), "--enable_fsdp", "--use_peft", "--peft_method", "lora",
+              "--lora_config.lora_dropout", "0", "--dataset", "preference_dataset",
+              "--preference_dataset.data_path", str(preference_files["grammar"]), "--run_validation", "False",
+              "--num_epochs", "1", "--max_train_step", "6", "--lr", "5e-3", "--weight_decay", "0",
+              "--mixed_precision", "False", "--context_length", "512", "--save_metrics", "--log_every", "1",
+              "--fsdp_activation_checkpointing", "False", "--num_workers_dataloader", "0"]
+    nf4 = common + ["--model_name", str(tiny_nf4_model), "--quantization", "4bit", "--run_validation", "True",
+                    "--preference_dataset.validation_path", str(preference_files["samsum"]), "--max_eval_step", "2",
+                    "--on_bad_record", "skip"]  # some SAMSum dialogues are longer than the context
+
+    def launch(nproc, plan):
+        args = []
+        for name, flags in plan:
+            args += (["--then"] if args else []) + [str(root / name), *flags]
+        check(torchrun(nproc, WORKER, args, timeout=900))
+
+    launch(2, [("two", common + ["--batch_size_training", "2"]),
+               ("two_padded", common + ["--batch_size_training", "2", "--batching_strategy", "padding"]),
+               ("two_accum", common + ["--batch_size_training", "2", "--micro_batch_size", "1"]),
+               ("two_cut", common + ["--batch_size_training", "2", "--max_train_step", "3", "--save_steps", "3"]),
+               ("two_cut", common + ["--batch_size_training", "2", "--resume", "auto"]),
+               ("nf4_two", nf4 + ["--batch_size_training", "2"])])
+    saved = next((root / "two_cut" / "checkpoints").glob("*/step_000003"))
+    launch(1, [("one", common + ["--batch_size_training", "4"]),
+               ("one_resumed", common + ["--batch_size_training", "4", "--resume", str(saved)]),
+               ("nf4_one", nf4 + ["--batch_size_training", "4"])])
+    return root
+
+
+def test_packing_ranks_and_accumulation_change_nothing(runs):
+    two = steps(runs / "two")
+    assert len(two) == 6 and two[-1]["loss"] < two[0]["loss"]  # it trained
+    for other in ("one", "two_padded", "two_accum"):
+        assert_close(steps(runs / other), two, 1e-5)
+        assert_same_weights(trained(runs / other), trained(runs / "two"), 1e-5)
+
+
+def test_resume_is_bitwise_at_the_same_world_size_and_exact_at_another(runs):
+    two = steps(runs / "two")
+    assert steps(runs / "two_cut") == two  # killed after step 3's checkpoint, resumed: the same floats
+    assert_same_weights(trained(runs / "two_cut"), trained(runs / "two"), 0.0)
+    resumed = steps(runs / "one_resumed")  # saved at 2 ranks, resumed at 1
+    assert_close(resumed, two[3:], 1e-5)
+    assert_same_weights(trained(runs / "one_resumed"), trained(runs / "two"), 1e-5)
+
+
+def test_qlora_dpo_one_and_two_ranks_and_plain_peft_loads_it(runs, tiny_nf4_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    one, two = steps(runs / "nf4_one"), steps(runs / "nf4_two")
+    assert_close(one, two, 1e-4)
+    assert two[-1]["loss"] < two[0]["loss"]
+    evals = metric_events(runs / "nf4_two", "eval")
+    assert evals and 0.0 <= evals[-1]["eval_rewards/accuracies"] <= 1.0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_nf4_model), runs / "nf4_two")
+    saved = load_file(runs / "nf4_two" / "adapter_model.safetensors")
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved) > 0
+    for name, value in saved.items():
+        key = name.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[key], value), name
