@@ -203,9 +203,11 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
         parallel.compile_layers(model)
     if t.enable_fsdp:
         mesh = parallel.build_mesh(dist, cfgs.fsdp)
-        quantizer = (quant.LayerQuantizer(model, spec, dist.device, mesh["shard"].size())
+        quantizer = (quant.LayerQuantizer(model, spec, dist.device, mesh["shard"], cfgs.fsdp.fsdp_cpu_offload)
                      if t.quantization else None)
         parallel.shard(model, mesh, cfgs.fsdp, precision, pin_memory=dist.is_accelerator, prepare_layer=quantizer)
+        if quantizer:
+            quantizer.load()
         model_lib.materialize(model, spec, dist.device, new_params, offloaded=cfgs.fsdp.fsdp_cpu_offload,
                               loaded=quantizer.loaded if quantizer else frozenset())
         if t.use_peft:
