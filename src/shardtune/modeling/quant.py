@@ -53,7 +53,8 @@ def base_linears(layer: torch.nn.Module) -> list[torch.nn.Linear]:
 class LayerQuantizer:
     """Turns the decoder layers' frozen linear weights into NF4: placeholders just before
     fully_shard shards each layer (parallel.shard calls it per layer), then load() fills
-    them from the checkpoint once every layer is sharded."""
+    them from the checkpoint once the model is sharded and materialized (whose to_empty
+    reallocates every tensor of a module that has a meta one, such as a linear's bias)."""
 
     def __init__(self, model: torch.nn.Module, spec: model_lib.ModelSpec, device: torch.device,
                  shard_mesh: DeviceMesh, offloaded: bool):
@@ -61,8 +62,7 @@ class LayerQuantizer:
         self.ckpt = model_lib.WeightFiles(spec.model_dir)
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.dtype, self.device, self.shard_mesh, self.offloaded = spec.dtype, device, shard_mesh, offloaded
-        self.weights: list[tuple[str, torch.nn.Linear]] = []  # in model order, the same on every rank
-        self.loaded: set[str] = set()  # parameter names now holding their checkpoint values
+        self.weights: dict[str, torch.nn.Linear] = {}  # parameter name -> its linear, in the same order on every rank
 
     @torch.no_grad()
     def __call__(self, layer: torch.nn.Module) -> set[torch.nn.Parameter]:
@@ -74,7 +74,7 @@ class LayerQuantizer:
             meta = torch.empty(linear.weight.shape, dtype=self.dtype, device="meta")
             linear.weight = torch.nn.Parameter(self.nf4.to_nf4(meta, BLOCK_SIZE, SCALER_BLOCK_SIZE),
                                                requires_grad=False)
-            self.weights.append((name, linear))
+            self.weights[name] = linear
             placeholders.add(linear.weight)
         # torch 2.13's FSDP2 takes a shortcut when the shard group has one rank that skips
         # tensor-subclass all-gather extensions (fsdp_post_all_gather gets one tensor instead
@@ -86,7 +86,7 @@ class LayerQuantizer:
         """Read this rank's rows of each weight and quantize them, exchanging only the block
         absmax values; quantized on the device, as fully_shard would have been given it."""
         group = self.shard_mesh.get_group()
-        for name, linear in self.weights:
+        for name, linear in self.weights.items():
             param = linear.weight
             start, stop = model_lib.local_rows(param) or (0, param.shape[0])  # plain: one shard rank
             rows = self.ckpt.get(model_lib.checkpoint_key(name, self.ckpt), (start, stop)).to(self.device, self.dtype)
@@ -100,7 +100,6 @@ class LayerQuantizer:
             # assign=True swaps the parameter; FSDP2's load_state_dict hook then takes the new
             # local shard as the one it all-gathers (torchtune loads NF4 shards the same way)
             linear.load_state_dict({"weight": shard}, strict=False, assign=True)
-            self.loaded.add(name)
 
 
 def held_bytes(model: torch.nn.Module) -> int:
