@@ -1,5 +1,6 @@
 """QLoRA under FSDP2: --quantization 4bit --enable_fsdp holds the decoder layers' linear
-weights as torchao NF4, sharded so that each rank keeps 1/world of them. The same run at 1
+weights as torchao NF4, sharded so that each rank reads, quantizes and keeps 1/world of
+them. Each rank's shards are bitwise those of the weights quantized whole, the same run at 1
 and 2 ranks gives the same losses, each rank holds half the bytes at 2 ranks, and the
 adapter loads in plain peft, where a base quantized by torchao directly reproduces the
 trained model's logits."""

@@ -143,6 +143,15 @@ def checkpoint_key(param_name: str, ckpt: WeightFiles) -> str | None:
     return None
 
 
+def checked_key(param_name: str, param: torch.Tensor, ckpt: WeightFiles, model_dir: Path) -> str:
+    """The checkpoint key of a parameter, whose tensor has the parameter's (global) shape."""
+    key = checkpoint_key(param_name, ckpt)
+    if key is None:
+        raise UserError(f"{model_dir}: checkpoint has no tensor for parameter {param_name}")
+    _check_shape(ckpt.shape(key), param)
+    return key
+
+
 @dataclass
 class ModelSpec:
     model_dir: Path
@@ -218,10 +227,7 @@ def materialize(model: torch.nn.Module, spec: ModelSpec, device: torch.device,
         if name in new_params:
             _copy_full(param, new_params[name])
             continue
-        key = checkpoint_key(name, ckpt)  # tied parameters are listed once, under their first name
-        if key is None:
-            raise UserError(f"{spec.model_dir}: checkpoint has no tensor for parameter {name}")
-        _check_shape(ckpt.shape(key), param)
+        key = checked_key(name, param, ckpt, spec.model_dir)  # tied parameters are listed once, under their first name
         rows = local_rows(param)
         if rows is None:
             _copy_full(param, ckpt.get(key))

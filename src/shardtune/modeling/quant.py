@@ -59,7 +59,7 @@ class LayerQuantizer:
     def __init__(self, model: torch.nn.Module, spec: model_lib.ModelSpec, device: torch.device,
                  shard_mesh: DeviceMesh, offloaded: bool):
         self.nf4 = _compat.nf4_module()
-        self.ckpt = model_lib.WeightFiles(spec.model_dir)
+        self.model_dir, self.ckpt = spec.model_dir, model_lib.WeightFiles(spec.model_dir)
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.dtype, self.device, self.shard_mesh, self.offloaded = spec.dtype, device, shard_mesh, offloaded
         self.weights: dict[str, torch.nn.Linear] = {}  # parameter name -> its linear, in the same order on every rank
@@ -84,12 +84,14 @@ class LayerQuantizer:
     @torch.no_grad()
     def load(self) -> None:
         """Read this rank's rows of each weight and quantize them, exchanging only the block
-        absmax values; quantized on the device, as fully_shard would have been given it."""
+        absmax values. On the run's device, where the whole weight used to be quantized: the
+        mean of the absmax values must be reduced in the same order to come out the same."""
         group = self.shard_mesh.get_group()
         for name, linear in self.weights.items():
             param = linear.weight
             start, stop = model_lib.local_rows(param) or (0, param.shape[0])  # plain: one shard rank
-            rows = self.ckpt.get(model_lib.checkpoint_key(name, self.ckpt), (start, stop)).to(self.device, self.dtype)
+            key = model_lib.checked_key(name, param, self.ckpt, self.model_dir)
+            rows = self.ckpt.get(key, (start, stop)).to(self.device, self.dtype)
             absmax = _compat.nf4_block_absmax(rows, BLOCK_SIZE)
             every = absmax.new_empty(absmax.numel() * group.size())
             torch.distributed.all_gather_into_tensor(every, absmax, group=group)
