@@ -96,7 +96,7 @@ class LayerQuantizer:
             every = absmax.new_empty(absmax.numel() * group.size())
             torch.distributed.all_gather_into_tensor(every, absmax, group=group)
             shard = _compat.nf4_shard(rows, every, start * param.shape[1] // BLOCK_SIZE, BLOCK_SIZE, SCALER_BLOCK_SIZE)
-            if isinstance(param, DTensor):
+            if isinstance(param, DTensor):  # with CPU offload, FSDP2 keeps shards in host memory
                 shard = DTensor.from_local(shard.cpu() if self.offloaded else shard, param.device_mesh,
                                            param.placements, run_check=False, shape=param.shape, stride=param.stride())
             # assign=True swaps the parameter; FSDP2's load_state_dict hook then takes the new
