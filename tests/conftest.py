@@ -131,11 +131,12 @@ def tiny_lora(tmp_path_factory, tiny_model) -> Path:
 @pytest.fixture(scope="session")
 def tiny_nf4_model(tmp_path_factory) -> Path:
     """Tiny Llama whose decoder-layer linear weights fit NF4's 64 x 256 blocks when split
-    over 2 ranks (every projection 256 x 256 or 512 x 256)."""
+    over 2 ranks (every projection 256 x 256 or 512 x 256). Its attention projections have
+    biases (as Qwen2's do): a frozen NF4 weight beside a bias is loaded too."""
     from shardtune.modeling.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("tiny_nf4") / "model"), hidden_size=256, intermediate_size=512,
-                      num_heads=4, num_kv_heads=4, pretrain_steps=50)
+                      num_heads=4, num_kv_heads=4, pretrain_steps=50, attention_bias=True)
 
 
 def examples_in_chunk(chunk) -> list[tuple]:

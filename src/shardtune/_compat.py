@@ -126,6 +126,34 @@ def nf4_module():
         raise UserError("--quantization 4bit with --enable_fsdp needs torchao: pip install 'shardtune[quant]'") from None
 
 
+def nf4_block_absmax(rows: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The absmax of each NF4 block of `rows` (flattened), as torchao's to_nf4 computes it."""
+    return nf4_module().get_block_absmax(rows.flatten(), block_size)
+
+
+def nf4_shard(rows: torch.Tensor, absmax: torch.Tensor, first_block: int, block_size: int,
+              scaler_block_size: int) -> torch.Tensor:
+    """What FSDP2 keeps of torchao's to_nf4(whole) for `rows`, a slice of whole's first
+    dimension starting at block `first_block`, computed from the rows and `absmax`, the
+    block absmax values of the whole tensor (nf4_block_absmax of every slice, in order).
+    A block's 4-bit codes depend on its own absmax only; the double quantization of the
+    absmax values subtracts the mean of all of them. Uses torchao's internal
+    NF4Tensor.double_quantize_scalers and construct_nf4_args."""
+    nf4 = nf4_module()
+    local = nf4.to_nf4(rows, block_size, scaler_block_size)  # its codes are right, its scales use the rows' mean
+    # with block size 1 each absmax value is its own block (abs() leaves it as it is), so
+    # torchao's own code takes the mean and quantizes the values exactly as to_nf4(whole) does
+    scalers, factors, mean = nf4.NF4Tensor.double_quantize_scalers(absmax, 1, scaler_block_size)
+    stop = first_block + local.n_blocks
+    return nf4.NF4Tensor(*nf4.construct_nf4_args(local, {
+        "quantized_scalers": scalers[first_block:stop].clone(),
+        "quantization_factor": factors[first_block // scaler_block_size:stop // scaler_block_size].clone(),
+        "scaler_mean": mean,
+        "n_blocks": absmax.numel(),  # the whole tensor's, which FSDP2's split of to_nf4(whole) keeps
+        "storage_offset": 0,  # a slice's offset into the whole means nothing here (FSDP2 expects 0)
+    }))
+
+
 # ---- torch.compile (dynamo) ---------------------------------------------------------------
 
 def allow_checkpointed_side_effects() -> None:

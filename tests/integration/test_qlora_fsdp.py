@@ -1,8 +1,11 @@
 """QLoRA under FSDP2: --quantization 4bit --enable_fsdp holds the decoder layers' linear
-weights as torchao NF4, sharded so that each rank keeps 1/world of them. The same run at 1
+weights as torchao NF4, sharded so that each rank reads, quantizes and keeps 1/world of
+them. Each rank's shards are bitwise those of the weights quantized whole, the same run at 1
 and 2 ranks gives the same losses, each rank holds half the bytes at 2 ranks, and the
 adapter loads in plain peft, where a base quantized by torchao directly reproduces the
 trained model's logits."""
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -39,6 +42,16 @@ def test_losses_match_at_one_and_two_ranks(runs):
     assert len(one) == len(two) == STEPS
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
     assert one[0] != one[-1]  # it trained
+
+
+def test_ranks_quantize_their_rows_as_the_whole_weight(runs):
+    """Each rank reads and quantizes only its rows of each NF4 weight, yet holds bitwise
+    the shard FSDP2 would cut from the weight quantized whole: codes, block scales, their
+    scale factors and the mean of all block scales (gathered exactly over the ranks)."""
+    for world in (1, 2):
+        with safe_open(runs[world].parent / f"probe{world}.safetensors", "pt") as f:
+            ranks = json.loads(f.metadata()["nf4"])
+        assert ranks == [[2 * 7, []]] * world, ranks  # 2 layers x 7 linears on every rank, none differing
 
 
 def test_each_rank_holds_its_slice(runs, tiny_nf4_model):

@@ -65,6 +65,26 @@ def test_peft_and_torchao_names_exist():
     assert hasattr(_compat.nf4_module(), "NF4Tensor")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_shards_quantized_from_rows_are_the_split_of_the_whole(dtype):
+    """torchao's double quantization (nf4_shard) still takes only the mean of all block
+    absmax values from beyond a shard's rows: each half of a weight, quantized from its rows
+    and the absmax values of both halves, is bitwise what FSDP2's split (torch.chunk) cuts
+    from to_nf4 of the whole; quantized with its own absmax values alone, it is not."""
+    nf4 = _compat.nf4_module()
+    torch.manual_seed(0)
+    whole = (torch.randn(256, 128) * torch.linspace(0.1, 3, 256)[:, None]).to(dtype)  # halves of 64 x 256 blocks
+    halves = whole.chunk(2)
+    absmax = torch.cat([_compat.nf4_block_absmax(half, 64) for half in halves])
+    for half, expected, first in zip(halves, torch.chunk(nf4.to_nf4(whole, 64, 256), 2), (0, 256)):
+        shard = _compat.nf4_shard(half.clone(), absmax, first, 64, 256)
+        for attr in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):
+            assert torch.equal(getattr(shard, attr), getattr(expected, attr)), attr
+        assert (shard.shape, shard.n_blocks, shard.storage_offset()) == (expected.shape, expected.n_blocks, 0)
+        alone = _compat.nf4_shard(half, _compat.nf4_block_absmax(half, 64), 0, 64, 256)
+        assert not torch.equal(alone.quantized_scalers, expected.quantized_scalers)
+
+
 @pytest.mark.pinned
 def test_gloo_group_options_and_mesh_registry(tmp_path):
     """Options with a timeout reach a mesh's sub-groups; the registry release_device_meshes

@@ -24,7 +24,9 @@ counts what the recipe allocates, from the model's shape alone (nothing is loade
   overhead     cuda: 1 GiB (context, NCCL, allocator slack); cpu: the resident memory of
                a process that imported what a rank imports, measured here
 Peak = parameters + optimizer + max(activations + the head's gradient, all gradients): the
-activations are freed layer by layer as backward produces the gradients.
+activations are freed layer by layer as backward produces the gradients. Loading is not a
+peak: beyond its shards a rank holds one checkpoint tensor at a time, only its own rows of
+a sharded one (NF4 base weights included: quant.LayerQuantizer.load).
 """
 from __future__ import annotations
 

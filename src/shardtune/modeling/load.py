@@ -143,6 +143,15 @@ def checkpoint_key(param_name: str, ckpt: WeightFiles) -> str | None:
     return None
 
 
+def checked_key(param_name: str, param: torch.Tensor, ckpt: WeightFiles, model_dir: Path) -> str:
+    """The checkpoint key of a parameter, whose tensor has the parameter's (global) shape."""
+    key = checkpoint_key(param_name, ckpt)
+    if key is None:
+        raise UserError(f"{model_dir}: checkpoint has no tensor for parameter {param_name}")
+    _check_shape(ckpt.shape(key), param)
+    return key
+
+
 @dataclass
 class ModelSpec:
     model_dir: Path
@@ -202,33 +211,23 @@ def check_vocab(tokenizer, spec: ModelSpec) -> None:
 @torch.no_grad()
 def materialize(model: torch.nn.Module, spec: ModelSpec, device: torch.device,
                 new_params: dict[str, torch.Tensor], offloaded: bool = False,
-                loaded: set[str] = frozenset()) -> None:
+                skip: set[str] = frozenset()) -> None:
     """Allocate (sharded) storage on `device` and fill it from the checkpoint and the
     adapter's initial values. Works for plain and FSDP2 (DTensor) parameters alike.
     With FSDP2 CPU offload the sharded parameters live in host memory. Parameters named
-    in `loaded` already hold their values (NF4 base weights, see quant.py)."""
+    in `skip` are allocated but not filled (NF4 base weights: quant.LayerQuantizer.load)."""
     ties = _tied_parameters(model)
-    target = "cpu" if offloaded else device
-    if loaded:  # allocate only what is still on the meta device
-        for module in model.modules():
-            own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-            if any(t.is_meta for t in own):
-                module.to_empty(device=target, recurse=False)
-    else:
-        model.to_empty(device=target)
+    model.to_empty(device="cpu" if offloaded else device)
     for module, attr, source, source_attr in ties:  # to_empty gives each owner its own copy
         setattr(module, attr, getattr(source, source_attr))
     ckpt = WeightFiles(spec.model_dir)
     for name, param in model.named_parameters():
-        if name in loaded:
+        if name in skip:
             continue
         if name in new_params:
             _copy_full(param, new_params[name])
             continue
-        key = checkpoint_key(name, ckpt)  # tied parameters are listed once, under their first name
-        if key is None:
-            raise UserError(f"{spec.model_dir}: checkpoint has no tensor for parameter {name}")
-        _check_shape(ckpt.shape(key), param)
+        key = checked_key(name, param, ckpt, spec.model_dir)  # tied parameters are listed once, under their first name
         rows = local_rows(param)
         if rows is None:
             _copy_full(param, ckpt.get(key))

@@ -77,6 +77,7 @@ def build_tiny(
     seed: int = 0,
     pretrain_steps: int = 0,
     tie_word_embeddings: bool = False,
+    attention_bias: bool = False,
 ) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -96,6 +97,7 @@ def build_tiny(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=tie_word_embeddings,
+        attention_bias=attention_bias,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -207,16 +207,18 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
         parallel.compile_layers(model)
     if t.enable_fsdp:
         mesh = parallel.build_mesh(dist, cfgs.fsdp)
-        quantizer = (quant.LayerQuantizer(model, spec, dist.device, mesh["shard"].size())
+        quantizer = (quant.LayerQuantizer(model, spec, dist.device, mesh["shard"], cfgs.fsdp.fsdp_cpu_offload)
                      if t.quantization else None)
         parallel.shard(model, mesh, cfgs.fsdp, precision, pin_memory=dist.is_accelerator, prepare_layer=quantizer)
         model_lib.materialize(model, spec, dist.device, new_params, offloaded=cfgs.fsdp.fsdp_cpu_offload,
-                              loaded=quantizer.loaded if quantizer else frozenset())
+                              skip=set(quantizer.weights) if quantizer else frozenset())
+        if quantizer:
+            quantizer.load()
         if t.use_peft:
             adapters.init_from_base(model, t.peft_method, new_params, keep=set(from_adapter))
         if quantizer:
             log.info("NF4 base: %d linear weights; this rank holds %.2f MiB of parameters",
-                     len(quantizer.loaded), quant.held_bytes(model) / 2**20)
+                     len(quantizer.weights), quant.held_bytes(model) / 2**20)
         return model, model
     model_lib.materialize(model, spec, dist.device, new_params)
     if t.use_peft:
