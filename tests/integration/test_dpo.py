@@ -99,3 +99,46 @@ def test_qlora_dpo_one_and_two_ranks_and_plain_peft_loads_it(runs, tiny_nf4_mode
     for name, value in saved.items():
         key = name.replace(".weight", ".default.weight")
         assert torch.equal(loaded[key], value), name
+
+
+def test_eval_reports_the_preference_accuracy_of_a_trained_adapter(runs, capsys, tiny_model, preference_files):
+    """`shardtune eval` on the pairs, against plain peft: padded rows, the reference by
+    disable_adapter, the implicit rewards' accuracy and the sigmoid loss."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import run_cli
+    from shardtune.config.schema import preference_dataset
+    from shardtune.data.preference import source
+    from shardtune.data.records import BadRecords
+
+    pairs_file = preference_files["grammar"]
+    code, out, _ = run_cli(capsys, ["eval", "--model_name", tiny_model, "--peft_model", runs / "two", "--dataset",
+                                    "preference_dataset", "--preference_dataset.data_path", pairs_file,
+                                    "--split", "train", "--max_samples", "12", "--context_length", "512",
+                                    "--val_batch_size", "5"])
+    assert code == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    pairs = source(preference_dataset(data_path=str(pairs_file)), "train").read(
+        AutoTokenizer.from_pretrained(tiny_model), BadRecords())[:12]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), runs / "two").eval()
+
+    def logp(prompt, completion):
+        ids = torch.tensor([prompt + completion])
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        return logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().item()
+
+    rewards = []
+    with torch.no_grad():
+        for p in pairs:
+            policy = [logp(p["prompt_ids"], p[k]) for k in ("chosen_ids", "rejected_ids")]
+            with model.disable_adapter():
+                ref = [logp(p["prompt_ids"], p[k]) for k in ("chosen_ids", "rejected_ids")]
+            rewards.append((0.1 * (policy[0] - ref[0]), 0.1 * (policy[1] - ref[1])))
+    accuracy = sum(c > r for c, r in rewards) / len(rewards)
+    loss = sum(-F.logsigmoid(torch.tensor(c - r)).item() for c, r in rewards) / len(rewards)
+    assert report["num_pairs"] == 12
+    assert report["preference_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert report["loss"] == pytest.approx(loss, abs=1e-5)
+    assert report["rewards/margins"] == pytest.approx(sum(c - r for c, r in rewards) / len(rewards), abs=1e-5)

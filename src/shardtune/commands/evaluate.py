@@ -7,7 +7,10 @@ split, read and tokenized by the data stage exactly as training reads it.
 Reports the token-weighted loss (sum of per-token losses / number of label tokens, over
 all batches) and its perplexity; for samsum_dataset the ROUGE-1/2/L of greedy summaries
 against the reference summaries, for grammar_dataset the GLEU and exact match of greedy
-corrections against every reference of the same input.
+corrections against every reference of the same input. On preference_dataset: the
+--dpo_config loss over the pairs and TRL's rewards/logps metrics, among them the preference
+accuracy (rewards/accuracies: the share of pairs whose chosen reward beats the rejected one);
+the reference is the base with --peft_model's adapter disabled, or --dpo_config.reference DIR.
 """
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _configs(rest: list[str], split: Optional[str]) -> Configs:
     cfgs = parse_args(rest)
-    data.check_flags(cfgs.train)
+    data.check_flags(cfgs.train, pairs=DATASETS[cfgs.train.dataset].pairs if cfgs.train.dataset in DATASETS else False)
     if split:
         cfgs.dataset.test_split = split
     return cfgs
@@ -129,6 +132,8 @@ def evaluate_model(cfgs: Configs, peft_model: Optional[str], max_samples: int, m
     # the data first, with the tokenizer alone: bad data fails before the model loads
     tokenizer = load_tokenizer(t.tokenizer_name or str(resolve_model_dir(model_name)))
     source = data.source(cfgs, cfgs.dataset.test_split)
+    if DATASETS[t.dataset].pairs:
+        return preference_report(cfgs, model_name, peft_model, tokenizer, source, max_samples, dtype)
     examples = source.read(tokenizer, BadRecords(t.on_bad_record))
     if max_samples:
         examples = examples[:max_samples]
@@ -146,6 +151,51 @@ def evaluate_model(cfgs: Configs, peft_model: Optional[str], max_samples: int, m
         report["max_new_tokens"] = max_new_tokens
         report.update(generation_scores(metric, model, tokenizer, examples, sampling))
     return report
+
+
+def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str], tokenizer, source,
+                      max_samples: int, dtype: torch.dtype) -> dict:
+    """The preference loss and TRL's metrics over the split's pairs (loop.evaluate, one process)."""
+    from .. import device as device_lib, loop
+    from ..config.validate import check_dpo
+    from ..data.pairs import PairDataset, collate_pairs, fit_pairs
+    from ..data.sampler import EvalSampler
+    from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, adapter_disabled, example_logps
+
+    t, d = cfgs.train, cfgs.dpo
+    check_dpo(cfgs)
+    needs_reference = d.loss_type not in REFERENCE_FREE
+    separate_reference = d.reference not in ("base", "precomputed")
+    if needs_reference and not separate_reference and not peft_model:
+        raise UserError(f"--dpo_config.loss_type {d.loss_type} compares with a reference: pass --peft_model (the "
+                        "reference is then the base with the adapter disabled), --dpo_config.reference DIR, or a "
+                        "reference-free --dpo_config.loss_type simpo")
+    bad = BadRecords(t.on_bad_record)
+    pairs = fit_pairs(source.read(tokenizer, bad), t.context_length, bad)
+    pairs = pairs[:max_samples] if max_samples else pairs
+    if not pairs:
+        raise UserError(f"{source.name}: no preference pairs to evaluate; check the dataset flags and --split")
+    dist = device_lib.setup()
+    model, _ = load_for_inference(model_name, peft_model, dist.device, dtype)
+    reference = None
+    if needs_reference and separate_reference:
+        ref_model, _ = load_for_inference(d.reference, None, dist.device, dtype)
+        reference = lambda batch: example_logps(ref_model, batch, dist.device)[0]
+    elif needs_reference:
+        def reference(batch):
+            with adapter_disabled(model):
+                return example_logps(model, batch, dist.device)[0]
+    objective = PreferenceLoss(PairLoss(d.loss_type, d.beta, d.label_smoothing, d.simpo_gamma, d.orpo_alpha), reference)
+    dataset = PairDataset(pairs)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=EvalSampler(len(dataset), t.val_batch_size, 1, 0),
+        collate_fn=lambda items: collate_pairs(items, tokenizer.pad_token_id, t.context_length, packing=False))
+    cfg = loop.LoopConfig(accum=1, world=1, max_train_step=0, max_eval_step=0, grad_clip=None, log_every=1,
+                          objective=objective)
+    loss, stats = loop.evaluate(model, loader, dist, cfg)
+    return {"model": model_name, "peft_model": peft_model, "dataset": t.dataset, "split": source.name,
+            "num_pairs": len(pairs), "bad_records": bad.count, "loss_type": d.loss_type, "loss": loss,
+            "preference_accuracy": stats["rewards/accuracies"], **stats}
 
 
 def write_report(report: dict, path: str) -> None:
