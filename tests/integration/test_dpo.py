@@ -47,6 +47,9 @@ def runs(tmp_path_factory, tiny_model, tiny_nf4_model, preference_files):
                     "--preference_dataset.validation_path", str(preference_files["samsum"]), "--max_eval_step", "2",
                     "--on_bad_record", "skip"]  # some SAMSum dialogues are longer than the context
 
+    peft = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0"]
+    full = [f for f in " ".join(common).replace(" ".join(peft), "").split()] + ["--lr", "5e-4"]
+
     def launch(nproc, plan):
         args = []
         for name, flags in plan:
@@ -58,7 +61,11 @@ def runs(tmp_path_factory, tiny_model, tiny_nf4_model, preference_files):
                ("two_accum", common + ["--batch_size_training", "2", "--micro_batch_size", "1"]),
                ("two_cut", common + ["--batch_size_training", "2", "--max_train_step", "3", "--save_steps", "3"]),
                ("two_cut", common + ["--batch_size_training", "2", "--resume", "auto"]),
-               ("nf4_two", nf4 + ["--batch_size_training", "2"])])
+               ("nf4_two", nf4 + ["--batch_size_training", "2"]),
+               ("two_precomputed", common + ["--batch_size_training", "2", "--dpo_config.reference", "precomputed"]),
+               ("full_two", full + ["--batch_size_training", "2"]),
+               ("full_two_precomputed", full + ["--batch_size_training", "2", "--dpo_config.reference", "precomputed"]),
+               ])
     saved = next((root / "two_cut" / "checkpoints").glob("*/step_000003"))
     launch(1, [("one", common + ["--batch_size_training", "4"]),
                ("one_resumed", common + ["--batch_size_training", "4", "--resume", str(saved)]),
@@ -142,3 +149,15 @@ def test_eval_reports_the_preference_accuracy_of_a_trained_adapter(runs, capsys,
     assert report["preference_accuracy"] == pytest.approx(accuracy, abs=1e-9)
     assert report["loss"] == pytest.approx(loss, abs=1e-5)
     assert report["rewards/margins"] == pytest.approx(sum(c - r for c, r in rewards) / len(rewards), abs=1e-5)
+
+
+def test_a_precomputed_reference_equals_the_live_one(runs):
+    """LoRA: the adapter-disabled forward, done once before training; full fine-tuning: the
+    policy before its first step, instead of a frozen copy. Cached beside the prepared data."""
+    assert_close(steps(runs / "two_precomputed"), steps(runs / "two"), 1e-5)
+    full = steps(runs / "full_two")
+    assert_close(steps(runs / "full_two_precomputed"), full, 1e-5)
+    assert full[-1]["rewards/margins"] != 0.0
+    import os
+    from pathlib import Path
+    assert list((Path(os.environ["SHARDTUNE_CACHE"]) / "data").glob("reference-logps-*.safetensors"))
