@@ -6,7 +6,7 @@
   * LoRA under bf16 mixed precision: the parameter bytes each rank holds (its shards),
     against the fp32 run.
 
-    python -m benchmarks.gpu_path_memory [--src DIR] [--out FILE]
+    python -m benchmarks.gpu_path_memory [--src DIR] [--out FILE] [--nproc N] [--only full]
 
 --src: the shardtune source tree to measure (default: this checkout's src/), so that an
 older commit's worktree can be measured side by side. Each run is 2 ranks of torchrun on
@@ -61,7 +61,7 @@ def worker(record: str, argv: list[str]) -> None:
     device.teardown()
 
 
-def measure(src: Path, name: str, flags: list[str], model: Path, data: Path, work: Path) -> list[dict]:
+def measure(src: Path, name: str, flags: list[str], model: Path, data: Path, work: Path, nproc: int) -> list[dict]:
     record = work / f"{name.replace(', ', '_').replace(' ', '_')}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDTUNE_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": LIVE_MEMORY,
@@ -69,16 +69,18 @@ def measure(src: Path, name: str, flags: list[str], model: Path, data: Path, wor
     args = ["--model_name", str(model), "--samsum_dataset.data_path", str(data), "--output_dir", str(work / "out"),
             "--overwrite_output_dir", "--num_epochs", "1", "--run_validation", "False", "--save_model", "False",
             "--num_workers_dataloader", "0", *flags]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "benchmarks.gpu_path_memory", "--worker", str(record), "--", *args]
     subprocess.run(cmd, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return [json.loads(Path(f"{record}.rank{r}").read_text()) for r in range(2)]
+    return [json.loads(Path(f"{record}.rank{r}").read_text()) for r in range(nproc)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--src", type=Path, default=REPO / "src")
     parser.add_argument("--out", type=Path, default=WORK / "gpu_path_memory.json")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks of every run")
+    parser.add_argument("--only", default="", help="run only the runs whose name starts with this")
     parser.add_argument("--worker")
     args, rest = parser.parse_known_args()
     if args.worker:
@@ -87,7 +89,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = build_model("small", WORK / "models" / "small")
     data = write_subset(work / "samsum", 200)
-    results = {name: measure(args.src, name, flags, model, data, work) for name, flags in RUNS.items()}
+    results = {name: measure(args.src, name, flags, model, data, work, args.nproc) for name, flags in RUNS.items()
+               if name.startswith(args.only)}
     args.out.write_text(json.dumps({"src": str(args.src), "runs": results}, indent=1))
     for name, ranks in results.items():
         print(f"{name:24s} peak RSS MiB per rank {[round(r['peak_rss'] / 2**20) for r in ranks]}  "

@@ -286,7 +286,7 @@ def optimizer_step(model, optimizer, scaler, grad_clip: float | None) -> torch.T
     return norm
 
 
-def _eval_mode(model: torch.nn.Module) -> None:
+def eval_mode(model: torch.nn.Module) -> None:
     model.eval()
     # bitsandbytes repacks 4-bit weights into an inference-only CPU layout the first time
     # a module runs in eval mode without grad, and training afterwards silently stops
@@ -300,7 +300,7 @@ def _eval_mode(model: torch.nn.Module) -> None:
 def evaluate(model, loader, dist: Dist, cfg: LoopConfig) -> tuple[float, dict[str, float]]:
     """The objective's loss over the whole split (or max_eval_step batches), weighted by its
     count (target tokens, pairs), and its stats' means."""
-    _eval_mode(model)
+    eval_mode(model)
     autocast = _autocast(dist.device, cfg.autocast_dtype)
     objective = cfg.trained()
     totals = torch.zeros(2 + len(objective.stat_names), dtype=torch.float64, device=dist.device)

@@ -69,10 +69,12 @@ class PairLoss:
         return loss, scale * avg_c.detach(), scale * avg_r.detach(), avg_c.detach(), avg_r.detach()
 
 
-def example_logps(model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def example_logps(model: torch.nn.Module, batch: dict, device: torch.device,
+                  mask_from_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each example's completion [2P], per-token log-probs [T]),
-    examples in the collate's order (chosen..., rejected...)."""
-    token_logps = target_logps(model, batch, device)
+    examples in the collate's order (chosen..., rejected...). mask_from_positions: one
+    example per row, with an attention mask (prefix tuning)."""
+    token_logps = target_logps(model, batch, device, mask_from_positions)
     owner = target_owner(batch)
     sums = torch.zeros(len(batch["completion_lengths"]), device=device, dtype=token_logps.dtype)
     return sums.index_add(0, owner.to(device, non_blocking=True), token_logps), token_logps
@@ -95,6 +97,7 @@ class PreferenceLoss:
 
     pair_loss: PairLoss
     reference: Optional[Callable[[dict], torch.Tensor]] = None
+    mask_from_positions: bool = False  # one example per row + attention_mask (prefix tuning)
     count_name: str = "pairs"
     stat_names: tuple[str, ...] = STAT_NAMES
 
@@ -104,7 +107,7 @@ class PreferenceLoss:
     def loss(self, model, batch, device, global_counts, world):
         pairs = len(batch["pair_weights"])
         ref = self._reference_logps(batch, device)  # first: nothing of the policy's graph is alive during it
-        logps, token_logps = example_logps(model, batch, device)
+        logps, token_logps = example_logps(model, batch, device, self.mask_from_positions)
         lengths = batch["completion_lengths"].to(device, non_blocking=True).clamp_min(1.0)
         weights = batch["pair_weights"].to(device, non_blocking=True)
         ref_c, ref_r = (ref[:pairs], ref[pairs:]) if ref is not None else (None, None)

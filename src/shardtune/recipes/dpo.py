@@ -45,7 +45,7 @@ from ..data.pairs import PairDataset, collate_pairs, fit_pairs
 from ..data.records import BadRecords
 from ..data.sampler import EvalSampler, GlobalBatchSampler
 from ..errors import UserError, exit_on_user_error
-from ..loop import _eval_mode
+from ..loop import eval_mode
 from ..modeling import load as model_lib
 from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, adapter_disabled, example_logps
 from ..parallel import release_gathered
@@ -169,7 +169,7 @@ def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, f
     dataset = split.dataset
     sampler = EvalSampler(len(dataset), t.val_batch_size, dist.world_size, dist.rank)
     mine: list[tuple[int, float, float]] = []
-    _eval_mode(recipe.train_model)
+    eval_mode(recipe.train_model)
     for indices in sampler:
         batch = collate([dataset[i] for i in indices])
         logps = fn(batch).double().cpu()
@@ -205,7 +205,7 @@ def objective(recipe: sft.Recipe) -> PreferenceLoss:
             if split is not None:
                 precompute_reference(recipe, split, name, fn)
         fn = None  # the batches carry the values
-    return PreferenceLoss(pair_loss, fn)
+    return PreferenceLoss(pair_loss, fn, mask_from_positions=sft.needs_unpacked(recipe.cfgs))
 
 
 # ---- run --------------------------------------------------------------------------------

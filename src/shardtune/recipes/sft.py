@@ -425,19 +425,21 @@ def fit_epoch(recipe: Recipe, stop: StopRequest) -> bool:
     if r.eval_loader:  # an --eval_steps evaluation of this very step is not repeated
         eval_loss = r.last_eval[1] if r.last_eval and r.last_eval[0] == state.step else validate(r)
     peaks = loop.peak_memory_all_ranks(r.dist)
+    token_loss = not r.loop_cfg.trained().stat_names  # perplexity means something for token losses only
     summary = {
         "epoch": state.epoch + 1, "steps": state.samples_in_epoch // r.sampler.global_batch,
-        "train_loss": state.epoch_loss, "train_perplexity": perplexity(state.epoch_loss),
+        "train_loss": state.epoch_loss, "train_perplexity": perplexity(state.epoch_loss) if token_loss else None,
         "eval_loss": eval_loss,
-        "eval_perplexity": perplexity(eval_loss) if eval_loss is not None else None,
+        "eval_perplexity": perplexity(eval_loss) if eval_loss is not None and token_loss else None,
         "epoch_time_s": elapsed, "tokens_per_s": state.epoch_tokens / elapsed if elapsed else 0.0,
         "peak_memory_mib_per_rank": [round(p / 2**20, 1) for p in peaks],
     }
     r.epochs.append(summary)
     r.metrics.write("epoch", **summary)
-    eval_txt = (f" eval loss {eval_loss:.4f} ppl {summary['eval_perplexity']:.2f}" if eval_loss is not None else "")
-    log.info("epoch %d: train loss %.4f ppl %.2f%s | %.1fs, %.0f tokens/s, peak memory per rank (MiB) %s",
-             state.epoch + 1, state.epoch_loss, summary["train_perplexity"], eval_txt, elapsed,
+    ppl = (lambda key: f" ppl {summary[key]:.2f}" if summary[key] is not None else "")
+    eval_txt = f" eval loss {eval_loss:.4f}{ppl('eval_perplexity')}" if eval_loss is not None else ""
+    log.info("epoch %d: train loss %.4f%s%s | %.1fs, %.0f tokens/s, peak memory per rank (MiB) %s",
+             state.epoch + 1, state.epoch_loss, ppl("train_perplexity"), eval_txt, elapsed,
              summary["tokens_per_s"], summary["peak_memory_mib_per_rank"])
     if state.samples_in_epoch >= r.sampler.steps_per_epoch * r.sampler.global_batch:
         # a whole epoch (not one cut short by max_train_step, which a resume may continue)
