@@ -2,16 +2,8 @@
 --help is answered from the config schema alone; the recipe is imported only to run."""
 from __future__ import annotations
 
-import sys
+from .finetune import run_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if "-h" in args or "--help" in args:
-        from ..config.parse import usage
-
-        print(usage())
-        return 0
-    from ..recipes.dpo import main as run_recipe
-
-    return run_recipe(args)
+    return run_recipe("dpo", argv)
