@@ -1,5 +1,4 @@
 """The dpo recipe's flag checks and bad pairs: one line each, before any model is built."""
-import json
 
 import pytest
 

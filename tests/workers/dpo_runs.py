@@ -7,7 +7,6 @@ the run's trainable parameters gathered whole, for comparisons across world size
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from ..data import cache
 from ..data.packing import PackStats
 from ..data.pairs import PairDataset, collate_pairs, fit_pairs
 from ..data.records import BadRecords
-from ..data.sampler import EvalSampler, GlobalBatchSampler
+from ..data.sampler import EvalSampler
 from ..errors import UserError, exit_on_user_error
 from ..loop import eval_mode
 from ..modeling import load as model_lib
