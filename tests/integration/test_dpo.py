@@ -63,6 +63,7 @@ def runs(tmp_path_factory, tiny_model, tiny_nf4_model, preference_files):
                ("two_cut", common + ["--batch_size_training", "2", "--resume", "auto"]),
                ("nf4_two", nf4 + ["--batch_size_training", "2"]),
                ("two_precomputed", common + ["--batch_size_training", "2", "--dpo_config.reference", "precomputed"]),
+               ("two_reference_dir", common + ["--batch_size_training", "2", "--dpo_config.reference", str(tiny_model)]),
                ("full_two", full + ["--batch_size_training", "2"]),
                ("full_two_precomputed", full + ["--batch_size_training", "2", "--dpo_config.reference", "precomputed"]),
                ])
@@ -153,8 +154,10 @@ def test_eval_reports_the_preference_accuracy_of_a_trained_adapter(runs, capsys,
 
 def test_a_precomputed_reference_equals_the_live_one(runs):
     """LoRA: the adapter-disabled forward, done once before training; full fine-tuning: the
-    policy before its first step, instead of a frozen copy. Cached beside the prepared data."""
+    policy before its first step, instead of a frozen copy. Cached beside the prepared data.
+    A reference directory holding the base gives the same too."""
     assert_close(steps(runs / "two_precomputed"), steps(runs / "two"), 1e-5)
+    assert_close(steps(runs / "two_reference_dir"), steps(runs / "two"), 1e-5)  # the base, as a frozen sharded copy
     full = steps(runs / "full_two")
     assert_close(steps(runs / "full_two_precomputed"), full, 1e-5)
     assert full[-1]["rewards/margins"] != 0.0
