@@ -199,6 +199,13 @@ class chat_dataset:
 
 
 @dataclass
+class mixture_dataset:
+    dataset: str = flag("mixture_dataset", "the config's name")
+    datasets: str = flag(
+        "", 'weighted components, "chat_dataset:0.6,alpaca_dataset:0.4"; each reads its own config group')
+
+
+@dataclass
 class wandb_config:
     """llama-recipes' configs/wandb.py, plus the run name: wandb.init's arguments."""
 
@@ -252,6 +259,7 @@ DATASETS = {kind.config.__name__: kind for kind in (
     DatasetKind(alpaca_dataset, "alpaca"),
     DatasetKind(custom_dataset, "custom"),
     DatasetKind(chat_dataset, "chat"),
+    DatasetKind(mixture_dataset, "mixture"),
 )}
 
 ALL_CONFIGS = (train_config, fsdp_config, *(m.config for m in PEFT_METHODS.values()),

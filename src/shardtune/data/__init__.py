@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
 from ..config.schema import DATASETS
-from . import cache, custom, shards
+from . import cache, custom, mixture, shards
 from .packing import PACKING_ALGORITHM, ChunkDataset, ExampleDataset, PackStats, collate, truncate_each
 from .records import BadRecords
 from .sampler import EvalSampler, GlobalBatchSampler
@@ -47,6 +47,8 @@ class SplitData:
     lengths: Optional[list[int]] = None
     # a custom dataset's collator, wrapped to add the loop's counts (num_targets, ...); None = the default
     collate_fn: Optional[Callable] = None
+    # epoch -> the dataset indices that epoch draws (a mixture's weighted plan); None = each once
+    epoch_indices: Optional[Callable[[int], torch.Tensor]] = None
 
 
 def check_flags(t) -> None:
@@ -128,6 +130,8 @@ def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:
     """split is 'train' or 'validation'; dist (a device.Dist) lets a node's ranks share the work."""
     t = cfgs.train
     check_flags(t)
+    if t.dataset == mixture.NAME:
+        return mixture.build(cfgs, tokenizer, split, dist, build_split)
     src = _resolve(cfgs, split)
     if src.collator_factory is not None:
         return _custom_collated(src, tokenizer, t, split)
@@ -200,7 +204,8 @@ def _collate_fn(split: SplitData, pad_id: int) -> Callable:
 
 def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int, seed: int,
                  pad_id: int, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, GlobalBatchSampler]:
-    sampler = GlobalBatchSampler(len(split.dataset), micro, world, rank, accum, seed, lengths=split.lengths)
+    sampler = GlobalBatchSampler(len(split.dataset), micro, world, rank, accum, seed, lengths=split.lengths,
+                                 epoch_indices=split.epoch_indices)
     if sampler.steps_per_epoch == 0:
         raise UserError(
             f"{split.source}: {len(split.dataset)} training sequences cannot fill one global batch of "
