@@ -118,3 +118,22 @@ def test_a_failing_worker_stops_the_one_waiting_for_it(tmp_path, llama2_tok, sma
         shards.work(plan, llama2_tok, 1, 2)
     with pytest.raises(UserError, match=r"another worker could not prepare the split: .*chat.jsonl: record 150"):
         shards.prepare(plan, llama2_tok, 0, 2)
+
+
+def test_prepare_num_proc_fills_the_cache_a_run_then_maps(tmp_path, shared_data, llama2_tok, small_shards, capsys):
+    from shardtune.commands.prepare import main as prepare_main
+    from shardtune.data import build_split
+
+    flags = ["--model_name", str(shared_data / "tokenizers" / "llama2"), "--samsum_dataset.data_path",
+             str(shared_data / "samsum"), "--samsum_dataset.train_split", "validation", "--context_length", "256",
+             "--run_validation", "False", "--data_cache_dir", str(tmp_path)]
+    assert prepare_main(["--num_proc", "3", *flags]) == 0
+    assert "train: 818 examples" in capsys.readouterr().out
+    cfgs = parse_args(flags)
+    cached = build_split(cfgs, llama2_tok, "train")
+    assert cached.stats.from_cache
+    want, _ = _reference(_resolve(cfgs, "train"), llama2_tok, 256, True, False)
+    for name, array in want.arrays().items():
+        assert torch.equal(cached.dataset.arrays()[name], array), name
+    with pytest.raises(UserError, match="nothing would be kept"):
+        prepare_main(["--num_proc", "2", *flags[:-1], "none"])

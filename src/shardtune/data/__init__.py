@@ -103,7 +103,7 @@ def _plan(src: Source, t, path: Path) -> shards.Plan:
 
 
 def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Path, shared: bool,
-                     dist=None) -> tuple[ChunkDataset, PackStats]:
+                     dist=None, processes: int = 1) -> tuple[ChunkDataset, PackStats]:
     """The cached split, or prepare it: with a shared cache, the ranks of this node divide
     the tokenizing between them (shards.py) and then all map the one packed file."""
     hit = cache.load(path) if shared else None
@@ -116,8 +116,11 @@ def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Path, shared: 
         if stats is not None:
             log.info("%s split: loaded from the cache %s; nothing tokenized", split, path)
             return dataset, stats
-    worker, workers = (dist.local_rank, dist.local_world_size) if shared and dist and dist.distributed else (0, 1)
-    stats = shards.prepare(_plan(src, t, path), tokenizer, worker, workers, {"source": src.name})
+    if shared and dist and dist.distributed:
+        stats = shards.prepare(_plan(src, t, path), tokenizer, dist.local_rank, dist.local_world_size,
+                               {"source": src.name})
+    else:
+        stats = shards.prepare_in_processes(_plan(src, t, path), tokenizer, processes, {"source": src.name})
     dataset, meta = ChunkDataset.mapped(path)
     if stats is None:  # another rank of this node packed it; count what this rank tokenized
         stats = PackStats(**{**meta["stats"], "tokenized": 0})
@@ -126,17 +129,18 @@ def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Path, shared: 
     return dataset, stats
 
 
-def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:
-    """split is 'train' or 'validation'; dist (a device.Dist) lets a node's ranks share the work."""
+def build_split(cfgs, tokenizer, split: str, dist=None, processes: int = 1) -> SplitData:
+    """split is 'train' or 'validation'; dist (a device.Dist) lets a node's ranks share the work,
+    else `processes` local processes do (shardtune prepare --num_proc)."""
     t = cfgs.train
     check_flags(t)
     if t.dataset == mixture.NAME:
-        return mixture.build(cfgs, tokenizer, split, dist, build_split)
+        return mixture.build(cfgs, tokenizer, split, functools.partial(build_split, dist=dist, processes=processes))
     src = _resolve(cfgs, split)
     if src.collator_factory is not None:
         return _custom_collated(src, tokenizer, t, split)
     path, shared = _split_file(cfgs, tokenizer, src)
-    dataset, stats = _load_or_prepare(src, tokenizer, t, split, path, shared, dist)
+    dataset, stats = _load_or_prepare(src, tokenizer, t, split, path, shared, dist, processes)
     _check_not_empty(stats, src.name, split, t.context_length)
     _log_summary(split, src.name, stats, t, dataset)
     lengths = dataset.lengths() if t.batching_strategy == "padding" else None

@@ -114,7 +114,7 @@ def component_configs(cfgs, name: str):
     return dataclasses.replace(cfgs, train=dataclasses.replace(cfgs.train, dataset=name))
 
 
-def build(cfgs, tokenizer, split: str, dist, build_split: Callable):
+def build(cfgs, tokenizer, split: str, build_split: Callable):
     """The mixture's SplitData: its components' splits, and for training the epoch plan."""
     from . import SplitData  # the data stage's record type; data/__init__ imports this module
 
@@ -122,7 +122,7 @@ def build(cfgs, tokenizer, split: str, dist, build_split: Callable):
     parts = []
     for name, _ in spec:
         try:
-            parts.append(build_split(component_configs(cfgs, name), tokenizer, split, dist))
+            parts.append(build_split(component_configs(cfgs, name), tokenizer, split))
         except UserError as err:
             raise UserError(f"mixture component {name}: {err}") from None
     if any(p.collate_fn is not None for p in parts):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import os
 import shutil
 import time
@@ -110,10 +111,11 @@ def tokenize_shard(plan: Plan, tokenizer, records: list, start: int, i: int) -> 
     mapped.save(plan.shard(i), arrays, {**counts, "bad_records": bad.count, "notes": bad.messages})
 
 
-def work(plan: Plan, tokenizer, worker: int, workers: int) -> tuple[int, BadRecords]:
-    """Worker `worker` of `workers`: its shards; a failure leaves a marker for the others."""
+def work(plan: Plan, tokenizer, worker: int, workers: int, loaded: Optional[tuple] = None) -> tuple[int, BadRecords]:
+    """Worker `worker` of `workers`: its shards (of `loaded` records when the caller read them
+    already); a failure leaves a marker for the others."""
     try:
-        records, start, bad = read_records(plan)
+        records, start, bad = loaded or read_records(plan)
         n = num_shards(plan, records)
         for i in range(worker, n, workers):
             tokenize_shard(plan, tokenizer, records, start, i)
@@ -126,11 +128,13 @@ def work(plan: Plan, tokenizer, worker: int, workers: int) -> tuple[int, BadReco
         raise
 
 
-def wait_for(plan: Plan, paths: Callable[[], list[Path]], worker: int) -> None:
+def wait_for(plan: Plan, paths: Callable[[], list[Path]], peers_alive: Callable[[], bool] = lambda: True) -> None:
     """Poll until every path exists; raise the error of a worker that failed meanwhile."""
     while True:
         if all(p.is_file() for p in paths()):
             return
+        if not peers_alive():
+            raise UserError("a preparation process died before writing its shards; see its error above")
         for marker in sorted(plan.dir.glob(f"failed-{plan.run_id}-*.txt")) if plan.dir.is_dir() else ():
             raise UserError(f"another worker could not prepare the split: {marker.read_text().strip()}")
         time.sleep(_POLL_S)
@@ -188,21 +192,52 @@ def _write_packed(out: Path, shards: list, lengths: np.ndarray, groups: list[lis
             arrays["position_ids"][target[placed]] = within[placed]
 
 
-def prepare(plan: Plan, tokenizer, worker: int = 0, workers: int = 1, meta: Optional[dict] = None) -> Optional[PackStats]:
+def prepare(plan: Plan, tokenizer, worker: int = 0, workers: int = 1, meta: Optional[dict] = None,
+            loaded: Optional[tuple] = None, peers_alive: Callable[[], bool] = lambda: True) -> Optional[PackStats]:
     """This worker's part of preparing plan.out; worker 0 packs and returns the stats, the
     others return None once plan.out exists."""
     start = time.perf_counter()
-    n, load_bad = work(plan, tokenizer, worker, workers)
+    n, load_bad = work(plan, tokenizer, worker, workers, loaded)
     if worker != 0:
-        wait_for(plan, lambda: [plan.out], worker)
+        wait_for(plan, lambda: [plan.out], peers_alive)
         return None
-    wait_for(plan, lambda: [plan.shard(i) for i in range(n)], worker)
+    wait_for(plan, lambda: [plan.shard(i) for i in range(n)], peers_alive)
     stats = pack_shards(plan, n, load_bad, meta or {})
     log.info("prepared %d examples in %d shards by %d worker(s) in %.1fs", stats.examples, n, workers,
              time.perf_counter() - start)
     return stats
 
 
+def prepare_in_processes(plan: Plan, tokenizer, processes: int, meta: Optional[dict] = None) -> PackStats:
+    """prepare() by `processes` local processes (`shardtune prepare --num_proc`): the records
+    are read once, then forked children tokenize their shards beside this process."""
+    loaded = read_records(plan)
+    if processes < 2:
+        return prepare(plan, tokenizer, 0, 1, meta, loaded)
+    fork = multiprocessing.get_context("fork")  # children inherit the records and the tokenizer
+    children = [fork.Process(target=_child, args=(plan, tokenizer, w, processes, loaded), daemon=True)
+                for w in range(1, processes)]
+    for child in children:
+        child.start()
+    try:
+        return prepare(plan, tokenizer, 0, processes, meta, loaded,
+                       peers_alive=lambda: all(c.exitcode in (None, 0) for c in children))
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+
+
+def _child(plan: Plan, tokenizer, worker: int, workers: int, loaded: tuple) -> None:
+    try:
+        work(plan, tokenizer, worker, workers, loaded)
+    except UserError:
+        os._exit(1)  # the marker carries the message to the parent, which reports it once
+
+
 def run_id() -> str:
-    """Identifies this launch (torchrun sets both), for failure markers."""
-    return f"{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    """Identifies this launch, for failure markers: torchrun's run id and restart, else this process."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return f"{os.environ['TORCHELASTIC_RUN_ID']}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return f"pid{os.getpid()}"
