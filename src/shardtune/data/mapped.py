@@ -10,11 +10,13 @@ The files stay readable by the safetensors library itself (no pickle anywhere).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -33,25 +35,40 @@ def _header(shapes: dict[str, tuple[np.dtype, int]], meta: dict) -> tuple[bytes,
     return struct.pack("<Q", len(raw)) + raw, starts
 
 
+class Filling(dict):
+    """{name: writable array over the file being written}, plus release()."""
+
+    def __init__(self, mm: Optional[mmap.mmap], arrays: dict[str, np.ndarray]) -> None:
+        super().__init__(arrays)
+        self._mm = mm
+
+    def release(self) -> None:
+        """Write the filled pages back and drop them from this process (they stay in the page
+        cache), so filling a file larger than memory does not grow RSS."""
+        if self._mm is not None:
+            self._mm.flush()
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+
 @contextmanager
 def write(path: Path, shapes: dict[str, tuple[np.dtype, int]], meta: dict):
-    """Yields {name: writable array}; on a clean exit the file is moved into place atomically,
-    so a reader never sees a partial file and concurrent writers of one path are harmless."""
+    """Yields a Filling; on a clean exit the file is moved into place atomically, so a reader
+    never sees a partial file and concurrent writers of one path are harmless."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         head, starts = _header(shapes, meta)
-        total = len(head) + sum(np.dtype(d).itemsize * n for d, n in shapes.values())
-        with os.fdopen(fd, "wb") as f:
+        data = sum(np.dtype(d).itemsize * n for d, n in shapes.values())
+        with os.fdopen(fd, "r+b") as f:
             f.write(head)
-            f.truncate(total)
-        arrays = {name: (np.memmap(tmp, dtype=d, mode="r+", offset=len(head) + starts[name], shape=(n,))
-                         if n else np.zeros(0, dtype=d)) for name, (d, n) in shapes.items()}
-        yield arrays
-        for a in arrays.values():
-            if isinstance(a, np.memmap):
-                a.flush()
-        del arrays
+            f.truncate(len(head) + data)
+            f.flush()
+            mm = mmap.mmap(f.fileno(), 0) if data else None
+        arrays = {name: np.frombuffer(mm, dtype=d, count=n, offset=len(head) + starts[name]) if n else
+                  np.zeros(0, dtype=d) for name, (d, n) in shapes.items()}
+        filling = Filling(mm, arrays)
+        yield filling
+        filling.release()  # the map itself closes when the caller drops the arrays
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -143,31 +143,33 @@ def wait_for(plan: Plan, paths: Callable[[], list[Path]], peers_alive: Callable[
 def pack_shards(plan: Plan, n: int, load_bad: BadRecords, meta: dict) -> PackStats:
     """Pack the n shards into plan.out (pack()'s chunks, in pack()'s order); the shards are
     then removed. Returns the split's PackStats."""
-    shards = [mapped.read(plan.shard(i)) for i in range(n)]
     stats = PackStats(context_length=plan.context_length, bad_records=load_bad.count, notes=list(load_bad.messages))
-    for _, m in shards:
+    lengths, targets = [], []
+    for i in range(n):  # the small per-segment arrays only; tokens are read shard by shard below
+        arrays, m = mapped.read(plan.shard(i))
+        lengths.append(np.array(arrays["lengths"], np.int64))
+        targets.append(np.array(arrays["targets"], np.int64))
         for name in _SUMMED:
             setattr(stats, name, getattr(stats, name) + m[name])
         stats.notes += m["notes"]
     stats.notes = stats.notes[:20]
     stats.tokenized = stats.examples
-    lengths = np.concatenate([a["lengths"] for a, _ in shards]).astype(np.int64) if shards else np.zeros(0, np.int64)
+    per_shard = [len(x) for x in lengths]
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     groups = best_fit_decreasing(lengths.tolist(), plan.context_length) if plan.packing else \
         [[i] for i in range(len(lengths))]
     used = [int(lengths[g].sum()) for g in groups]
     if plan.packing and plan.drop_last and groups and used[-1] < plan.context_length:
         last = groups.pop()
-        targets = np.concatenate([a["targets"] for a, _ in shards]).astype(np.int64)
         stats.dropped_last, stats.tokens = len(last), stats.tokens - used.pop()
-        stats.target_tokens -= int(targets[last].sum())
+        stats.target_tokens -= int(np.concatenate(targets)[last].sum())
     stats.chunks = len(groups)
-    _write_packed(plan.out, shards, lengths, groups, used, {**meta, "stats": asdict(stats)})
-    del shards
+    _write_packed(plan, per_shard, lengths, groups, used, {**meta, "stats": asdict(stats)})
     shutil.rmtree(plan.dir, ignore_errors=True)
     return stats
 
 
-def _write_packed(out: Path, shards: list, lengths: np.ndarray, groups: list[list[int]], used: list[int],
+def _write_packed(plan: Plan, per_shard: list[int], lengths: np.ndarray, groups: list[list[int]], used: list[int],
                   meta: dict) -> None:
     order = np.fromiter(itertools.chain.from_iterable(groups), np.int64, sum(map(len, groups)))
     dest = np.full(len(lengths), -1, np.int64)  # where each segment starts in the output; -1 = dropped
@@ -176,20 +178,21 @@ def _write_packed(out: Path, shards: list, lengths: np.ndarray, groups: list[lis
     offsets = np.concatenate([[0], np.cumsum(used, dtype=np.int64)]).astype(np.int64)
     shapes = {"input_ids": (np.int32, total), "labels": (np.int32, total), "position_ids": (np.int32, total),
               "offsets": (np.int64, len(offsets))}
-    with mapped.write(out, shapes, meta) as arrays:
-        arrays["offsets"][:] = offsets
+    with mapped.write(plan.out, shapes, meta) as out:
+        out["offsets"][:] = offsets
         first = 0
-        for shard, _ in shards:  # one shard's tokens at a time
-            seg_len = shard["lengths"].astype(np.int64)
-            seg_dest = dest[first:first + len(seg_len)]
-            first += len(seg_len)
-            src_start = np.cumsum(seg_len) - seg_len
-            within = np.arange(int(seg_len.sum())) - np.repeat(src_start, seg_len)
-            target = np.repeat(seg_dest, seg_len) + within
+        for i, count in enumerate(per_shard):  # one shard's tokens at a time
+            shard, _ = mapped.read(plan.shard(i))
+            seg_len, seg_dest = lengths[first:first + count], dest[first:first + count]
+            first += count
+            within = np.arange(int(seg_len.sum())) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
             placed = np.repeat(seg_dest >= 0, seg_len)
-            arrays["input_ids"][target[placed]] = shard["input_ids"][placed]
-            arrays["labels"][target[placed]] = shard["labels"][placed]
-            arrays["position_ids"][target[placed]] = within[placed]
+            target = (np.repeat(seg_dest, seg_len) + within)[placed]
+            out["input_ids"][target] = shard["input_ids"][placed]
+            out["labels"][target] = shard["labels"][placed]
+            out["position_ids"][target] = within[placed]
+            del shard
+            out.release()  # written pages go to the file, not this process's RSS
 
 
 def prepare(plan: Plan, tokenizer, worker: int = 0, workers: int = 1, meta: Optional[dict] = None,
