@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,8 +65,9 @@ def run_shardtune(data: Path, procs: int) -> dict:
     start = time.perf_counter()
     prepare_splits(["--num_proc", str(procs), *_flags(data, cache)])
     seconds = time.perf_counter() - start
-    split = build_split(parse_args(_flags(data, cache)), load_tokenizer(str(TOKENIZER)), "train")
-    return {"seconds": seconds, "records": split.stats.examples, "tokens": split.stats.tokens}
+    stats = build_split(parse_args(_flags(data, cache)), load_tokenizer(str(TOKENIZER)), "train").stats
+    shutil.rmtree(cache)
+    return {"seconds": seconds, "records": stats.examples, "tokens": stats.tokens}
 
 
 def run_datasets(data: Path, procs: int) -> dict:
@@ -88,8 +89,10 @@ def run_datasets(data: Path, procs: int) -> dict:
 
     ds = ds.map(encode, batched=True, num_proc=procs if procs > 1 else None, remove_columns=ds.column_names)
     seconds = time.perf_counter() - start
-    tokens = sum(len(x) for x in ds.with_format("numpy")["input_ids"])
-    return {"seconds": seconds, "records": len(ds), "tokens": int(tokens)}
+    tokens, records = sum(len(x) for x in ds.with_format("numpy")["input_ids"]), len(ds)
+    del ds
+    shutil.rmtree(cache)
+    return {"seconds": seconds, "records": records, "tokens": int(tokens)}
 
 
 def _measured(args: list[str]) -> dict:
@@ -99,7 +102,8 @@ def _measured(args: list[str]) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     if status:
         raise SystemExit(f"{args} failed ({status})")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mib": usage.ru_maxrss / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def prep(copies: int, procs: list[int], repeats: int) -> None:
@@ -110,13 +114,14 @@ def prep(copies: int, procs: list[int], repeats: int) -> None:
             for impl in ("shardtune", "datasets"):
                 runs.setdefault((impl, n), []).append(_measured([f"one_{impl}", str(data), str(n)]))
     print(f"corpus: SAMSum train x{copies}; median of {repeats} runs\n")
-    print("| implementation | processes | seconds (runs) | records/s | tokens/s | peak RSS MiB (max process) |")
-    print("|---|---|---|---|---|---|")
+    print("| implementation | processes | seconds (runs) | records/s | tokens/s | CPU s | peak RSS MiB (max process) |")
+    print("|---|---|---|---|---|---|---|")
     for (impl, n), rs in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0] != "shardtune")):
         s = statistics.median(r["seconds"] for r in rs)
         each = ", ".join(f"{r['seconds']:.1f}" for r in rs)
         print(f"| {impl} | {n} | {s:.1f} ({each}) | "
               f"{rs[0]['records'] / s:,.0f} | {rs[0]['tokens'] / s:,.0f} | "
+              f"{statistics.median(r['cpu_s'] for r in rs):.1f} | "
               f"{statistics.median(r['peak_rss_mib'] for r in rs):,.0f} |")
 
 
@@ -133,7 +138,7 @@ def train_rss(copies_list: list[int]) -> None:
     model = SCRATCH / "tiny-llama2"
     if not (model / "config.json").is_file():
         build_tiny(str(model), tokenizer=str(TOKENIZER))
-    print("| corpus | train chunks | rank peak RSS MiB |")
+    print("| corpus | train chunks | peak RSS per rank, MiB |")
     print("|---|---|---|")
     for copies in copies_list:
         data, cache, out = corpus(copies), SCRATCH / f"cache-x{copies}", Path(tempfile.mkdtemp(dir=SCRATCH))
@@ -143,10 +148,16 @@ def train_rss(copies_list: list[int]) -> None:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "shardtune.finetuning", *flags, *TRAIN_FLAGS, "--output_dir", str(out)],
                        env={**ENV, "SHARDTUNE_DEVICE": "cpu"}, check=True, capture_output=True)
-        events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        peaks = [e for e in events if "peak_memory_mib_per_rank" in e or "peak_memory_mib" in e]
-        chunks = next((e.get("train_chunks") for e in events if e.get("train_chunks")), "?")
-        print(f"| SAMSum train x{copies} | {chunks} | {json.dumps(peaks[-1])} |")
+        epoch = next(json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(l)["event"] == "epoch")
+        print(f"| SAMSum train x{copies} | {_chunks(cache)} | {epoch['peak_memory_mib_per_rank']} |")
+
+
+def _chunks(cache: Path) -> int:
+    from shardtune.data import mapped
+
+    (path,) = (cache / "data").glob("*.safetensors")
+    return len(mapped.read(path)[0]["offsets"]) - 1
 
 
 def main() -> None:

@@ -64,7 +64,8 @@ def test_samsum_split_is_packs_output_at_any_worker_count(tmp_path, shared_data,
         out = tmp_path / f"w{workers}.safetensors"
         got, stats = _prepared(src, llama2_tok, out, context_length, packing, drop_last, workers)
         _assert_same(got, stats, want, want_stats)
-        assert not (tmp_path / f"w{workers}.safetensors.shards").exists()  # shards removed once packed
+        assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the shards are removed once packed
+        out.unlink()
 
 
 def test_chat_bad_records_found_while_tokenizing_are_counted_in_record_order(tmp_path, llama2_tok, small_shards):

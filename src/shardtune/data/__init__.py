@@ -122,7 +122,7 @@ def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Path, shared: 
     else:
         stats = shards.prepare_in_processes(_plan(src, t, path), tokenizer, processes, {"source": src.name})
     dataset, meta = ChunkDataset.mapped(path)
-    if stats is None:  # another rank of this node packed it; count what this rank tokenized
+    if stats is None:  # another rank of this node packed it; the file holds the split's counts
         stats = PackStats(**{**meta["stats"], "tokenized": 0})
     if shared:
         log.info("%s split: cached to %s", split, path)

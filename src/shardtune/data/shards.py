@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -73,7 +74,9 @@ class Plan:
                  on_bad_record: str, run_id: str = "") -> None:
         self.src, self.out, self.context_length = src, out, context_length
         self.packing, self.drop_last, self.on_bad_record = packing, drop_last, on_bad_record
-        self.dir = out.with_name(out.name + ".shards")
+        # per host: on a filesystem shared by nodes, each node prepares (and removes) its own
+        # shards, and the nodes' identical packed files replace one another harmlessly
+        self.dir = out.with_name(f"{out.name}.{socket.gethostname()}.shards")
         self.run_id = run_id  # names failure markers, so an old run's marker is not read as this one's
 
     def shard(self, i: int) -> Path:
