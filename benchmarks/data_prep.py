@@ -127,7 +127,7 @@ def prep(copies: int, procs: list[int], repeats: int) -> None:
 
 TRAIN_FLAGS = ["--enable_fsdp", "--use_peft", "--peft_method", "lora", "--batch_size_training", "4",
                "--context_length", "4096", "--num_epochs", "1", "--max_train_step", "10", "--run_validation", "False",
-               "--save_model", "False", "--num_workers_dataloader", "0"]
+               "--save_model", "False", "--num_workers_dataloader", "0", "--save_metrics"]
 
 
 def train_rss(copies_list: list[int]) -> None:
