@@ -74,9 +74,10 @@ class Plan:
                  on_bad_record: str, run_id: str = "") -> None:
         self.src, self.out, self.context_length = src, out, context_length
         self.packing, self.drop_last, self.on_bad_record = packing, drop_last, on_bad_record
-        # per host: on a filesystem shared by nodes, each node prepares (and removes) its own
-        # shards, and the nodes' identical packed files replace one another harmlessly
-        self.dir = out.with_name(f"{out.name}.{socket.gethostname()}.shards")
+        # per node (torchrun's GROUP_RANK): on a filesystem shared by nodes, each node prepares
+        # (and removes) its own shards, and their identical packed files replace one another harmlessly
+        node = f"{socket.gethostname()}-{os.environ.get('GROUP_RANK', '0')}"
+        self.dir = out.with_name(f"{out.name}.{node}.shards")
         self.run_id = run_id  # names failure markers, so an old run's marker is not read as this one's
 
     def shard(self, i: int) -> Path:
