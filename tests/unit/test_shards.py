@@ -35,10 +35,16 @@ def _prepared(src, tok, out, context_length, packing, drop_last, workers, mode="
 
 
 def _reference(src, tok, context_length, packing, drop_last, mode="error"):
+    """What the data stage stored before shards: pack() of every example in memory, flattened."""
     bad = BadRecords(mode)
     chunks, stats = pack(src.read(tok, bad), context_length, packing=packing, drop_last=drop_last)
     stats.bad_records, stats.notes = bad.count, bad.messages
-    return ChunkDataset.from_chunks(chunks), stats
+
+    def flat(key):
+        return torch.cat([c[key] for c in chunks]).to(torch.int32)
+
+    offsets = torch.cumsum(torch.tensor([0] + [len(c["input_ids"]) for c in chunks]), 0)
+    return ChunkDataset(flat("input_ids"), flat("labels"), flat("position_ids"), offsets), stats
 
 
 def _assert_same(got, got_stats, want, want_stats):

@@ -163,15 +163,6 @@ class ChunkDataset(Dataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state if "input_ids" in state else vars(ChunkDataset.mapped(state["path"])[0]))
 
-    @classmethod
-    def from_chunks(cls, chunks: list[dict]) -> "ChunkDataset":
-        lengths = torch.tensor([0] + [len(c["input_ids"]) for c in chunks], dtype=torch.long)
-
-        def cat(key: str) -> torch.Tensor:
-            return torch.cat([c[key] for c in chunks]).to(torch.int32) if chunks else torch.zeros(0, dtype=torch.int32)
-
-        return cls(cat("input_ids"), cat("labels"), cat("position_ids"), torch.cumsum(lengths, 0))
-
     def arrays(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "labels": self.labels, "position_ids": self.position_ids,
                 "offsets": self.offsets}
