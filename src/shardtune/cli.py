@@ -31,9 +31,10 @@ COMMANDS = {
     "eval": ("--model_name DIR [--peft_model DIR] --dataset NAME [dataset flags] [--output report.json]",
              "loss, perplexity and ROUGE (samsum) or GLEU (grammar) on a validation or test split",
              _entry(".commands.evaluate:main")),
-    "prepare": ("grammar --jfleg DIR [--c4 FILE] --out DIR | preference [--jfleg DIR] [--samsum FILE] --out FILE",
-                "build grammar_dataset's train/validation CSVs from JFLEG (+ C4_200M), or preference_dataset "
-                "pairs from JFLEG/SAMSum", _entry(".commands.prepare:main")),
+    "prepare": ("[TRAINING FLAGS] --num_proc N | grammar --jfleg DIR [--c4 FILE] --out DIR | preference [--jfleg DIR] "
+                "[--samsum FILE] --out FILE",
+                "tokenize a run's splits into the cache ahead of it; or build grammar_dataset's CSVs from JFLEG "
+                "(+ C4_200M), or preference_dataset pairs from JFLEG/SAMSum", _entry(".commands.prepare:main")),
     "plot": ("METRICS_JSONL [-o loss.png]", "draw a run's train/eval loss and perplexity curves from its metrics",
              _entry(".commands.plot:main")),
     "tiny": ("OUT_DIR", "build a random-init tiny Llama with a tokenizer trained on bundled text",

@@ -1,6 +1,6 @@
 """Tokenization cache: a second run tokenizes nothing; the key follows the tokenizer, the
 data, the template and context_length; files are safetensors written atomically; under
-torchrun rank 0 tokenizes and the other ranks load its file (or learn that it failed)."""
+torchrun the ranks divide the tokenizing, map one packed file, and each names a bad record."""
 import csv
 import json
 import logging
@@ -16,14 +16,17 @@ from shardtune.data import build_split
 from shardtune.modeling.load import load_tokenizer
 
 COUNTING = '''
+import time
+
 class Counting:
     """A real tokenizer that counts the texts it is asked to encode."""
 
-    def __init__(self, tok):
-        self._tok, self.texts = tok, 0
+    def __init__(self, tok, delay=0.0):
+        self._tok, self.texts, self.delay = tok, 0, delay
 
     def __call__(self, texts, **kw):
         self.texts += len(texts) if isinstance(texts, list) else 1
+        time.sleep(self.delay)
         return self._tok(texts, **kw)
 
     def encode(self, text, **kw):
@@ -97,7 +100,7 @@ def test_cache_key_follows_what_the_result_depends_on(tmp_path, tok, tiny_llama2
 
 def test_cache_file_is_safetensors_and_a_corrupt_one_is_rebuilt(tmp_path, tok, shared_data, caplog):
     cfgs = _samsum_args(shared_data, tmp_path)
-    first = build_split(cfgs, tok, "train")
+    first_ids = build_split(cfgs, tok, "train").dataset.input_ids.clone()  # the split maps the file written over below
     (path,) = list((tmp_path / "data").iterdir())
     with safe_open(str(path), framework="pt") as f:  # plain tensors + JSON metadata: nothing to unpickle
         assert set(f.keys()) == {"input_ids", "labels", "position_ids", "offsets"}
@@ -107,7 +110,7 @@ def test_cache_file_is_safetensors_and_a_corrupt_one_is_rebuilt(tmp_path, tok, s
         again = build_split(cfgs, tok, "train")
     assert "ignoring unreadable data cache" in caplog.text
     assert not again.stats.from_cache and again.stats.tokenized == 818
-    assert torch.equal(again.dataset.input_ids, first.dataset.input_ids)
+    assert torch.equal(again.dataset.input_ids, first_ids)
     assert build_split(cfgs, tok, "train").stats.from_cache  # rewritten
 
 
@@ -129,14 +132,15 @@ WORKER = COUNTING + textwrap.dedent('''
 
     @exit_on_user_error
     def main():
-        out, argv = sys.argv[1], sys.argv[2:]
+        out, delay, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
         cfgs = parse_args(argv)
-        dist = device.setup()
+        dist = device.setup(timeout_s=cfgs.train.dist_timeout)
         try:
-            tok = Counting(load_tokenizer(cfgs.train.model_name))
+            tok = Counting(load_tokenizer(cfgs.train.model_name), delay)
             result = {}
             for split in ("train", "validation"):
                 data = build_split(cfgs, tok, split, dist)
+                dist.barrier()  # a collective right after: it must not time out however long preparing took
                 digest = hashlib.sha256(data.dataset.input_ids.numpy().tobytes()).hexdigest()
                 result[split] = {"from_cache": data.stats.from_cache, "examples": data.stats.examples, "digest": digest}
             result["texts"] = tok.texts
@@ -149,32 +153,35 @@ WORKER = COUNTING + textwrap.dedent('''
 ''')
 
 
-def test_under_torchrun_rank0_tokenizes_and_the_others_load(tmp_path, tiny_model, shared_data):
+def test_under_torchrun_the_ranks_share_the_tokenizing_and_map_one_file(tmp_path, tiny_model, shared_data):
+    """SAMSum train is 8 shards: each rank tokenizes 4; the validation split is 1 shard. Every
+    tokenizer call sleeps 0.5 s, so each rank prepares for longer than --dist_timeout (3 s),
+    and the barrier after each split still passes: no rank waited in a collective meanwhile."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    args = [str(tmp_path), "--model_name", str(tiny_model), "--samsum_dataset.data_path", str(shared_data / "samsum"),
-            "--samsum_dataset.train_split", "validation", "--samsum_dataset.test_split", "test",
-            "--context_length", "512", "--data_cache_dir", str(tmp_path / "cache")]
+    args = [str(tmp_path), "0.5", "--model_name", str(tiny_model), "--samsum_dataset.data_path",
+            str(shared_data / "samsum"), "--samsum_dataset.test_split", "test", "--context_length", "512",
+            "--data_cache_dir", str(tmp_path / "cache"), "--dist_timeout", "3"]
     check(torchrun(2, worker, args))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["texts"] == 2 * (818 + 819) and r1["texts"] == 0  # tokenized once, by rank 0
-    for split, n in (("train", 818), ("validation", 819)):
-        assert not r0[split]["from_cache"] and r1[split]["from_cache"]
+    assert r0["texts"] > 0 and r1["texts"] > 0 and r0["texts"] + r1["texts"] == 2 * (14732 + 819)
+    for split, n in (("train", 14732), ("validation", 819)):
+        assert not r0[split]["from_cache"] and not r1[split]["from_cache"]
         assert r0[split]["examples"] == r1[split]["examples"] == n and r0[split]["digest"] == r1[split]["digest"]
+    assert [p.name for p in (tmp_path / "cache" / "data").iterdir() if not p.name.endswith(".safetensors")] == []
 
 
-def test_under_torchrun_a_rank0_failure_reaches_every_rank(tmp_path, tiny_model):
+def test_under_torchrun_a_bad_record_stops_every_rank(tmp_path, tiny_model):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     d = tmp_path / "samsum"
     d.mkdir()
     (d / "train.jsonl").write_text('{"id": "1", "dialogue": "A: hi", "summary": "Hi."}\n{"id": "2"\n')
-    proc = torchrun(2, worker, [str(tmp_path), "--model_name", str(tiny_model), "--samsum_dataset.data_path", str(d),
+    proc = torchrun(2, worker, [str(tmp_path), "0", "--model_name", str(tiny_model), "--samsum_dataset.data_path", str(d),
                                 "--data_cache_dir", str(tmp_path / "cache")], timeout=300)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]
     assert len(errors) == 2, proc.stderr
-    rank0 = [l for l in errors if l.startswith("shardtune: error: [rank 0 on ")]
-    assert len(rank0) == 1 and "train.jsonl: record 1 (line 2): invalid JSON" in rank0[0]
-    assert any(l.startswith("shardtune: error: [rank 1 on ") and "rank 0 could not prepare the train split" in l
-               for l in errors)
+    for rank in (0, 1):  # each rank reads the records, so each names the bad one
+        assert any(l.startswith(f"shardtune: error: [rank {rank} on ") and
+                   "train.jsonl: record 1 (line 2): invalid JSON" in l for l in errors), proc.stderr

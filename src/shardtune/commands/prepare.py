@@ -1,4 +1,8 @@
-"""`shardtune prepare grammar --jfleg DIR [--c4 FILE] --out DIR`: the grammar_dataset CSVs.
+"""`shardtune prepare [TRAINING FLAGS] --num_proc N`: tokenize and pack the run's splits into
+the data cache ahead of the run, with N processes (the run then maps them; nothing is
+tokenized again). Takes the training flags (or --config YAML) the run will use.
+
+`shardtune prepare grammar --jfleg DIR [--c4 FILE] --out DIR`: the grammar_dataset CSVs.
 (`shardtune prepare preference`: preference_dataset pairs, see data/preference_pairs.py.)
 
 Follows llama-recipes' grammar_dataset_process notebook:
@@ -18,12 +22,17 @@ import csv
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 
+from .. import data
+from ..config.parse import parse_args
+from ..data import cache
 from ..data.jfleg import jfleg_pairs, normalize_spacing, read_lines
 from ..data.preference_pairs import prepare_preferences
 from ..data.records import BadRecords, read_records, valid_records
 from ..errors import UserError
+from ..modeling.load import load_tokenizer
 
 TRAIN_CSV, VALIDATION_CSV = "grammar_train.csv", "grammar_validation.csv"
 NUM_REFS = 4
@@ -82,7 +91,29 @@ def prepare_grammar(jfleg: Path, out: Path, c4: Path | None = None) -> dict[str,
     return counts
 
 
+def prepare_splits(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="shardtune prepare", description="tokenize and cache a run's splits ahead of it")
+    p.add_argument("--num_proc", type=int, default=1, help="processes that tokenize in parallel")
+    a, training_flags = p.parse_known_args(argv)
+    if a.num_proc < 1:
+        raise UserError("--num_proc must be at least 1")
+    cfgs = parse_args(training_flags)
+    if cache.cache_root(cfgs.train.data_cache_dir) is None:
+        raise UserError("--data_cache_dir none: nothing would be kept; prepare writes the cache a run reads")
+    tokenizer = load_tokenizer(cfgs.train.tokenizer_name or cfgs.train.model_name)
+    for split in ("train", "validation") if cfgs.train.run_validation else ("train",):
+        start = time.perf_counter()
+        prepared = data.build_split(cfgs, tokenizer, split, processes=a.num_proc)
+        s = prepared.stats
+        print(f"{split}: {s.examples} examples, {s.tokens} tokens in {s.chunks} chunks from {prepared.source}; "
+              f"{'already cached' if s.from_cache else f'prepared by {a.num_proc} process(es)'} "
+              f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] not in (["grammar"], ["preference"], ["-h"], ["--help"]):
+        return prepare_splits(argv)
     p = argparse.ArgumentParser(prog="shardtune prepare", description="build dataset files in llama-recipes' formats")
     sub = p.add_subparsers(dest="dataset", required=True)
     _add_preference_parser(sub)

@@ -211,6 +211,13 @@ class preference_dataset:
 
 
 @dataclass
+class mixture_dataset:
+    dataset: str = flag("mixture_dataset", "the config's name")
+    datasets: str = flag(
+        "", 'weighted components, "chat_dataset:0.6,alpaca_dataset:0.4"; each reads its own config group')
+
+
+@dataclass
 class dpo_config:
     """The dpo recipe's own flags (shardtune dpo); TRL's names and defaults."""
 
@@ -281,6 +288,7 @@ DATASETS = {kind.config.__name__: kind for kind in (
     DatasetKind(custom_dataset, "custom"),
     DatasetKind(chat_dataset, "chat"),
     DatasetKind(preference_dataset, "preference", pairs=True),
+    DatasetKind(mixture_dataset, "mixture"),
 )}
 
 ALL_CONFIGS = (train_config, fsdp_config, *(m.config for m in PEFT_METHODS.values()),

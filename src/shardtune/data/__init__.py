@@ -1,18 +1,22 @@
 """Data stage: dataset name -> source -> tokenized examples (cached) -> chunks -> per-rank loaders.
 
-Under torchrun, rank 0 prepares each split (or loads it from the cache) and writes the
-cache; the other ranks wait for it and then load the cached file, so tokenization runs
-once per machine. Splits that are not cached (a hub id, a custom dataset file, or
---data_cache_dir none) are prepared by every rank, deterministically.
+A split is prepared in shards (shards.py): under torchrun the ranks of a node each tokenize
+their share of the records into the cache, one of them packs, and every rank then maps the
+packed file, so a node's ranks share one copy of it and a rank's memory does not grow with
+the corpus. No rank waits in a collective meanwhile. Splits that are not cached (a hub id,
+a custom dataset file, or --data_cache_dir none) are prepared by every rank on its own, into
+a temporary file that is mapped the same way.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import logging
 import multiprocessing
-import time
-from dataclasses import asdict, dataclass
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
 from ..config.schema import DATASETS
-from . import cache, custom
-from .packing import PACKING_ALGORITHM, ChunkDataset, ExampleDataset, PackStats, collate, pack, truncate_each
+from . import cache, custom, mixture, shards
+from .packing import PACKING_ALGORITHM, ChunkDataset, ExampleDataset, PackStats, collate, truncate_each
 from .records import BadRecords
 from .sampler import EvalSampler, GlobalBatchSampler
 from .source import Source
@@ -43,6 +47,8 @@ class SplitData:
     lengths: Optional[list[int]] = None
     # a custom dataset's collator, wrapped to add the loop's counts (num_targets, ...); None = the default
     collate_fn: Optional[Callable] = None
+    # epoch -> the dataset indices that epoch draws (a mixture's weighted plan); None = each once
+    epoch_indices: Optional[Callable[[int], torch.Tensor]] = None
 
 
 def check_flags(t, pairs: bool = False) -> None:
@@ -88,18 +94,27 @@ def _cache_path(cfgs, tokenizer, src: Source) -> Optional[Path]:
     return root / f"{t.dataset}-{key[:32]}.safetensors"
 
 
-def _prepare(src: Source, tokenizer, t, split: str) -> tuple[ChunkDataset, PackStats]:
-    start = time.perf_counter()
-    bad = BadRecords(t.on_bad_record)
-    examples = src.read(tokenizer, bad)
-    chunks, stats = pack(examples, t.context_length, packing=t.batching_strategy == "packing", drop_last=t.drop_last)
-    stats.bad_records, stats.notes, stats.tokenized = bad.count, bad.messages, len(examples)
-    log.info("%s split: tokenized %d examples in %.1fs", split, len(examples), time.perf_counter() - start)
-    return ChunkDataset.from_chunks(chunks), stats
+def _split_file(cfgs, tokenizer, src: Source) -> tuple[Path, bool]:
+    """Where the prepared split goes, and whether that is the shared cache (else a private
+    temporary directory, removed when the process exits)."""
+    path = _cache_path(cfgs, tokenizer, src)
+    if path is not None and cache.writable(path.parent):
+        return path, True
+    tmp = Path(tempfile.mkdtemp(prefix="shardtune-data-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    return tmp / "split.safetensors", False
 
 
-def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Optional[Path]) -> tuple[ChunkDataset, PackStats]:
-    hit = cache.load(path) if path else None
+def _plan(src: Source, t, path: Path) -> shards.Plan:
+    return shards.Plan(src, path, t.context_length, t.batching_strategy == "packing", t.drop_last,
+                       t.on_bad_record, shards.run_id())
+
+
+def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Path, shared: bool,
+                     dist=None, processes: int = 1) -> tuple[ChunkDataset, PackStats]:
+    """The cached split, or prepare it: with a shared cache, the ranks of this node divide
+    the tokenizing between them (shards.py) and then all map the one packed file."""
+    hit = cache.load(path) if shared else None
     if hit:
         dataset, meta = hit
         try:
@@ -109,54 +124,31 @@ def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Optional[Path]
         if stats is not None:
             log.info("%s split: loaded from the cache %s; nothing tokenized", split, path)
             return dataset, stats
-    dataset, stats = _prepare(src, tokenizer, t, split)
-    if path and cache.save(path, dataset, {"stats": asdict(stats), "source": src.name}):
+    if shared and dist and dist.distributed:
+        stats = shards.prepare(_plan(src, t, path), tokenizer, dist.local_rank, dist.local_world_size,
+                               {"source": src.name})
+    else:
+        stats = shards.prepare_in_processes(_plan(src, t, path), tokenizer, processes, {"source": src.name})
+    dataset, meta = ChunkDataset.mapped(path)
+    if stats is None:  # another rank of this node packed it; the file holds the split's counts
+        stats = PackStats(**{**meta["stats"], "tokenized": 0})
+    if shared:
         log.info("%s split: cached to %s", split, path)
     return dataset, stats
 
 
-def _gather_failure(dist, failed: bool, split: str) -> Optional[str]:
-    """Every rank learns whether any rank failed to prepare the split, and which."""
-    import torch.distributed as tdist
-
-    messages = [None] * dist.world_size
-    mine = f"rank {dist.rank} could not prepare the {split} split; see rank {dist.rank}'s error" if failed else None
-    tdist.all_gather_object(messages, mine)
-    return next((m for m in messages if m), None)
-
-
-def _coordinated(dist, path: Optional[Path], split: str, build: Callable[[], tuple]) -> tuple:
-    """Rank 0 builds (and caches) first; then the first rank of every other node, which
-    loads that cache on a shared filesystem or fills its node's own; then everyone else
-    loads from the cache. So a split is tokenized once per machine at most, and a failure
-    anywhere is reported on every rank instead of leaving the others waiting."""
-    if dist is None or not dist.distributed or dist.world_size < 2 or path is None:
-        return build()
-    result = None
-    for builds_now in (dist.is_main, dist.local_rank == 0 and not dist.is_main):
-        error = None
-        if builds_now:
-            try:
-                result = build()
-            except BaseException as err:
-                error = err
-        failure = _gather_failure(dist, error is not None, split)
-        if error is not None:
-            raise error
-        if failure:
-            raise UserError(failure)
-    return result if result is not None else build()
-
-
-def build_split(cfgs, tokenizer, split: str, dist=None) -> SplitData:
-    """split is 'train' or 'validation'; dist (a device.Dist) lets rank 0 build shared work first."""
+def build_split(cfgs, tokenizer, split: str, dist=None, processes: int = 1) -> SplitData:
+    """split is 'train' or 'validation'; dist (a device.Dist) lets a node's ranks share the work,
+    else `processes` local processes do (shardtune prepare --num_proc)."""
     t = cfgs.train
     check_flags(t)
+    if t.dataset == mixture.NAME:
+        return mixture.build(cfgs, tokenizer, split, functools.partial(build_split, dist=dist, processes=processes))
     src = _resolve(cfgs, split)
     if src.collator_factory is not None:
         return _custom_collated(src, tokenizer, t, split)
-    path = _cache_path(cfgs, tokenizer, src)
-    dataset, stats = _coordinated(dist, path, split, lambda: _load_or_prepare(src, tokenizer, t, split, path))
+    path, shared = _split_file(cfgs, tokenizer, src)
+    dataset, stats = _load_or_prepare(src, tokenizer, t, split, path, shared, dist, processes)
     _check_not_empty(stats, src.name, split, t.context_length)
     _log_summary(split, src.name, stats, t, dataset)
     lengths = dataset.lengths() if t.batching_strategy == "padding" else None
@@ -224,7 +216,8 @@ def _collate_fn(split: SplitData, pad_id: int) -> Callable:
 
 def train_loader(split: SplitData, micro: int, accum: int, world: int, rank: int, seed: int,
                  pad_id: int, num_workers: int, pin_memory: bool = False) -> tuple[DataLoader, GlobalBatchSampler]:
-    sampler = GlobalBatchSampler(len(split.dataset), micro, world, rank, accum, seed, lengths=split.lengths)
+    sampler = GlobalBatchSampler(len(split.dataset), micro, world, rank, accum, seed, lengths=split.lengths,
+                                 epoch_indices=split.epoch_indices)
     if sampler.steps_per_epoch == 0:
         raise UserError(
             f"{split.source}: {len(split.dataset)} training sequences cannot fill one global batch of "

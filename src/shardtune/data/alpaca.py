@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .records import BadRecords, read_records, valid_records
-from .source import Source, file_digest
+from .source import Source, file_digest, sliced
 from .tokenize import Example, tokenize_prompt_target
 
 # Stanford Alpaca's PROMPT_DICT, as llama-recipes uses it.
@@ -50,11 +50,14 @@ def source(dataset_config, split: str) -> Source:
         raise UserError(f"alpaca data file {path} does not exist; pass --alpaca_dataset.data_path path/to/alpaca_data.json")
     split_bounds(0, split)  # reject an unknown split name before anything is read
 
-    def read(tokenizer, bad: BadRecords) -> list[Example]:
+    def records(bad: BadRecords) -> tuple[list[dict], int]:
         records = read_records(path, bad)
         start, end = split_bounds(len(records), split)
-        good = valid_records(records[start:end], FIELDS, str(path), bad, optional=("input",), start=start)
+        return valid_records(records[start:end], FIELDS, str(path), bad, optional=("input",), start=start), start
+
+    def tokenize(tokenizer, good: list[dict], bad: BadRecords, start: int) -> list[Example]:
         return tokenize_prompt_target(tokenizer, [prompt_for(r) for r in good], [r["output"] for r in good])
 
     which = "train" if split in _TRAIN else "val"
-    return Source(f"{path} ({which})", f"file:{file_digest(path)}:{which}", PROMPT_INPUT + PROMPT_NO_INPUT, read)
+    return sliced(f"{path} ({which})", f"file:{file_digest(path)}:{which}", PROMPT_INPUT + PROMPT_NO_INPUT,
+                  records, tokenize)

@@ -4,7 +4,8 @@ The key covers everything the result depends on: the tokenizer, the content of t
 file(s) and which records are selected, the prompt template, context_length, the batching
 strategy, drop_last, on_bad_record, the packing algorithm (packing.PACKING_ALGORITHM) and
 CACHE_VERSION (bumped when preparation changes).
-A split is one safetensors file: integer arrays plus a JSON metadata string (no pickle).
+A split is one safetensors file: integer arrays plus a JSON metadata string (no pickle),
+prepared in shards beside it (shards.py) and read back through memory maps (mapped.py).
 Writes go to a temporary file that os.replace() moves into place, so a reader never sees
 a partial file and concurrent writers of the same key are harmless.
 """
@@ -14,12 +15,8 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
-
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
 from .packing import ChunkDataset
 
@@ -56,33 +53,21 @@ def cache_key(parts: dict) -> str:
 
 
 def load(path: Path) -> Optional[tuple[ChunkDataset, dict]]:
-    """The cached split and its metadata, or None when absent or unreadable."""
+    """The cached split, memory-mapped, and its metadata; None when absent or unreadable."""
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["shardtune"])
-        arrays = load_file(str(path))
-        return ChunkDataset(arrays["input_ids"], arrays["labels"], arrays["position_ids"], arrays["offsets"]), meta
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        return ChunkDataset.mapped(path)
+    except (OSError, KeyError, ValueError) as err:
         log.warning("ignoring unreadable data cache %s (%s); preparing the split again", path, err)
         return None
 
 
-def save(path: Path, dataset: ChunkDataset, meta: dict) -> bool:
-    """Write atomically; False (with a warning) when the cache directory is not writable."""
+def writable(root: Path) -> bool:
+    """Whether prepared splits can be written under root (else they go to a temporary directory)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            tensors = {k: v.contiguous() for k, v in dataset.arrays().items()}
-            save_file(tensors, tmp, metadata={"shardtune": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return True
+        root.mkdir(parents=True, exist_ok=True)
+        return os.access(root, os.W_OK)
     except OSError as err:
-        log.warning("cannot write the data cache %s (%s); set --data_cache_dir to a writable directory", path, err)
+        log.warning("cannot write the data cache %s (%s); set --data_cache_dir to a writable directory", root, err)
         return False

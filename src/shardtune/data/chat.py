@@ -28,7 +28,7 @@ from jinja2 import TemplateError
 from ..errors import UserError
 from .chat_templates import TEMPLATES
 from .records import BadRecords, read_records
-from .source import Source, file_digest
+from .source import Source, file_digest, sliced
 from .tokenize import IGNORE_INDEX, Example
 
 OWN_TEMPLATE = "tokenizer"  # --chat_dataset.template default: the tokenizer's own chat template
@@ -263,15 +263,19 @@ def source(dataset_config, split: str) -> Source:
         raise UserError(f"chat data file {path} does not exist; check --chat_dataset.data_path / validation_path")
     template = None if cfg.template == OWN_TEMPLATE else cfg.template
 
-    def read(tokenizer, bad: BadRecords) -> list[Example]:
+    def records(bad: BadRecords) -> tuple[list, int]:
         records = read_records(path, bad)
         start, end = split_bounds(len(records), split, separate)
-        return tokenize_conversations(tokenizer, records[start:end], str(path), bad, template,
-                                      cfg.train_on_input, cfg.system_prompt, start=start)
+        return records[start:end], start
+
+    def tokenize(tokenizer, recs: list, bad: BadRecords, start: int) -> list[Example]:
+        return tokenize_conversations(tokenizer, recs, str(path), bad, template, cfg.train_on_input,
+                                      cfg.system_prompt, start=start)
 
     # The tokenizer's own template is part of the tokenizer's fingerprint (cache.py).
     rendering = json.dumps({"template": cfg.template, "jinja": TEMPLATES[template].jinja if template else None,
                             "train_on_input": cfg.train_on_input, "system_prompt": cfg.system_prompt,
                             "label_rule": _LABEL_RULE_VERSION}, sort_keys=True)
     whole = "whole file" if separate else "first 5%" if which == "validation" else "after the first 5%"
-    return Source(f"{path} ({which}, {whole})", f"file:{file_digest(path)}:{which}:{separate}", rendering, read)
+    return sliced(f"{path} ({which}, {whole})", f"file:{file_digest(path)}:{which}:{separate}", rendering,
+                  records, tokenize)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .records import BadRecords, read_records, valid_records
-from .source import Source, file_digest
+from .source import Source, file_digest, sliced
 from .tokenize import Example, tokenize_prompt_target
 
 PROMPT = "Correct this to standard English: {input}\n---\nCorrected: "
@@ -35,7 +35,8 @@ def source(dataset_config, split: str) -> Source:
     """`split` is the CSV path (the config's train_split or test_split)."""
     path = _csv_path(split)
 
-    def read(tokenizer, bad: BadRecords) -> list[Example]:
-        return tokenize(valid_records(read_records(path, bad), FIELDS, str(path), bad), tokenizer)
+    def records(bad: BadRecords) -> tuple[list[dict], int]:
+        return valid_records(read_records(path, bad), FIELDS, str(path), bad), 0
 
-    return Source(str(path), f"file:{file_digest(path)}", PROMPT, read)
+    return sliced(str(path), f"file:{file_digest(path)}", PROMPT, records,
+                  lambda tokenizer, recs, bad, start: tokenize(recs, tokenizer))

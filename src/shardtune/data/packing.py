@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
 
+from . import mapped
 from .tokenize import IGNORE_INDEX, Example
 
 # Part of the tokenization cache key: bump when the chunks pack() builds change.
@@ -141,18 +144,24 @@ class ChunkDataset(Dataset):
     and handed to DataLoader workers through shared memory."""
 
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                 offsets: torch.Tensor) -> None:
+                 offsets: torch.Tensor, path: Optional[Path] = None) -> None:
         self.input_ids, self.labels, self.position_ids = input_ids, labels, position_ids
         self.offsets = offsets  # chunk i is [offsets[i], offsets[i + 1])
+        self.path = path  # the prepared file the arrays are mapped from, if any
 
     @classmethod
-    def from_chunks(cls, chunks: list[dict]) -> "ChunkDataset":
-        lengths = torch.tensor([0] + [len(c["input_ids"]) for c in chunks], dtype=torch.long)
+    def mapped(cls, path: Path) -> tuple["ChunkDataset", dict]:
+        """The split in a prepared file, memory-mapped (shared by a node's ranks), and its metadata."""
+        arrays, meta = mapped.read(path)
+        t = {k: torch.from_numpy(arrays[k]) for k in ("input_ids", "labels", "position_ids", "offsets")}
+        return cls(t["input_ids"], t["labels"], t["position_ids"], t["offsets"], path), meta
 
-        def cat(key: str) -> torch.Tensor:
-            return torch.cat([c[key] for c in chunks]).to(torch.int32) if chunks else torch.zeros(0, dtype=torch.int32)
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the file to map, not a copy of every token.
+        return {"path": self.path} if self.path else self.__dict__
 
-        return cls(cat("input_ids"), cat("labels"), cat("position_ids"), torch.cumsum(lengths, 0))
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state if "input_ids" in state else vars(ChunkDataset.mapped(state["path"])[0]))
 
     def arrays(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "labels": self.labels, "position_ids": self.position_ids,

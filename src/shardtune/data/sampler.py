@@ -16,7 +16,7 @@ how the global batch is split over ranks and accumulation.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -25,12 +25,15 @@ BUCKET_BATCHES = 64  # global batches per length-sorting bucket: grouping vs ran
 
 class GlobalBatchSampler:
     def __init__(self, num_samples: int, micro_batch: int, world: int, rank: int, accum: int,
-                 seed: int, shuffle: bool = True, lengths: Optional[Sequence[int]] = None) -> None:
+                 seed: int, shuffle: bool = True, lengths: Optional[Sequence[int]] = None,
+                 epoch_indices: Optional[Callable[[int], torch.Tensor]] = None) -> None:
         self.num_samples, self.micro, self.world, self.rank = num_samples, micro_batch, world, rank
         self.accum, self.seed, self.shuffle = accum, seed, shuffle
         if lengths is not None and len(lengths) != num_samples:
             raise ValueError(f"{len(lengths)} lengths for {num_samples} samples")
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long) if lengths is not None else None
+        # epoch -> the num_samples dataset indices that epoch draws (a mixture); None = 0..num_samples-1
+        self.epoch_indices = epoch_indices
         self.epoch = 0
         self.start = 0  # global samples of this epoch to skip (resume)
 
@@ -52,15 +55,20 @@ class GlobalBatchSampler:
         self.epoch, self.start = epoch, start
 
     def _order(self) -> torch.Tensor:
+        drawn = self.epoch_indices(self.epoch) if self.epoch_indices else None
+        return self._positions(drawn) if drawn is None else drawn[self._positions(drawn)]
+
+    def _positions(self, drawn: Optional[torch.Tensor]) -> torch.Tensor:
+        """The epoch's order of positions 0..num_samples-1 (into `drawn` when given)."""
         if not self.shuffle:
             return torch.arange(self.num_samples)
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(self.num_samples, generator=g)
         if self.lengths is None:
             return perm
-        return self._length_grouped(perm, g)
+        return self._length_grouped(perm, g, self.lengths if drawn is None else self.lengths[drawn])
 
-    def _length_grouped(self, perm: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _length_grouped(self, perm: torch.Tensor, g: torch.Generator, lengths: torch.Tensor) -> torch.Tensor:
         gb = self.global_batch
         used = self.steps_per_epoch * gb
         bucket = gb * BUCKET_BATCHES
@@ -68,7 +76,7 @@ class GlobalBatchSampler:
         for a in range(0, used, bucket):
             idx = perm[a:min(a + bucket, used)]
             # stable: equal lengths keep their shuffled order
-            idx = idx[torch.sort(self.lengths[idx], stable=True).indices]
+            idx = idx[torch.sort(lengths[idx], stable=True).indices]
             batches += list(idx.view(-1, gb))
         order = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return torch.cat(order + [perm[used:]])  # the remainder waits for the next shuffle

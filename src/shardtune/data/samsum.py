@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .records import BadRecords, read_records, valid_records
-from .source import Source, file_digest
+from .source import Source, file_digest, sliced
 from .tokenize import Example, tokenize_prompt_target
 
 PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
@@ -56,28 +56,32 @@ def _tokenize(records: list[dict], tokenizer) -> list[Example]:
     return tokenize_prompt_target(tokenizer, prompts, [r["summary"] for r in records])
 
 
+def _tokenize_slice(tokenizer, records: list[dict], bad: BadRecords, start: int) -> list[Example]:
+    return _tokenize(records, tokenizer)  # records were checked when read: none is bad here
+
+
 def source(dataset_config, split: str) -> Source:
     data_path = dataset_config.data_path
     if data_path == "sample":
         key = "validation" if _split_key(split) == "val" else split
         name = f"bundled sample ({key})"
 
-        def read_sample(tokenizer, bad: BadRecords) -> list[Example]:
+        def sample_records(bad: BadRecords) -> tuple[list[dict], int]:
             splits = bundled_sample()
             if key not in splits:
                 raise UserError(f"the bundled sample has no {key!r} split; choose train, validation or test")
-            return _tokenize(valid_records(splits[key], FIELDS, name, bad), tokenizer)
+            return valid_records(splits[key], FIELDS, name, bad), 0
 
-        return Source(name, f"sample:{key}:{file_digest(_sample_file())}", PROMPT, read_sample)
+        return sliced(name, f"sample:{key}:{file_digest(_sample_file())}", PROMPT, sample_records, _tokenize_slice)
     path = _data_file(data_path, split)
     if path is None:
         return Source(data_path, None, PROMPT, lambda tok, bad: _tokenize(
             valid_records(_load_hub(data_path, split), FIELDS, f"{data_path} ({split})", bad), tok))
 
-    def read_file(tokenizer, bad: BadRecords) -> list[Example]:
-        return _tokenize(valid_records(read_records(path, bad), FIELDS, str(path), bad), tokenizer)
+    def file_records(bad: BadRecords) -> tuple[list[dict], int]:
+        return valid_records(read_records(path, bad), FIELDS, str(path), bad), 0
 
-    return Source(str(path), f"file:{file_digest(path)}", PROMPT, read_file)
+    return sliced(str(path), f"file:{file_digest(path)}", PROMPT, file_records, _tokenize_slice)
 
 
 def _load_hub(name: str, split: str) -> list[dict]:

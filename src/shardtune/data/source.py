@@ -12,6 +12,12 @@ from .tokenize import Example
 
 # (tokenizer, bad-record policy) -> tokenized examples
 ReadFn = Callable[[Any, BadRecords], list[dict]]
+# bad-record policy -> (the split's records, the file index of the first). Parsing and the
+# checks that need no tokenizer happen here, once, so that any slice of the records can be
+# tokenized on its own (in parallel, by shards.py).
+RecordsFn = Callable[[BadRecords], tuple[list, int]]
+# (tokenizer, records, bad-record policy, file index of records[0]) -> examples, one per good record
+TokenizeFn = Callable[[Any, list, BadRecords, int], list[Example]]
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,18 @@ class Source:
     read: ReadFn
     # tokenizer -> the batch collator, when a custom dataset's file defines get_data_collator.
     collator_factory: Optional[Callable[[Any], Callable]] = None
+    # Set when the split can be tokenized in slices (else only `read` reads it whole).
+    records: Optional[RecordsFn] = None
+    tokenize: Optional[TokenizeFn] = None
+
+
+def sliced(name: str, fingerprint: Optional[str], template: str, records: RecordsFn, tokenize: TokenizeFn) -> Source:
+    """A source read as records, then tokenized slice by slice; `read` is the two in one go."""
+    def read(tokenizer, bad: BadRecords) -> list[Example]:
+        recs, start = records(bad)
+        return tokenize(tokenizer, recs, bad, start)
+
+    return Source(name, fingerprint, template, read, records=records, tokenize=tokenize)
 
 
 def file_digest(path: Path | Any) -> str:

@@ -1,0 +1,250 @@
+"""Preparing a split in shards: tokenize slices of the records in parallel, pack from lengths.
+
+A split's records are cut into shards of SHARD_RECORDS (a fixed size, so a shard's content
+never depends on how many workers prepared it). A worker tokenizes a shard, truncates and
+filters its examples exactly as packing.pack() does, and writes the surviving segments as
+flat int32 arrays (mapped.py) beside the split's cache file. Packing then reads only the
+shards' lengths, runs the same best_fit_decreasing, and copies each shard's tokens into
+place in the output file through memory maps. So memory holds the raw records and one
+shard's tokens, never a Python list of every token, and the result is pack()'s, bit for
+bit, whether 1, 2 or N workers prepared it.
+
+Workers coordinate through the file system only: worker w tokenizes shards w, w+W, ...;
+worker 0 waits for every shard file and packs; the others wait for the packed file. No
+collective is entered, so a preparation longer than --dist_timeout cannot trip it; a
+failing worker leaves a marker file with its one-line error, which the waiting ones raise.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import UserError
+from . import mapped
+from .packing import PackStats, best_fit_decreasing
+from .records import BadRecords
+from .source import Source
+from .tokenize import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+SHARD_RECORDS = 2048  # records per shard: one worker's unit of work and of memory
+_POLL_S = 0.2
+_SUMMED = ("examples", "truncated", "skipped_no_target", "tokens", "target_tokens", "bad_records")
+
+
+def segments(examples: list[dict], context_length: int) -> tuple[dict[str, np.ndarray], dict]:
+    """pack()'s truncation and filtering, on arrays: the segments that keep a target token,
+    with labels[0] of each set to IGNORE_INDEX; and the counts pack() keeps."""
+    n = len(examples)
+    lens = np.fromiter((len(e["input_ids"]) for e in examples), np.int64, n)
+    total = int(lens.sum())
+    ids = np.fromiter(itertools.chain.from_iterable(e["input_ids"] for e in examples), np.int32, total)
+    labels = np.fromiter(itertools.chain.from_iterable(e["labels"] for e in examples), np.int32, total)
+    inside = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens) < context_length
+    ids, labels = ids[inside], labels[inside]
+    kept = np.minimum(lens, context_length)
+    starts = np.cumsum(kept) - kept
+    labels[starts[kept > 0]] = IGNORE_INDEX  # never train the jump from the previous example
+    trained = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+    targets = trained[starts + kept] - trained[starts]
+    keep = targets > 0
+    tokens = np.repeat(keep, kept)
+    arrays = {"input_ids": ids[tokens], "labels": labels[tokens],
+              "lengths": kept[keep].astype(np.int32), "targets": targets[keep].astype(np.int32)}
+    counts = {"examples": n, "truncated": int((lens > context_length).sum()), "skipped_no_target": int((~keep).sum()),
+              "tokens": int(kept[keep].sum()), "target_tokens": int(targets[keep].sum())}
+    return arrays, counts
+
+
+class Plan:
+    """Where one split's shards and packed file go, and how the split is read."""
+
+    def __init__(self, src: Source, out: Path, context_length: int, packing: bool, drop_last: bool,
+                 on_bad_record: str, run_id: str = "") -> None:
+        self.src, self.out, self.context_length = src, out, context_length
+        self.packing, self.drop_last, self.on_bad_record = packing, drop_last, on_bad_record
+        # per node (torchrun's GROUP_RANK): on a filesystem shared by nodes, each node prepares
+        # (and removes) its own shards, and their identical packed files replace one another harmlessly
+        node = f"{socket.gethostname()}-{os.environ.get('GROUP_RANK', '0')}"
+        self.dir = out.with_name(f"{out.name}.{node}.shards")
+        self.run_id = run_id  # names failure markers, so an old run's marker is not read as this one's
+
+    def shard(self, i: int) -> Path:
+        return self.dir / f"{i:06d}.safetensors"
+
+    def _marker(self, worker: int) -> Path:
+        return self.dir / f"failed-{self.run_id}-{worker}.txt"
+
+
+def read_records(plan: Plan) -> tuple[list, int, BadRecords]:
+    """The split's records (each worker reads them; tokenizing is what is divided)."""
+    bad = BadRecords(plan.on_bad_record)
+    if plan.src.records is None:  # read whole: a hub id or a user's code
+        return [], 0, bad
+    records, start = plan.src.records(bad)
+    return records, start, bad
+
+
+def num_shards(plan: Plan, records: list) -> int:
+    return -(-len(records) // SHARD_RECORDS) if plan.src.records is not None else 1
+
+
+def tokenize_shard(plan: Plan, tokenizer, records: list, start: int, i: int) -> None:
+    """Tokenize and write shard i (skipped when a previous, interrupted run wrote it)."""
+    if plan.shard(i).is_file():
+        return
+    bad = BadRecords(plan.on_bad_record)
+    if plan.src.records is None:
+        examples = plan.src.read(tokenizer, bad)
+    else:
+        a = i * SHARD_RECORDS
+        examples = plan.src.tokenize(tokenizer, records[a:a + SHARD_RECORDS], bad, start + a)
+    arrays, counts = segments(examples, plan.context_length)
+    del examples
+    mapped.save(plan.shard(i), arrays, {**counts, "bad_records": bad.count, "notes": bad.messages})
+
+
+def work(plan: Plan, tokenizer, worker: int, workers: int, loaded: Optional[tuple] = None) -> tuple[int, BadRecords]:
+    """Worker `worker` of `workers`: its shards (of `loaded` records when the caller read them
+    already); a failure leaves a marker for the others."""
+    try:
+        records, start, bad = loaded or read_records(plan)
+        n = num_shards(plan, records)
+        for i in range(worker, n, workers):
+            tokenize_shard(plan, tokenizer, records, start, i)
+        return n, bad
+    except BaseException as err:
+        if workers > 1:
+            plan.dir.mkdir(parents=True, exist_ok=True)
+            plan._marker(worker).write_text(str(err) if isinstance(err, UserError) else
+                                            f"worker {worker} failed: {type(err).__name__}: {err}")
+        raise
+
+
+def wait_for(plan: Plan, paths: Callable[[], list[Path]], peers_alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll until every path exists; raise the error of a worker that failed meanwhile."""
+    while True:
+        if all(p.is_file() for p in paths()):
+            return
+        if not peers_alive():
+            raise UserError("a preparation process died before writing its shards; see its error above")
+        for marker in sorted(plan.dir.glob(f"failed-{plan.run_id}-*.txt")) if plan.dir.is_dir() else ():
+            raise UserError(f"another worker could not prepare the split: {marker.read_text().strip()}")
+        time.sleep(_POLL_S)
+
+
+def pack_shards(plan: Plan, n: int, load_bad: BadRecords, meta: dict) -> PackStats:
+    """Pack the n shards into plan.out (pack()'s chunks, in pack()'s order); the shards are
+    then removed. Returns the split's PackStats."""
+    stats = PackStats(context_length=plan.context_length, bad_records=load_bad.count, notes=list(load_bad.messages))
+    lengths, targets = [], []
+    for i in range(n):  # the small per-segment arrays only; tokens are read shard by shard below
+        arrays, m = mapped.read(plan.shard(i))
+        lengths.append(np.array(arrays["lengths"], np.int64))
+        targets.append(np.array(arrays["targets"], np.int64))
+        for name in _SUMMED:
+            setattr(stats, name, getattr(stats, name) + m[name])
+        stats.notes += m["notes"]
+    stats.notes = stats.notes[:20]
+    stats.tokenized = stats.examples
+    per_shard = [len(x) for x in lengths]
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    groups = best_fit_decreasing(lengths.tolist(), plan.context_length) if plan.packing else \
+        [[i] for i in range(len(lengths))]
+    used = [int(lengths[g].sum()) for g in groups]
+    if plan.packing and plan.drop_last and groups and used[-1] < plan.context_length:
+        last = groups.pop()
+        stats.dropped_last, stats.tokens = len(last), stats.tokens - used.pop()
+        stats.target_tokens -= int(np.concatenate(targets)[last].sum())
+    stats.chunks = len(groups)
+    _write_packed(plan, per_shard, lengths, groups, used, {**meta, "stats": asdict(stats)})
+    shutil.rmtree(plan.dir, ignore_errors=True)
+    return stats
+
+
+def _write_packed(plan: Plan, per_shard: list[int], lengths: np.ndarray, groups: list[list[int]], used: list[int],
+                  meta: dict) -> None:
+    order = np.fromiter(itertools.chain.from_iterable(groups), np.int64, sum(map(len, groups)))
+    dest = np.full(len(lengths), -1, np.int64)  # where each segment starts in the output; -1 = dropped
+    dest[order] = np.cumsum(lengths[order]) - lengths[order]
+    total = int(sum(used))
+    offsets = np.concatenate([[0], np.cumsum(used, dtype=np.int64)]).astype(np.int64)
+    shapes = {"input_ids": (np.int32, total), "labels": (np.int32, total), "position_ids": (np.int32, total),
+              "offsets": (np.int64, len(offsets))}
+    with mapped.write(plan.out, shapes, meta) as out:
+        out["offsets"][:] = offsets
+        first = 0
+        for i, count in enumerate(per_shard):  # one shard's tokens at a time
+            shard, _ = mapped.read(plan.shard(i))
+            seg_len, seg_dest = lengths[first:first + count], dest[first:first + count]
+            first += count
+            within = np.arange(int(seg_len.sum())) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
+            placed = np.repeat(seg_dest >= 0, seg_len)
+            target = (np.repeat(seg_dest, seg_len) + within)[placed]
+            out["input_ids"][target] = shard["input_ids"][placed]
+            out["labels"][target] = shard["labels"][placed]
+            out["position_ids"][target] = within[placed]
+            del shard
+            out.release()  # written pages go to the file, not this process's RSS
+
+
+def prepare(plan: Plan, tokenizer, worker: int = 0, workers: int = 1, meta: Optional[dict] = None,
+            loaded: Optional[tuple] = None, peers_alive: Callable[[], bool] = lambda: True) -> Optional[PackStats]:
+    """This worker's part of preparing plan.out; worker 0 packs and returns the stats, the
+    others return None once plan.out exists."""
+    start = time.perf_counter()
+    n, load_bad = work(plan, tokenizer, worker, workers, loaded)
+    if worker != 0:
+        wait_for(plan, lambda: [plan.out], peers_alive)
+        return None
+    wait_for(plan, lambda: [plan.shard(i) for i in range(n)], peers_alive)
+    stats = pack_shards(plan, n, load_bad, meta or {})
+    log.info("prepared %d examples in %d shards by %d worker(s) in %.1fs", stats.examples, n, workers,
+             time.perf_counter() - start)
+    return stats
+
+
+def prepare_in_processes(plan: Plan, tokenizer, processes: int, meta: Optional[dict] = None) -> PackStats:
+    """prepare() by `processes` local processes (`shardtune prepare --num_proc`): the records
+    are read once, then forked children tokenize their shards beside this process."""
+    loaded = read_records(plan)
+    if processes < 2:
+        return prepare(plan, tokenizer, 0, 1, meta, loaded)
+    fork = multiprocessing.get_context("fork")  # children inherit the records and the tokenizer
+    children = [fork.Process(target=_child, args=(plan, tokenizer, w, processes, loaded), daemon=True)
+                for w in range(1, processes)]
+    for child in children:
+        child.start()
+    try:
+        return prepare(plan, tokenizer, 0, processes, meta, loaded,
+                       peers_alive=lambda: all(c.exitcode in (None, 0) for c in children))
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+
+
+def _child(plan: Plan, tokenizer, worker: int, workers: int, loaded: tuple) -> None:
+    try:
+        work(plan, tokenizer, worker, workers, loaded)
+    except UserError:
+        os._exit(1)  # the marker carries the message to the parent, which reports it once
+
+
+def run_id() -> str:
+    """Identifies this launch, for failure markers: torchrun's run id and restart, else this process."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return f"{os.environ['TORCHELASTIC_RUN_ID']}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return f"pid{os.getpid()}"
