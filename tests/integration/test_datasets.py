@@ -48,7 +48,7 @@ def _read(src, tok, mode="error"):
 
 def test_all_guide_datasets_are_registered():
     assert set(DATASETS) == {"samsum_dataset", "grammar_dataset", "alpaca_dataset", "custom_dataset", "chat_dataset",
-                             "mixture_dataset"}
+                             "mixture_dataset", "preference_dataset"}
 
 
 def test_grammar_labels_token_by_token(grammar_csvs, llama2_tok):
