@@ -12,12 +12,15 @@ All stamp the clock at the same point of every optimizer step (after backward, b
 optimizer step: shardtune's before_step, Trainer's on_pre_optimizer_step) and count the
 tokens of what they were given, non-pad and with padding (shardtune: its collate's
 num_tokens and row slots; TRL: its attention mask and input_ids), so tokens/s covers only
-the training steps, never loading or setup.
+the training steps, never loading or setup. Each stamp also reads the process's CPU time
+(all its threads): on a shared machine a step's wall time depends on who else runs, its CPU
+time much less, so CPU seconds per step are reported beside the wall-clock rates.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -45,7 +48,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def shardtune_steps(args) -> tuple[list[float], list[float], list[tuple[int, int]]]:
+def stamp() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def shardtune_steps(args) -> tuple[list[tuple[float, float]], list[float], list[tuple[int, int]]]:
     from shardtune.recipes import dpo
 
     out = Path(args.work) / "out"
@@ -58,7 +65,7 @@ def shardtune_steps(args) -> tuple[list[float], list[float], list[tuple[int, int
         return batch
 
     dpo.collate_pairs = counting  # setup_pair_data binds it by name when the recipe starts
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     flags = ["--model_name", args.model, "--dataset", "preference_dataset", "--preference_dataset.data_path",
              args.pairs, "--preference_dataset.validation_path", args.pairs, "--run_validation", "False",
              "--batching_strategy", "packing", "--context_length", str(args.context),
@@ -69,12 +76,12 @@ def shardtune_steps(args) -> tuple[list[float], list[float], list[tuple[int, int
              "--dpo_config.beta", str(args.beta),
              "--num_workers_dataloader", "0", "--save_metrics", "--log_every", "1", "--save_model", "False",
              "--data_cache_dir", "none", "--output_dir", str(out), "--overwrite_output_dir"]
-    assert dpo.main(flags, before_step=lambda model, state: stamps.append(time.perf_counter())) == 0
+    assert dpo.main(flags, before_step=lambda model, state: stamps.append(stamp())) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return stamps, [r["loss"] for r in rows if r["event"] == "step"], tokens[:len(stamps)]
 
 
-def trl_steps(args) -> tuple[list[float], list[float], list[tuple[int, int]]]:
+def trl_steps(args) -> tuple[list[tuple[float, float]], list[float], list[tuple[int, int]]]:
     from datasets import load_dataset
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -93,7 +100,7 @@ def trl_steps(args) -> tuple[list[float], list[float], list[tuple[int, int]]]:
 
     class Clock(TrainerCallback):
         def on_pre_optimizer_step(self, *a, **kw):
-            stamps.append(time.perf_counter())
+            stamps.append(stamp())
             tokens.append(tuple(pending))
             pending[:] = [0, 0]
 
@@ -116,10 +123,13 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     stamps, losses, tokens = (shardtune_steps if args.runner == "shardtune" else trl_steps)(args)
-    records = [StepRecord(end, loss, *counts) for end, loss, counts in zip(stamps, losses, tokens)]
+    records = [StepRecord(end, loss, *counts) for (end, _), loss, counts in zip(stamps, losses, tokens)]
     # start=None: a step's duration runs from the previous step's stamp to its own
     result = summarize(args.runner, args.size, records, None, args.warmup, args.threads,
                        extra={"last_loss": losses[-1], "tokens": [n for n, _ in tokens]})
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][-result.timed_steps:]  # summarize's timed steps
+    result.extra.update(cpu_s_per_step=statistics.median(cpu),
+                        cpu_tokens_per_s=sum(n for n, _ in tokens[-result.timed_steps:]) / sum(cpu))
     result.peak_rss_mib = vm_hwm_bytes() / 2**20  # VmHWM: this process alone (see measure.py)
     emit(result, args.result)
 
