@@ -56,7 +56,7 @@ def shardtune_steps(args) -> tuple[list[tuple[float, float]], list[float], list[
     from shardtune.recipes import dpo
 
     out = Path(args.work) / "out"
-    tokens: list[int] = []
+    tokens: list[tuple[int, int]] = []  # (non-pad, with padding) per step
     collate = dpo.collate_pairs
 
     def counting(*a, **kw):  # num_workers 0: the collate runs here, once per step in step order
