@@ -23,7 +23,7 @@ from .harness import read_results, runner_env, timed_process
 from .report import table
 from .workload import SHARED_DATA, Settings, build_model
 
-PAIRS = 64  # 8 steps: ~1 minute of shardtune, several of TRL, on the shared 2-core machine
+PAIRS = 64  # 8 steps: 12-70 s of a shardtune process, 1-3 minutes of a TRL one, on the shared 2-core machine
 BATCH = 8  # pairs per optimizer step (16 sequences), no accumulation
 QUICK_PAIRS = 16
 LR, BETA = 1e-4, 0.1

@@ -13,8 +13,8 @@ optimizer step: shardtune's before_step, Trainer's on_pre_optimizer_step) and co
 tokens of what they were given, non-pad and with padding (shardtune: its collate's
 num_tokens and row slots; TRL: its attention mask and input_ids), so tokens/s covers only
 the training steps, never loading or setup. Each stamp also reads the process's CPU time
-(all its threads): on a shared machine a step's wall time depends on who else runs, its CPU
-time much less, so CPU seconds per step are reported beside the wall-clock rates.
+(all its threads): on a shared machine it tells a step that waited for a core (wall time
+only) from one that did more work, threads spinning included (CPU time too).
 """
 from __future__ import annotations
 
