@@ -84,5 +84,12 @@ $(TT_STAMP):
 
 bench-venv: $(TT_STAMP)
 
-bench: $(STAMP) $(TT_STAMP)
+# the bench extra: what only the benchmark runs (TRL's DPOTrainer, the DPO section's baseline)
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(LOCKED) $(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) $(TT_STAMP)
 	$(BIN)/python -m benchmarks.bench $(if $(QUICK),--quick --sizes tiny --repeats 1,)

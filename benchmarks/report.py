@@ -21,7 +21,7 @@ def machine() -> dict:
                platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
             "python": platform.python_version(), "torch": torch.__version__,
-            "packages": _versions(("transformers", "peft", "accelerate"))}
+            "packages": _versions(("transformers", "peft", "accelerate", "trl"))}
 
 
 def _versions(names) -> str:
@@ -55,7 +55,7 @@ def throughput_table(rows: list[dict]) -> str:
 
 
 def render(info: dict, args, settings, sections: dict) -> str:
-    from . import distributed, mfu, profile_step
+    from . import distributed, dpo, mfu, profile_step
 
     parts = [
         "## Machine", "",
@@ -73,4 +73,6 @@ def render(info: dict, args, settings, sections: dict) -> str:
         parts += ["## Distributed", "", distributed.render(sections["distributed"]), ""]
     if "profile" in sections:
         parts += ["## Profile of one shardtune step", "", profile_step.render(sections["profile"]), ""]
+    if "dpo" in sections:
+        parts += ["## DPO: shardtune vs TRL DPOTrainer", "", dpo.render(sections["dpo"]), ""]
     return "\n".join(parts)
