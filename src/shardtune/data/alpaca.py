@@ -46,8 +46,8 @@ def split_bounds(num_records: int, split: str) -> tuple[int, int]:
 
 def source(dataset_config, split: str) -> Source:
     path = Path(dataset_config.data_path).expanduser()
-    if not path.is_file():
-        raise UserError(f"alpaca data file {path} does not exist; pass --alpaca_dataset.data_path path/to/alpaca_data.json")
+    if not path.exists():
+        raise UserError(f"alpaca data {path} does not exist; pass --alpaca_dataset.data_path path/to/alpaca_data.json")
     split_bounds(0, split)  # reject an unknown split name before anything is read
 
     def records(bad: BadRecords) -> tuple[list[dict], int]:

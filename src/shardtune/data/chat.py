@@ -27,7 +27,7 @@ from jinja2 import TemplateError
 
 from ..errors import UserError
 from .chat_templates import TEMPLATES
-from .records import BadRecords, read_records
+from .records import BadRecords, read_records, where
 from .source import Source, file_digest, sliced
 from .tokenize import IGNORE_INDEX, Example
 
@@ -193,7 +193,7 @@ def tokenize_conversations(tokenizer, records: list, source: str, bad: BadRecord
             text = renderer.render(messages)
             spans.append(None if train_on_input else renderer.assistant_spans(messages, text))
         except BadConversation as err:
-            bad.report(f"{source}: record {i}: {err}")
+            bad.report(f"{where(source, i)}: {err}")
             continue
         texts.append(text)
         where.append(i)
@@ -209,7 +209,7 @@ def tokenize_conversations(tokenizer, records: list, source: str, bad: BadRecord
         try:
             trained = labels_from_spans(offsets, record_spans)
         except BadConversation as err:
-            bad.report(f"{source}: record {i}: {err}")
+            bad.report(f"{where(source, i)}: {err}")
             continue
         examples.append({"input_ids": ids, "labels": [tok if on else IGNORE_INDEX for tok, on in zip(ids, trained)]})
     return examples
@@ -252,15 +252,15 @@ def split_role(split: str, dataset: str = "chat_dataset") -> str:
 def source(dataset_config, split: str) -> Source:
     cfg = dataset_config
     if not cfg.data_path:
-        raise UserError("chat_dataset needs its data: pass --chat_dataset.data_path FILE (.jsonl, .json or .parquet)")
+        raise UserError("chat_dataset needs its data: pass --chat_dataset.data_path FILE (.jsonl, .json, .parquet or .arrow) or a directory of them")
     if cfg.template not in TEMPLATE_CHOICES:
         raise UserError(f"unknown --chat_dataset.template {cfg.template!r}; choose one of {', '.join(TEMPLATE_CHOICES)}")
     split_bounds(0, split, False)  # reject an unknown split name before anything is read
     separate = bool(cfg.validation_path)
     which = "train" if split in _TRAIN else "validation"
     path = Path(cfg.validation_path if separate and which == "validation" else cfg.data_path).expanduser()
-    if not path.is_file():
-        raise UserError(f"chat data file {path} does not exist; check --chat_dataset.data_path / validation_path")
+    if not path.exists():
+        raise UserError(f"chat data {path} does not exist; check --chat_dataset.data_path / validation_path")
     template = None if cfg.template == OWN_TEMPLATE else cfg.template
 
     def records(bad: BadRecords) -> tuple[list, int]:

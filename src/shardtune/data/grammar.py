@@ -18,7 +18,7 @@ FIELDS = ("input", "target")
 
 def _csv_path(path: str) -> Path:
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise UserError(
             f"grammar CSV {path} does not exist; build it with `shardtune prepare grammar --jfleg DIR --out DIR` "
             "and pass --grammar_dataset.train_split DIR/grammar_train.csv --grammar_dataset.test_split DIR/grammar_validation.csv"

@@ -31,7 +31,7 @@ from ..errors import UserError
 from .chat import (OWN_TEMPLATE, TEMPLATE_CHOICES, BadConversation, ChatRenderer, Message, parse_conversation,
                    split_bounds, split_role)
 from .chat_templates import TEMPLATES
-from .records import BadRecords, read_records
+from .records import BadRecords, locate, read_records, where
 from .source import Source, file_digest
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -46,7 +46,8 @@ Pair = dict
 def origin(source: str, index: int) -> str:
     """Where a pair came from, for messages: the file and the record (0-based, as every
     bad-record message in shardtune counts them, so the two name the same record)."""
-    return f"{source} record {index}"
+    file, record = locate(source, index)
+    return f"{file} record {record}"
 
 
 def _type_name(value) -> str:
@@ -160,7 +161,7 @@ def tokenize_pairs(tokenizer, records: list, source: str, bad: BadRecords, templ
             chats.add(renderer.render(prompt, generation_prompt=True), renderer.render([*prompt, chosen]),
                       renderer.render([*prompt, rejected]), i)
         except BadConversation as err:
-            bad.report(f"{source}: record {i}: {err}")
+            bad.report(f"{where(source, i)}: {err}")
     # Plain text gets the tokenizer's special tokens (BOS); a chat template writes its own.
     pairs = _split_ids(tokenizer, plain, True, source) + _split_ids(tokenizer, chats, False, source)
     return [pair for _, pair in sorted(pairs, key=lambda item: item[0])]
@@ -170,14 +171,14 @@ def source(dataset_config, split: str) -> Source:
     cfg = dataset_config
     if not cfg.data_path:
         raise UserError("preference_dataset needs its data: pass --preference_dataset.data_path FILE "
-                        "(.jsonl, .json or .parquet of prompt/chosen/rejected records)")
+                        "(.jsonl, .json, .parquet or .arrow of prompt/chosen/rejected records, or a directory of them)")
     if cfg.template not in TEMPLATE_CHOICES:
         raise UserError(f"unknown {TEMPLATE_FLAG} {cfg.template!r}; choose one of {', '.join(TEMPLATE_CHOICES)}")
     which = split_role(split, "preference_dataset")  # rejects an unknown split name before anything is read
     separate = bool(cfg.validation_path)
     path = Path(cfg.validation_path if separate and which == "validation" else cfg.data_path).expanduser()
-    if not path.is_file():
-        raise UserError(f"preference data file {path} does not exist; "
+    if not path.exists():
+        raise UserError(f"preference data {path} does not exist; "
                         "check --preference_dataset.data_path / validation_path")
     template = None if cfg.template == OWN_TEMPLATE else cfg.template
 

@@ -1,5 +1,6 @@
-"""Reading raw records from JSON, JSON lines, CSV, TSV and parquet, with errors that name
-the file and the record (0-based), so a user can find and fix bad data.
+"""Reading raw records from JSON, JSON lines, CSV, TSV, parquet and Arrow files, or from a
+directory of such shards (as `datasets` writes them), with errors that name the file and
+the record (0-based), so a user can find and fix bad data.
 
 A malformed record is handed to a `BadRecords` policy: `error` stops with a one-line
 message, `skip` leaves the record out and counts it. Record indices always refer to the
@@ -7,6 +8,7 @@ position in the file, skipped or not.
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -30,6 +32,10 @@ BAD_RECORD_MODES = ("error", "skip")
 # U+DC80..U+DCFF, so the record that holds them can be named instead of the whole file failing.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _MAX_KEPT_MESSAGES = 20
+SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow")
+# directory read by read_records -> [(index of its first record, file)], so that a message
+# about record i of the directory names the shard file and the record within it (where())
+_SHARDS: dict[str, list[tuple[int, Path]]] = {}
 
 
 @dataclass
@@ -73,10 +79,63 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def read_records(path: str | Path, bad: BadRecords | None = None) -> Records:
-    """All records of one file; the format is taken from the suffix."""
-    bad = bad or BadRecords()
+def data_files(path: str | Path) -> list[Path]:
+    """The files behind a data path: the file itself; for a directory, the Arrow files of a
+    `datasets` save_to_disk in its order (state.json), else every data file in name order."""
     path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"data path {path} does not exist; check the dataset path flags")
+    if (path / "dataset_dict.json").is_file():
+        raise UserError(f"{path} holds several splits (a saved DatasetDict); point at one of them, "
+                        f"e.g. {path / 'train'}")
+    state = path / "state.json"
+    if state.is_file():
+        try:
+            return [path / entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{state}: not a datasets save_to_disk state file ({err}); "
+                            "remove it or point at the data files") from None
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
+                   and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"{path}: no data files ({', '.join(SUFFIXES)}) in the directory")
+    return files
+
+
+def locate(source: str, i: int) -> tuple[str, int]:
+    """Record i of a source as (file, record within it): a directory's shard file, else itself."""
+    shards = _SHARDS.get(source)
+    if shards:
+        first, file = shards[bisect.bisect_right([start for start, _ in shards], i) - 1]
+        return str(file), i - first
+    return source, i
+
+
+def where(source: str, i: int) -> str:
+    """"FILE: record I", for bad-record messages."""
+    file, index = locate(source, i)
+    return f"{file}: record {index}"
+
+
+def read_records(path: str | Path, bad: BadRecords | None = None) -> Records:
+    """All records of a file, or of a directory's files one after another; the format is
+    taken from each file's suffix."""
+    bad = bad or BadRecords()
+    files = data_files(path)
+    if Path(path).is_file():
+        return _read_file(Path(path), bad)
+    records: Records = []
+    shards = []
+    for file in files:
+        shards.append((len(records), file))
+        records += _read_file(file, bad)
+    _SHARDS[str(path)] = shards
+    return records
+
+
+def _read_file(path: Path, bad: BadRecords) -> Records:
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; check the dataset path flags")
     suffix = path.suffix.lower()
@@ -88,7 +147,9 @@ def read_records(path: str | Path, bad: BadRecords | None = None) -> Records:
         return _read_csv(path, bad, delimiter="\t" if suffix == ".tsv" else ",")
     if suffix == ".parquet":
         return _read_parquet(path)
-    raise UserError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .csv, .tsv or .parquet")
+    if suffix == ".arrow":
+        return _read_arrow(path)
+    raise UserError(f"{path}: unsupported file type {suffix!r}; use {', '.join(SUFFIXES)}, or a directory of them")
 
 
 def _read_json(path: Path, bad: BadRecords) -> Records:
@@ -178,6 +239,22 @@ def _read_parquet(path: Path) -> Records:
         raise UserError(f"{path}: cannot read parquet: {err}") from None
 
 
+def _read_arrow(path: Path) -> Records:
+    """An Arrow IPC file: the stream format `datasets` writes, or the random-access one."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as mapped:
+            try:
+                table = pa.ipc.open_stream(mapped).read_all()
+            except pa.ArrowInvalid:
+                mapped.seek(0)
+                table = pa.ipc.open_file(mapped).read_all()
+        return table.to_pylist()
+    except Exception as err:  # pyarrow raises many types for corrupt files
+        raise UserError(f"{path}: cannot read Arrow data: {err}") from None
+
+
 def valid_records(records: Records, required: tuple[str, ...], source: str, bad: BadRecords | None = None,
                   optional: tuple[str, ...] = (), start: int = 0) -> list[Record]:
     """The records that are objects with string values for `required` (and for `optional`
@@ -189,7 +266,7 @@ def valid_records(records: Records, required: tuple[str, ...], source: str, bad:
             continue  # unreadable, already reported
         problem = _field_problem(rec, required, optional)
         if problem:
-            bad.report(f"{source}: record {i}: {problem}")
+            bad.report(f"{where(source, i)}: {problem}")
         else:
             out.append(rec)
     return out

@@ -1,7 +1,8 @@
 """SAMSum dialogue summarization with llama-recipes' exact prompt template.
 
-data_path: "sample" (bundled), a directory of train/val/test files (.json, .jsonl, .csv
-or .parquet), a single file, or a hub id (online, via datasets.load_dataset).
+data_path: "sample" (bundled), a directory of train/val/test files (.json, .jsonl, .csv,
+.parquet or .arrow) or of train/val/test directories of such shards, a single file, or a
+hub id (online, via datasets.load_dataset).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import UserError
-from .records import BadRecords, read_records, valid_records
+from .records import SUFFIXES, BadRecords, read_records, valid_records
 from .source import Source, file_digest, sliced
 from .tokenize import Example, tokenize_prompt_target
 
@@ -18,7 +19,6 @@ PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
 FIELDS = ("dialogue", "summary")
 # The corpus names its validation file val.json; hub copies call the split "validation".
 _SPLIT_FILES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
-_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
 
 def _split_key(split: str) -> str:
@@ -35,16 +35,19 @@ def bundled_sample() -> dict[str, list[dict]]:
 
 
 def _data_file(data_path: str, split: str) -> Path | None:
-    """The local file of a split, or None for a hub id."""
+    """The local file (or directory of shards) of a split, or None for a hub id."""
     path = Path(data_path).expanduser()
     if path.is_dir():
         stem = _split_key(split)
-        for suffix in _SUFFIXES:
+        for suffix in SUFFIXES:
             f = path / f"{stem}{suffix}"
             if f.is_file():
                 return f
-        raise UserError(f"no {stem}.json/.jsonl/.csv/.parquet in {path}; point --samsum_dataset.data_path at the SAMSum directory")
-    if path.suffix.lower() in _SUFFIXES or path.exists() or data_path.startswith((".", "/", "~")):
+        if (path / stem).is_dir():
+            return path / stem
+        raise UserError(f"no {stem}.json/.jsonl/.csv/.parquet/.arrow or {stem}/ in {path}; "
+                        "point --samsum_dataset.data_path at the SAMSum directory")
+    if path.suffix.lower() in SUFFIXES or path.exists() or data_path.startswith((".", "/", "~")):
         if not path.exists():
             raise UserError(f"data path {data_path} does not exist; check --samsum_dataset.data_path")
         return path

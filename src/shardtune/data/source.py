@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .records import BadRecords
+from .records import BadRecords, data_files
 from .tokenize import Example
 
 # (tokenizer, bad-record policy) -> tokenized examples
@@ -45,8 +45,15 @@ def sliced(name: str, fingerprint: Optional[str], template: str, records: Record
 
 
 def file_digest(path: Path | Any) -> str:
-    """sha256 of a file's bytes (a Path or an importlib.resources Traversable)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of a data path's bytes: a file (a Path or an importlib.resources Traversable),
+    read in blocks so a corpus is never held whole, or a directory's data files in order."""
+    if isinstance(path, Path) and path.is_dir():
+        h = hashlib.sha256()
+        for file in data_files(path):
+            h.update(f"{file.relative_to(path)}:{file_digest(file)}\n".encode())
+        return "dir:" + h.hexdigest()
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_split(source: Source, tokenizer, bad: BadRecords | None = None) -> list[Example]:
