@@ -297,28 +297,35 @@ def eval_mode(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, dist: Dist, cfg: LoopConfig) -> tuple[float, dict[str, float]]:
-    """The objective's loss over the whole split (or max_eval_step batches), weighted by its
-    count (target tokens, pairs), and its stats' means."""
+def evaluate(model, loaders, dist: Dist, cfg: LoopConfig) -> tuple[float, dict[str, float], dict[str, float]]:
+    """The objective's loss over the whole split (or max_eval_step batches of each part),
+    weighted by its count (target tokens, pairs), and its stats' means. `loaders` is one
+    DataLoader or {part: DataLoader} (a mixture's components); the third value is each
+    part's own loss when there are several."""
     eval_mode(model)
     autocast = _autocast(dist.device, cfg.autocast_dtype)
     objective = cfg.trained()
-    totals = torch.zeros(2 + len(objective.stat_names), dtype=torch.float64, device=dist.device)
-    for i, batch in enumerate(tqdm(loader, desc="eval", disable=not dist.is_main, dynamic_ncols=True)):
-        if cfg.max_eval_step and i >= cfg.max_eval_step:
-            break
-        counts = objective.counts(batch)
-        with autocast:
-            _, sums = objective.loss(model, batch, dist.device, _to_device_vector(counts, dist.device).clamp_min(1.0), 1)
-        totals[0] += sums[0].double()
-        totals[1] += counts[0]
-        totals[2:] += sums[1:].double()
+    parts = loaders if isinstance(loaders, dict) else {"": loaders}
+    totals = torch.zeros(len(parts), 2 + len(objective.stat_names), dtype=torch.float64, device=dist.device)
+    for row, loader in zip(totals, parts.values()):
+        for i, batch in enumerate(tqdm(loader, desc="eval", disable=not dist.is_main, dynamic_ncols=True)):
+            if cfg.max_eval_step and i >= cfg.max_eval_step:
+                break
+            counts = objective.counts(batch)
+            with autocast:
+                _, sums = objective.loss(model, batch, dist.device,
+                                         _to_device_vector(counts, dist.device).clamp_min(1.0), 1)
+            row[0] += sums[0].double()
+            row[1] += counts[0]
+            row[2:] += sums[1:].double()
     release_gathered(model)  # FSDP2 units that stay gathered after a forward wait for a backward
-    _all_reduce(totals, dist)
-    loss_sum, n, *stat_sums = totals.tolist()
+    _all_reduce(totals, dist)  # one collective for every part
+    by_part = {name: (s / n if n else float("nan")) for name, (s, n) in zip(parts, totals[:, :2].tolist())}
+    loss_sum, n, *stat_sums = totals.sum(0).tolist()
     if not n:
-        return float("nan"), {}
-    return loss_sum / n, {name: v / n for name, v in zip(objective.stat_names, stat_sums)}
+        return float("nan"), {}, {}
+    stats = {name: v / n for name, v in zip(objective.stat_names, stat_sums)}
+    return loss_sum / n, stats, by_part if len(parts) > 1 else {}
 
 
 def peak_memory_all_ranks(dist: Dist) -> list[int]:

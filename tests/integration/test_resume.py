@@ -1,8 +1,9 @@
 """Runs that survive (real processes, CPU/gloo, tiny model): SIGKILL mid-step and
-mid-save, then --resume auto, end bitwise equal to an uninterrupted run; resume at
-another world size continues its losses; SIGTERM checkpoints and exits 0; a NaN stops
-the run and keeps the last good checkpoint; outputs convert, merge and load in plain
-transformers / peft; a used output_dir is never touched."""
+mid-save, then --resume auto, end bitwise equal to an uninterrupted run (LoRA on a
+weighted mixture of two datasets, with per-component evaluation, and full fine-tuning);
+resume at another world size continues its losses, on a mixture; SIGTERM checkpoints
+and exits 0; a NaN stops the run and keeps the last good checkpoint; outputs convert,
+merge and load in plain transformers / peft; a used output_dir is never touched."""
 import hashlib
 import json
 import signal
@@ -14,8 +15,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import (REPO, SHIM, check, error_lines, kill_group, python, run_cmd, start_python, start_torchrun, step_losses,
-                      torchrun, wait_for_file)
+from conftest import (REPO, SHARED_DATA, SHIM, check, error_lines, kill_group, metric_events, python, run_cmd, start_python,
+                      start_torchrun, step_losses, torchrun, wait_for_file)
 from shardtune.checkpoint import state as ckpt_state
 
 FAULT = REPO / "tests" / "workers" / "fault_probe.py"
@@ -24,7 +25,11 @@ STEPS = 6
 COMMON = ["--num_epochs", "1", "--max_train_step", str(STEPS), "--context_length", "128",
           "--num_workers_dataloader", "0", "--save_metrics", "--log_every", "1", "--run_validation", "False",
           "--save_steps", "2", "--lr", "1e-2"]
-METHODS = {"lora": ["--use_peft", "--peft_method", "lora"],  # lora_dropout 0.05: the RNG must resume too
+# two components of unequal size, each prepared and cached on its own, drawn 0.6 / 0.4
+MIXTURE = ["--dataset", "mixture_dataset", "--mixture_dataset.datasets", "samsum_dataset:0.6,alpaca_dataset:0.4",
+           "--alpaca_dataset.data_path", str(SHARED_DATA / "alpaca" / "alpaca_data_200.json")]
+METHODS = {"lora_mixture": ["--use_peft", "--peft_method", "lora",  # lora_dropout 0.05: the RNG must resume too
+                            *MIXTURE, "--run_validation", "True", "--eval_steps", "2"],
            "full": ["--fsdp_activation_checkpointing", "False"]}
 
 
@@ -74,6 +79,14 @@ def test_killed_mid_step_then_mid_save_resumes_bitwise_exact(tmp_path, tiny_mode
     assert _steps(out, tiny_model) == ["step_000004", "step_000006"]  # save_total_limit 2
 
     assert step_losses(out) == step_losses(ref) and len(step_losses(ref)) == STEPS
+    if "--run_validation" in flags:  # each component's loss and the combined one, at steps 2, 4 and 6
+        def evals(run):
+            return {e["step"]: {k: e[k] for k in ("eval_loss", "eval_loss_by_dataset")} for e in metric_events(run, "eval")}
+        assert evals(out) == evals(ref) and sorted(evals(ref)) == [2, 4, 6]
+        for e in evals(ref).values():
+            parts = e["eval_loss_by_dataset"]
+            assert sorted(parts) == ["alpaca_dataset", "samsum_dataset"]
+            assert min(parts.values()) < e["eval_loss"] < max(parts.values())  # a weighted mean of the two
     final, expected = _final_weights(out), _final_weights(ref)
     assert final.keys() == expected.keys()
     for key in expected:
@@ -84,7 +97,7 @@ def test_killed_mid_step_then_mid_save_resumes_bitwise_exact(tmp_path, tiny_mode
     converted = tmp_path / "converted"
     check(run_cmd([*_cli(), "convert", str(run_dir / "step_000006"), str(converted)]))
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    if method == "lora":
+    if method == "lora_mixture":
         model = PeftModel.from_pretrained(base, converted).eval()
         merged = tmp_path / "merged"
         check(run_cmd([*_cli(), "merge", "--model_name", str(tiny_model), "--peft_model", str(converted),
@@ -103,7 +116,7 @@ def _cli():
     return [sys.executable, "-m", "shardtune.cli"]
 
 
-WORLD_FLAGS = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0"]
+WORLD_FLAGS = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0", *MIXTURE]
 
 
 @pytest.fixture(scope="module")

@@ -106,3 +106,31 @@ def test_a_real_mixture_trains_in_proportion_and_an_empty_component_is_one_line(
                                 "--chat_dataset.validation_path", str(empty), "--on_bad_record", "skip"]),
                     llama2_tok, "train")
     assert "\n" not in str(err.value)
+
+
+def test_validation_reports_each_component_and_their_token_weighted_whole(tmp_path, shared_data, tiny_llama2_tok):
+    """loop.evaluate over a mixture's eval_loaders: each component's loss is that component
+    evaluated alone, and the whole is the loss over the concatenated split (one loader)."""
+    from transformers import AutoModelForCausalLM
+
+    from shardtune import loop
+    from shardtune.data import eval_loader, eval_loaders
+    from shardtune.device import Dist
+    from shardtune.modeling.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama2_tok))  # with the pad token the data stage sets
+    args = ["--dataset", "mixture_dataset", "--mixture_dataset.datasets", "samsum_dataset:0.2,alpaca_dataset:0.8",
+            "--alpaca_dataset.data_path", str(shared_data / "alpaca" / "alpaca_data_200.json"),
+            "--context_length", "256", "--data_cache_dir", str(tmp_path / "cache")]
+    split = build_split(parse_args(args), tok, "validation")
+    assert sorted(split.parts) == ["alpaca_dataset", "samsum_dataset"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama2_tok, dtype=torch.float32)
+    one = Dist(0, 0, 1, 1, torch.device("cpu"), "gloo")
+    cfg = loop.LoopConfig(accum=1, world=1, max_train_step=0, max_eval_step=0, grad_clip=None, log_every=1)
+    loss, _, by_part = loop.evaluate(model, eval_loaders(split, 3, 1, 0, tok.pad_token_id, 0), one, cfg)
+    alone = {name: loop.evaluate(model, eval_loader(part, 3, 1, 0, tok.pad_token_id, 0), one, cfg)
+             for name, part in split.parts.items()}
+    assert by_part == pytest.approx({name: result[0] for name, result in alone.items()}, rel=1e-6)
+    whole, _, none = loop.evaluate(model, eval_loader(split, 3, 1, 0, tok.pad_token_id, 0), one, cfg)
+    assert loss == pytest.approx(whole, rel=1e-6) and none == {}
+    assert min(by_part.values()) < loss < max(by_part.values())

@@ -192,7 +192,7 @@ def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str],
         collate_fn=lambda items: collate_pairs(items, tokenizer.pad_token_id, t.context_length, packing=False))
     cfg = loop.LoopConfig(accum=1, world=1, max_train_step=0, max_eval_step=0, grad_clip=None, log_every=1,
                           objective=objective)
-    loss, stats = loop.evaluate(model, loader, dist, cfg)
+    loss, stats, _ = loop.evaluate(model, loader, dist, cfg)
     return {"model": model_name, "peft_model": peft_model, "dataset": t.dataset, "split": source.name,
             "num_pairs": len(pairs), "bad_records": bad.count, "loss_type": d.loss_type, "loss": loss,
             "preference_accuracy": stats["rewards/accuracies"], **stats}

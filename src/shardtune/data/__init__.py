@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 BATCHING_STRATEGIES = ("packing", "padding")
 
-__all__ = ["source", "ChunkDataset", "SplitData", "build_split", "train_loader", "eval_loader"]
+__all__ = ["source", "ChunkDataset", "SplitData", "build_split", "train_loader", "eval_loader", "eval_loaders"]
 
 
 @dataclass
@@ -49,6 +49,8 @@ class SplitData:
     collate_fn: Optional[Callable] = None
     # epoch -> the dataset indices that epoch draws (a mixture's weighted plan); None = each once
     epoch_indices: Optional[Callable[[int], torch.Tensor]] = None
+    # a mixture's components by dataset name, whose datasets `dataset` concatenates; None = one source
+    parts: Optional[dict[str, "SplitData"]] = None
 
 
 def check_flags(t, pairs: bool = False) -> None:
@@ -231,6 +233,15 @@ def eval_loader(split: SplitData, batch: int, world: int, rank: int, pad_id: int
                 pin_memory: bool = False) -> DataLoader:
     sampler = EvalSampler(len(split.dataset), batch, world, rank)
     return _loader(split, sampler, pad_id, num_workers, pin_memory)
+
+
+def eval_loaders(split: SplitData, batch: int, world: int, rank: int, pad_id: int, num_workers: int,
+                 pin_memory: bool = False) -> dict[str, DataLoader]:
+    """{component: its loader} for a mixture, so each component's loss is reported beside
+    the combined one; {"": the loader} for one source."""
+    parts = split.parts or {"": split}
+    return {name: eval_loader(part, batch, world, rank, pad_id, num_workers, pin_memory)
+            for name, part in parts.items()}
 
 
 def _loader(split: SplitData, batch_sampler, pad_id: int, num_workers: int, pin_memory: bool) -> DataLoader:

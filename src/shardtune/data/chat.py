@@ -179,7 +179,7 @@ def tokenize_conversations(tokenizer, records: list, source: str, bad: BadRecord
     if not tokenizer.is_fast:
         raise UserError("chat_dataset needs a fast tokenizer (a tokenizer.json) for token offsets")
     renderer = ChatRenderer(tokenizer, template)
-    texts, spans, where = [], [], []
+    texts, spans, kept = [], [], []
     for i, record in enumerate(records, start=start):
         if record is None:
             continue  # unreadable, already reported
@@ -196,13 +196,13 @@ def tokenize_conversations(tokenizer, records: list, source: str, bad: BadRecord
             bad.report(f"{where(source, i)}: {err}")
             continue
         texts.append(text)
-        where.append(i)
+        kept.append(i)
     if not texts:
         return []
     # The template writes bos and every other special token itself.
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     examples = []
-    for ids, offsets, record_spans, i in zip(encoded["input_ids"], encoded["offset_mapping"], spans, where):
+    for ids, offsets, record_spans, i in zip(encoded["input_ids"], encoded["offset_mapping"], spans, kept):
         if record_spans is None:
             examples.append({"input_ids": ids, "labels": list(ids)})
             continue

@@ -13,7 +13,8 @@ chunk of its component has been drawn. The epoch's L chunks are then shuffled by
 training sampler like any split's. The order is a function of (seed, epoch) alone, so the
 checkpointed data position (epoch, samples into it) resumes it exactly at any world size.
 
-Validation is every component's validation split, concatenated (unweighted).
+Validation is every component's validation split, unweighted: the loop reports each
+component's loss and the loss over all of them (weighted by target tokens).
 """
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ def build(cfgs, tokenizer, split: str, build_split: Callable):
     lengths = dataset.lengths() if parts[0].lengths is not None else None
     plan = EpochPlan([len(p.dataset) for p in parts], [w for _, w in spec], cfgs.train.seed) if split == "train" else None
     source = " + ".join(f"{name} x{w:g} ({p.source})" for (name, w), p in zip(spec, parts))
-    return SplitData(dataset, stats, source, lengths, epoch_indices=plan)
+    return SplitData(dataset, stats, source, lengths, epoch_indices=plan,
+                     parts={name: p for (name, _), p in zip(spec, parts)})
 
 
 def _summed(each: list[PackStats]) -> PackStats:

@@ -88,6 +88,8 @@ class MetricsWriter:
         tags = SINK_TAGS.get(event)
         if tags and self.sinks:
             scalars = {tag: float(fields[name]) for name, tag in tags.items() if fields.get(name) is not None}
+            for name, value in (fields.get("eval_loss_by_dataset") or {}).items():  # a mixture's components
+                scalars[f"eval/loss/{name}"] = float(value)
             for sink in self.sinks:
                 sink.log(fields["step"], scalars)
 

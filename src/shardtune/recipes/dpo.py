@@ -87,12 +87,12 @@ def setup_pair_data(cfgs: Configs, dist: device.Dist, tokenizer, batching: Batch
             split.collate_fn = collate
     loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size, dist.rank,
                                         t.seed, tokenizer.pad_token_id, t.num_workers_dataloader, dist.is_accelerator)
-    eval_loader = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank,
-                                    tokenizer.pad_token_id, t.num_workers_dataloader, dist.is_accelerator)
-                   if eval_split else None)
+    eval_loaders = (data.eval_loaders(eval_split, t.val_batch_size, dist.world_size, dist.rank,
+                                      tokenizer.pad_token_id, t.num_workers_dataloader, dist.is_accelerator)
+                    if eval_split else {})
     log.info("global batch %d pairs = micro batch %d x %d ranks x %d accumulation; %d steps per epoch",
              sampler.global_batch, batching.micro, dist.world_size, batching.accum, sampler.steps_per_epoch)
-    return train_split, eval_split, loader, sampler, eval_loader
+    return train_split, eval_split, loader, sampler, eval_loaders
 
 
 # ---- the reference model ----------------------------------------------------------------

@@ -84,7 +84,7 @@ class Recipe:
     eval_split: Optional[data.SplitData]
     loader: torch.utils.data.DataLoader
     sampler: data.GlobalBatchSampler
-    eval_loader: Optional[torch.utils.data.DataLoader]
+    eval_loaders: dict[str, torch.utils.data.DataLoader]  # {component: loader} (data.eval_loaders); {} = none
     train_model: torch.nn.Module  # what runs forward/backward (FSDP/DDP-wrapped)
     peft_model: torch.nn.Module  # the unwrapped (PEFT) model
     optimizer: torch.optim.Optimizer
@@ -237,12 +237,12 @@ def setup_data(cfgs: Configs, dist: device.Dist, tokenizer, batching: Batching) 
     pad_id = tokenizer.pad_token_id
     loader, sampler = data.train_loader(train_split, batching.micro, batching.accum, dist.world_size,
                                         dist.rank, t.seed, pad_id, t.num_workers_dataloader, dist.is_accelerator)
-    eval_loader = (data.eval_loader(eval_split, t.val_batch_size, dist.world_size, dist.rank, pad_id,
-                                    t.num_workers_dataloader, dist.is_accelerator) if eval_split else None)
+    eval_loaders = (data.eval_loaders(eval_split, t.val_batch_size, dist.world_size, dist.rank, pad_id,
+                                      t.num_workers_dataloader, dist.is_accelerator) if eval_split else {})
     log.info("global batch %d = micro batch %d x %d ranks x %d accumulation; %d steps per epoch (%d sequences past the last full batch are left to the next shuffle)",
              sampler.global_batch, batching.micro, dist.world_size, batching.accum,
              sampler.steps_per_epoch, sampler.dropped_per_epoch)
-    return train_split, eval_split, loader, sampler, eval_loader
+    return train_split, eval_split, loader, sampler, eval_loaders
 
 
 def peak_flops(cfgs: Configs, dist: device.Dist) -> float:
@@ -295,7 +295,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None,
     if dist.is_main and precision.compute != torch.float32 and not dist.supports_fast_bf16():
         log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
 
-    train_split, eval_split, loader, sampler, eval_loader = (data_stage or setup_data)(cfgs, dist, tokenizer, batching)
+    train_split, eval_split, loader, sampler, eval_loaders = (data_stage or setup_data)(cfgs, dist, tokenizer, batching)
     train_model, peft_model = setup_model(cfgs, dist, spec, precision)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
@@ -306,7 +306,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None,
     flops = throughput.model_flops(peft_model, spec.config)
     loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, flops)
     metrics = build_metrics(cfgs, dist, ckpt)
-    recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loader,
+    recipe = Recipe(cfgs, dist, batching, spec, tokenizer, train_split, eval_split, loader, sampler, eval_loaders,
                     train_model, peft_model, optimizer, scheduler, loop_cfg, loop.LoopState(), metrics, run_dir,
                     grad_scaler=build_grad_scaler(cfgs, dist, precision), before_step=before_step,
                     precision=precision)
@@ -378,7 +378,7 @@ def after_step(recipe: Recipe, stop: StopRequest, sync: Callable[[], None]) -> b
     stopping = stop.agreed(recipe.dist)
     eval_loss = None
     # not while stopping: a preempted job's grace period is for the checkpoint
-    if recipe.eval_loader and t.eval_steps and state.step % t.eval_steps == 0 and not stopping:
+    if recipe.eval_loaders and t.eval_steps and state.step % t.eval_steps == 0 and not stopping:
         sync()  # the steps up to this one are logged before their evaluation
         eval_loss = validate(recipe)
         recipe.train_model.train()
@@ -422,7 +422,7 @@ def fit_epoch(recipe: Recipe, stop: StopRequest) -> bool:
     r.dist.synchronize()
     elapsed = time.perf_counter() - start
     eval_loss = None
-    if r.eval_loader:  # an --eval_steps evaluation of this very step is not repeated
+    if r.eval_loaders:  # an --eval_steps evaluation of this very step is not repeated
         eval_loss = r.last_eval[1] if r.last_eval and r.last_eval[0] == state.step else validate(r)
     peaks = loop.peak_memory_all_ranks(r.dist)
     token_loss = not r.loop_cfg.trained().stat_names  # perplexity means something for token losses only
@@ -454,12 +454,15 @@ def fit_epoch(recipe: Recipe, stop: StopRequest) -> bool:
 def validate(recipe: Recipe) -> float:
     """Evaluate at the current step; the loss goes to the metrics (an "eval" event) and the log."""
     state = recipe.state
-    eval_loss, stats = loop.evaluate(recipe.train_model, recipe.eval_loader, recipe.dist, recipe.loop_cfg)
+    eval_loss, stats, by_dataset = loop.evaluate(recipe.train_model, recipe.eval_loaders, recipe.dist,
+                                                 recipe.loop_cfg)
     recipe.last_eval = (state.step, eval_loss)
     fields = {f"eval_{name}": value for name, value in stats.items()} or {"eval_perplexity": perplexity(eval_loss)}
+    if by_dataset:  # a mixture: each component's loss too
+        fields["eval_loss_by_dataset"] = by_dataset
     recipe.metrics.write("eval", epoch=state.epoch + 1, step=state.step, eval_loss=eval_loss, **fields)
     log.info("step %d: eval loss %.4f %s", state.step, eval_loss,
-             " ".join(f"{k} {v:.4f}" for k, v in fields.items()))
+             " ".join(f"{k} {v:.4f}" for k, v in {**fields, **by_dataset}.items() if k != "eval_loss_by_dataset"))
     return eval_loss
 
 
