@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from shardtune.config.parse import parse_args
-from shardtune.data import _resolve, shards
+from shardtune.data import split_source, shards
 from shardtune.data.packing import ChunkDataset, pack
 from shardtune.data.records import BadRecords
 from shardtune.errors import UserError
@@ -63,7 +63,7 @@ def test_samsum_split_is_packs_output_at_any_worker_count(tmp_path, shared_data,
                                                           context_length, packing, drop_last, worker_counts):
     cfgs = parse_args(["--samsum_dataset.data_path", str(shared_data / "samsum"),
                        "--samsum_dataset.train_split", "validation"])
-    src = _resolve(cfgs, "train")  # 818 dialogues: 9 shards of 100
+    src = split_source(cfgs, "train")  # 818 dialogues: 9 shards of 100
     want, want_stats = _reference(src, llama2_tok, context_length, packing, drop_last)
     assert want_stats.truncated and want_stats.skipped_no_target
     for workers in worker_counts:
@@ -85,7 +85,7 @@ def test_chat_bad_records_found_while_tokenizing_are_counted_in_record_order(tmp
     data.write_text("\n".join(lines) + "\n")
     cfgs = parse_args(["--dataset", "chat_dataset", "--chat_dataset.data_path", str(data),
                        "--chat_dataset.template", "llama2"])
-    src = _resolve(cfgs, "train")
+    src = split_source(cfgs, "train")
     want, want_stats = _reference(src, llama2_tok, 128, True, False, "skip")
     assert want_stats.bad_records == 3  # records 95, 185, 275 (record 5 is in the validation 5%)
     got, stats = _prepared(src, llama2_tok, tmp_path / "chat.safetensors", 128, True, False, 3, "skip")
@@ -96,7 +96,7 @@ def test_prepared_file_is_safetensors_and_maps_without_copying(tmp_path, shared_
     cfgs = parse_args(["--dataset", "alpaca_dataset", "--alpaca_dataset.data_path",
                        str(shared_data / "alpaca" / "alpaca_data_200.json")])
     out = tmp_path / "alpaca.safetensors"
-    got, _ = _prepared(_resolve(cfgs, "train"), llama2_tok, out, 512, True, False, 2)
+    got, _ = _prepared(split_source(cfgs, "train"), llama2_tok, out, 512, True, False, 2)
     by_library = load_file(str(out))
     for name, array in got.arrays().items():
         assert torch.equal(by_library[name], array), name
@@ -120,7 +120,7 @@ def test_a_failing_worker_stops_the_one_waiting_for_it(tmp_path, llama2_tok, sma
     data.write_text("\n".join(lines) + "\n")
     cfgs = parse_args(["--dataset", "chat_dataset", "--chat_dataset.data_path", str(data),
                        "--chat_dataset.template", "llama2", "--chat_dataset.validation_path", str(data)])
-    plan = shards.Plan(_resolve(cfgs, "train"), tmp_path / "out.safetensors", 128, True, False, "error", "run1")
+    plan = shards.Plan(split_source(cfgs, "train"), tmp_path / "out.safetensors", 128, True, False, "error", "run1")
     with pytest.raises(UserError, match="record 150"):
         shards.work(plan, llama2_tok, 1, 2)
     with pytest.raises(UserError, match=r"another worker could not prepare the split: .*chat.jsonl: record 150"):
@@ -139,7 +139,7 @@ def test_prepare_num_proc_fills_the_cache_a_run_then_maps(tmp_path, shared_data,
     cfgs = parse_args(flags)
     cached = build_split(cfgs, llama2_tok, "train")
     assert cached.stats.from_cache
-    want, _ = _reference(_resolve(cfgs, "train"), llama2_tok, 256, True, False)
+    want, _ = _reference(split_source(cfgs, "train"), llama2_tok, 256, True, False)
     for name, array in want.arrays().items():
         assert torch.equal(cached.dataset.arrays()[name], array), name
     with pytest.raises(UserError, match="nothing would be kept"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,6 +31,7 @@ from ..data.packing import collate, pack
 from ..data.records import BadRecords
 from ..data.tokenize import IGNORE_INDEX, Example
 from ..errors import UserError, exit_on_user_error
+from ..files import atomic_path
 from ..inference import DTYPES, Sampling, base_model_name, complete, load_for_inference
 from ..modeling.load import load_tokenizer, resolve_model_dir
 from ..metrics.logs import perplexity
@@ -160,7 +160,7 @@ def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str],
     from ..config.validate import check_dpo
     from ..data.pairs import PairDataset, collate_pairs, fit_pairs
     from ..data.sampler import EvalSampler
-    from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, adapter_disabled, example_logps
+    from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, reference_logps
 
     t, d = cfgs.train, cfgs.dpo
     check_dpo(cfgs)
@@ -179,12 +179,9 @@ def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str],
     model, _ = load_for_inference(model_name, peft_model, dist.device, dtype)
     reference = None
     if needs_reference and separate_reference:
-        ref_model, _ = load_for_inference(d.reference, None, dist.device, dtype)
-        reference = lambda batch: example_logps(ref_model, batch, dist.device)[0]
-    elif needs_reference:
-        def reference(batch):
-            with adapter_disabled(model):
-                return example_logps(model, batch, dist.device)[0]
+        reference = reference_logps(load_for_inference(d.reference, None, dist.device, dtype)[0], dist.device)
+    elif needs_reference:  # the trained adapter switched off: its base
+        reference = reference_logps(model, dist.device, adapter_of=model)
     objective = PreferenceLoss(PairLoss(d.loss_type, d.beta, d.label_smoothing, d.simpo_gamma, d.orpo_alpha), reference)
     dataset = PairDataset(pairs)
     loader = torch.utils.data.DataLoader(
@@ -200,11 +197,9 @@ def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str],
 
 def write_report(report: dict, path: str) -> None:
     """Written to a temporary sibling and renamed: a reader never sees half a report."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot write --output {path}: {err.strerror}; pass a writable file path") from None
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from ..data.jfleg import jfleg_pairs, normalize_spacing, read_lines
 from ..data.preference_pairs import prepare_preferences
 from ..data.records import BadRecords, read_records, valid_records
 from ..errors import UserError
+from ..files import atomic_path
 from ..modeling.load import load_tokenizer
 
 TRAIN_CSV, VALIDATION_CSV = "grammar_train.csv", "grammar_validation.csv"
@@ -62,17 +61,10 @@ def write_csv(path: Path, pairs: list[tuple[str, str]]) -> int:
     """Normalise and write the pairs atomically; returns the number of rows written."""
     rows = [(normalize_spacing(a), normalize_spacing(b)) for a, b in pairs]
     rows = [r for r in rows if r[0] and r[1]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["input", "target"])
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["input", "target"])
+        writer.writerows(rows)
     return len(rows)
 
 

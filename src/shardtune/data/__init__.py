@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 BATCHING_STRATEGIES = ("packing", "padding")
 
-__all__ = ["source", "ChunkDataset", "SplitData", "build_split", "train_loader", "eval_loader", "eval_loaders"]
+__all__ = ["source", "ChunkDataset", "SplitData", "build_split", "train_loader", "eval_loader", "eval_loaders",
+           "split_source"]
 
 
 @dataclass
@@ -51,6 +52,8 @@ class SplitData:
     epoch_indices: Optional[Callable[[int], torch.Tensor]] = None
     # a mixture's components by dataset name, whose datasets `dataset` concatenates; None = one source
     parts: Optional[dict[str, "SplitData"]] = None
+    # what was read (its fingerprint keys caches derived from the split); None for a mixture
+    data_source: Optional[Source] = None
 
 
 def check_flags(t, pairs: bool = False) -> None:
@@ -78,7 +81,8 @@ def source(cfgs, split_name: str) -> Source:
     return reader.source(cfgs.dataset, split_name)
 
 
-def _resolve(cfgs, split: str) -> Source:
+def split_source(cfgs, split: str) -> Source:
+    """The source of the "train" or "validation" split (the dataset's train_split / test_split)."""
     return source(cfgs, getattr(cfgs.dataset, "train_split" if split == "train" else "test_split"))
 
 
@@ -146,7 +150,7 @@ def build_split(cfgs, tokenizer, split: str, dist=None, processes: int = 1) -> S
     check_flags(t)
     if t.dataset == mixture.NAME:
         return mixture.build(cfgs, tokenizer, split, functools.partial(build_split, dist=dist, processes=processes))
-    src = _resolve(cfgs, split)
+    src = split_source(cfgs, split)
     if src.collator_factory is not None:
         return _custom_collated(src, tokenizer, t, split)
     path, shared = _split_file(cfgs, tokenizer, src)

@@ -13,12 +13,13 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ..files import atomic_path
 
 _DTYPES = {"I32": np.int32, "I64": np.int64}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -54,12 +55,10 @@ class Filling(dict):
 def write(path: Path, shapes: dict[str, tuple[np.dtype, int]], meta: dict):
     """Yields a Filling; on a clean exit the file is moved into place atomically, so a reader
     never sees a partial file and concurrent writers of one path are harmless."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
+    with atomic_path(path) as tmp:
         head, starts = _header(shapes, meta)
         data = sum(np.dtype(d).itemsize * n for d, n in shapes.values())
-        with os.fdopen(fd, "r+b") as f:
+        with open(tmp, "r+b") as f:
             f.write(head)
             f.truncate(len(head) + data)
             f.flush()
@@ -69,10 +68,6 @@ def write(path: Path, shapes: dict[str, tuple[np.dtype, int]], meta: dict):
         filling = Filling(mm, arrays)
         yield filling
         filling.release()  # the map itself closes when the caller drops the arrays
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:

@@ -12,12 +12,11 @@ tests and demos of DPO without a human-preference dataset: `shardtune prepare pr
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import atomic_path
 from . import grammar, samsum
 from .jfleg import jfleg_pairs, normalize_spacing
 from .records import BadRecords, read_records, valid_records
@@ -64,16 +63,8 @@ def samsum_preferences(path: Path, seed: int = 0) -> list[dict]:
 
 def write_jsonl(path: Path, records: list[dict]) -> int:
     """Write the records as JSON lines, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return len(records)
 
 

@@ -137,3 +137,17 @@ class PreferenceLoss:
 def adapter_disabled(peft_model: torch.nn.Module):
     """The base model's forward: the same weights with the adapter switched off, no copy."""
     return peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
+
+
+def reference_logps(model: torch.nn.Module, device: torch.device,
+                    adapter_of: Optional[torch.nn.Module] = None) -> Callable[[dict], torch.Tensor]:
+    """batch -> the reference's per-example log-probabilities (call under no_grad): `model`'s,
+    with the adapter of `adapter_of` (the unwrapped PEFT model inside `model`) switched off
+    when given, so that the policy's own base weights serve as the reference without a copy."""
+    if adapter_of is None:
+        return lambda batch: example_logps(model, batch, device)[0]
+
+    def base(batch: dict) -> torch.Tensor:
+        with adapter_disabled(adapter_of):
+            return example_logps(model, batch, device)[0]
+    return base

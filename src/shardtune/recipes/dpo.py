@@ -26,8 +26,6 @@ import copy
 import functools
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,9 +42,10 @@ from ..data.pairs import PairDataset, collate_pairs, fit_pairs
 from ..data.records import BadRecords
 from ..data.sampler import EvalSampler
 from ..errors import UserError, exit_on_user_error
+from ..files import atomic_path
 from ..loop import eval_mode
 from ..modeling import load as model_lib
-from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, adapter_disabled, example_logps
+from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, reference_logps
 from ..parallel import release_gathered
 from . import sft
 
@@ -59,7 +58,7 @@ REFERENCE_CACHE_VERSION = 1
 
 def read_pairs(cfgs: Configs, tokenizer, split: str) -> data.SplitData:
     t = cfgs.train
-    src = data.source(cfgs, getattr(cfgs.dataset, "train_split" if split == "train" else "test_split"))
+    src = data.split_source(cfgs, split)
     bad = BadRecords(t.on_bad_record)
     pairs = fit_pairs(src.read(tokenizer, bad), t.context_length, bad)
     if not pairs:
@@ -72,7 +71,7 @@ def read_pairs(cfgs: Configs, tokenizer, split: str) -> data.SplitData:
                       notes=bad.messages, tokenized=len(pairs), context_length=t.context_length)
     log.info("%s split from %s: %d pairs, %d tokens, %d bad records skipped", split, src.name, len(pairs), tokens,
              bad.count)
-    return data.SplitData(dataset, stats, src.name)
+    return data.SplitData(dataset, stats, src.name, data_source=src)
 
 
 def setup_pair_data(cfgs: Configs, dist: device.Dist, tokenizer, batching: Batching) -> tuple:
@@ -117,24 +116,21 @@ def reference_fn(recipe: sft.Recipe, loss_type: str) -> Optional[Callable[[dict]
         return None
     d, t, dev = recipe.cfgs.dpo, recipe.cfgs.train, recipe.dist.device
     if d.reference in ("base", "precomputed") and t.use_peft:
-        def disabled(batch: dict) -> torch.Tensor:
-            with adapter_disabled(recipe.peft_model):
-                return example_logps(recipe.train_model, batch, dev)[0]
-        return disabled
+        return reference_logps(recipe.train_model, dev, adapter_of=recipe.peft_model)
     if d.reference == "precomputed":  # full fine-tuning, before any step or restore: the policy is the base
-        return lambda batch: example_logps(recipe.train_model, batch, dev)[0]
+        return reference_logps(recipe.train_model, dev)
     if d.reference != "base" and not Path(d.reference).expanduser().is_dir():
         raise UserError(f"--dpo_config.reference {d.reference!r} is not base, precomputed or a model directory")
-    ref = frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser()))
-    return lambda batch: example_logps(ref, batch, dev)[0]
+    return reference_logps(frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser())),
+                           dev)
 
 
-def _reference_cache(recipe: sft.Recipe, split: str) -> Optional[Path]:
+def _reference_cache(recipe: sft.Recipe, split: data.SplitData) -> Optional[Path]:
     """Reference log-probabilities are cached beside the prepared data, under a key covering
     the data, the tokenization and the reference model (weights config, precision, quantization)."""
-    cfgs, t = recipe.cfgs, recipe.cfgs.train
+    t = recipe.cfgs.train
     root = cache.cache_root(t.data_cache_dir)
-    src = data.source(cfgs, getattr(cfgs.dataset, "train_split" if split == "train" else "test_split"))
+    src = split.data_source
     if root is None or src.fingerprint is None:
         return None
     key = cache.cache_key({
@@ -156,7 +152,7 @@ def _weights_digest(model_dir: Path) -> str:
 @torch.no_grad()
 def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, fn: Callable) -> None:
     """One pass over the split before training; every rank ends with all pairs' values."""
-    path = _reference_cache(recipe, name)
+    path = _reference_cache(recipe, split)
     if path is not None and path.is_file():
         values = load_file(str(path))["reference_logps"]
         if len(values) == len(split.dataset):
@@ -186,11 +182,8 @@ def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, f
             values[i, 0], values[i, 1] = c, r
     dataset.reference_logps = values
     if path is not None and dist.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"reference_logps": values}, tmp)
-        os.replace(tmp, path)  # whole or not at all
+        with atomic_path(path) as tmp:
+            save_file({"reference_logps": values}, str(tmp))
     log.info("%s split: reference log-probabilities of %d pairs computed before training", name, len(dataset))
 
 
