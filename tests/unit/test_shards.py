@@ -144,3 +144,32 @@ def test_prepare_num_proc_fills_the_cache_a_run_then_maps(tmp_path, shared_data,
         assert torch.equal(cached.dataset.arrays()[name], array), name
     with pytest.raises(UserError, match="nothing would be kept"):
         prepare_main(["--num_proc", "2", *flags[:-1], "none"])
+
+
+def test_a_training_process_tokenizes_a_large_split_in_a_child(tmp_path, shared_data, llama2_tok, monkeypatch):
+    """Past CHILD_MIN_BYTES a training process (dist given) reads and tokenizes in a forkserver
+    child; the split is the in-process one, bit for bit, and a bad record is the same one line."""
+    from shardtune.data import build_split
+    from shardtune.device import Dist
+
+    monkeypatch.setattr(shards, "CHILD_MIN_BYTES", 1)
+    monkeypatch.setattr(shards, "work", _refuse)  # only a child may tokenize now
+    one = Dist(0, 0, 1, 1, torch.device("cpu"), "gloo")
+    flags = ["--samsum_dataset.data_path", str(shared_data / "samsum"), "--samsum_dataset.train_split", "validation",
+             "--context_length", "256", "--data_cache_dir", str(tmp_path / "cache")]
+    split = build_split(parse_args(flags), llama2_tok, "train", dist=one)
+    assert not split.stats.from_cache and split.stats.examples == 818
+    want, want_stats = _reference(split_source(parse_args(flags), "train"), llama2_tok, 256, True, False)
+    _assert_same(split.dataset, split.stats, want, want_stats)
+
+    bad = tmp_path / "bad" / "val.json"
+    bad.parent.mkdir()
+    records = json.loads((shared_data / "samsum" / "val.json").read_text())
+    records[3]["summary"] = None
+    bad.write_text(json.dumps(records))
+    with pytest.raises(UserError, match=r"^\S*val.json: record 3: field 'summary' must be a string, got null"):
+        build_split(parse_args([*flags, "--samsum_dataset.data_path", str(bad.parent)]), llama2_tok, "train", dist=one)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("tokenized in the training process")

@@ -111,15 +111,17 @@ def _split_file(cfgs, tokenizer, src: Source) -> tuple[Path, bool]:
     return tmp / "split.safetensors", False
 
 
-def _plan(src: Source, t, path: Path) -> shards.Plan:
+def _plan(cfgs, split: str, src: Source, path: Path) -> shards.Plan:
+    t = cfgs.train
     return shards.Plan(src, path, t.context_length, t.batching_strategy == "packing", t.drop_last,
-                       t.on_bad_record, shards.run_id())
+                       t.on_bad_record, shards.run_id(), rebuild=functools.partial(split_source, cfgs, split))
 
 
-def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Path, shared: bool,
+def _load_or_prepare(cfgs, src: Source, tokenizer, split: str, path: Path, shared: bool,
                      dist=None, processes: int = 1) -> tuple[ChunkDataset, PackStats]:
     """The cached split, or prepare it: with a shared cache, the ranks of this node divide
-    the tokenizing between them (shards.py) and then all map the one packed file."""
+    the tokenizing between them (shards.py) and then all map the one packed file. A training
+    process (dist given) tokenizes a large split in a child, and so never holds its records."""
     hit = cache.load(path) if shared else None
     if hit:
         dataset, meta = hit
@@ -130,11 +132,14 @@ def _load_or_prepare(src: Source, tokenizer, t, split: str, path: Path, shared: 
         if stats is not None:
             log.info("%s split: loaded from the cache %s; nothing tokenized", split, path)
             return dataset, stats
+    plan, meta = _plan(cfgs, split, src, path), {"source": src.name}
+    in_child = dist is not None and src.size >= shards.CHILD_MIN_BYTES and src.records is not None
     if shared and dist and dist.distributed:
-        stats = shards.prepare(_plan(src, t, path), tokenizer, dist.local_rank, dist.local_world_size,
-                               {"source": src.name})
+        stats = shards.prepare(plan, tokenizer, dist.local_rank, dist.local_world_size, meta, in_child=in_child)
+    elif in_child:
+        stats = shards.prepare(plan, tokenizer, 0, 1, meta, in_child=True)
     else:
-        stats = shards.prepare_in_processes(_plan(src, t, path), tokenizer, processes, {"source": src.name})
+        stats = shards.prepare_in_processes(plan, tokenizer, processes, meta)
     dataset, meta = ChunkDataset.mapped(path)
     if stats is None:  # another rank of this node packed it; the file holds the split's counts
         stats = PackStats(**{**meta["stats"], "tokenized": 0})
@@ -154,7 +159,7 @@ def build_split(cfgs, tokenizer, split: str, dist=None, processes: int = 1) -> S
     if src.collator_factory is not None:
         return _custom_collated(src, tokenizer, t, split)
     path, shared = _split_file(cfgs, tokenizer, src)
-    dataset, stats = _load_or_prepare(src, tokenizer, t, split, path, shared, dist, processes)
+    dataset, stats = _load_or_prepare(cfgs, src, tokenizer, split, path, shared, dist, processes)
     _check_not_empty(stats, src.name, split, t.context_length)
     _log_summary(split, src.name, stats, t, dataset)
     lengths = dataset.lengths() if t.batching_strategy == "padding" else None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .records import BadRecords, read_records, valid_records
-from .source import Source, file_digest, sliced
+from .source import Source, data_size, file_digest, sliced
 from .tokenize import Example, tokenize_prompt_target
 
 # Stanford Alpaca's PROMPT_DICT, as llama-recipes uses it.
@@ -60,4 +60,4 @@ def source(dataset_config, split: str) -> Source:
 
     which = "train" if split in _TRAIN else "val"
     return sliced(f"{path} ({which})", f"file:{file_digest(path)}:{which}", PROMPT_INPUT + PROMPT_NO_INPUT,
-                  records, tokenize)
+                  records, tokenize, size=data_size(path))

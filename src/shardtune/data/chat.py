@@ -28,7 +28,7 @@ from jinja2 import TemplateError
 from ..errors import UserError
 from .chat_templates import TEMPLATES
 from .records import BadRecords, read_records, where
-from .source import Source, file_digest, sliced
+from .source import Source, data_size, file_digest, sliced
 from .tokenize import IGNORE_INDEX, Example
 
 OWN_TEMPLATE = "tokenizer"  # --chat_dataset.template default: the tokenizer's own chat template
@@ -278,4 +278,4 @@ def source(dataset_config, split: str) -> Source:
                             "label_rule": _LABEL_RULE_VERSION}, sort_keys=True)
     whole = "whole file" if separate else "first 5%" if which == "validation" else "after the first 5%"
     return sliced(f"{path} ({which}, {whole})", f"file:{file_digest(path)}:{which}:{separate}", rendering,
-                  records, tokenize)
+                  records, tokenize, size=data_size(path))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .records import BadRecords, read_records, valid_records
-from .source import Source, file_digest, sliced
+from .source import Source, data_size, file_digest, sliced
 from .tokenize import Example, tokenize_prompt_target
 
 PROMPT = "Correct this to standard English: {input}\n---\nCorrected: "
@@ -39,4 +39,4 @@ def source(dataset_config, split: str) -> Source:
         return valid_records(read_records(path, bad), FIELDS, str(path), bad), 0
 
     return sliced(str(path), f"file:{file_digest(path)}", PROMPT, records,
-                  lambda tokenizer, recs, bad, start: tokenize(recs, tokenizer))
+                  lambda tokenizer, recs, bad, start: tokenize(recs, tokenizer), size=data_size(path))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .records import SUFFIXES, BadRecords, read_records, valid_records
-from .source import Source, file_digest, sliced
+from .source import Source, data_size, file_digest, sliced
 from .tokenize import Example, tokenize_prompt_target
 
 PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
@@ -84,7 +84,7 @@ def source(dataset_config, split: str) -> Source:
     def file_records(bad: BadRecords) -> tuple[list[dict], int]:
         return valid_records(read_records(path, bad), FIELDS, str(path), bad), 0
 
-    return sliced(str(path), f"file:{file_digest(path)}", PROMPT, file_records, _tokenize_slice)
+    return sliced(str(path), f"file:{file_digest(path)}", PROMPT, file_records, _tokenize_slice, size=data_size(path))
 
 
 def _load_hub(name: str, split: str) -> list[dict]:

@@ -13,6 +13,12 @@ Workers coordinate through the file system only: worker w tokenizes shards w, w+
 worker 0 waits for every shard file and packs; the others wait for the packed file. No
 collective is entered, so a preparation longer than --dist_timeout cannot trip it; a
 failing worker leaves a marker file with its one-line error, which the waiting ones raise.
+
+A training process that prepares a large split (CHILD_MIN_BYTES of raw data or more) does
+its reading and tokenizing in a child process (forkserver: never a fork of a process that
+runs communication threads), so the raw records never enter the training process: its
+resident memory stays what training needs, whatever the corpus size. Packing reads only
+the shards, so it stays in the training process.
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ from .tokenize import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 SHARD_RECORDS = 2048  # records per shard: one worker's unit of work and of memory
+# raw data from which a training process tokenizes in a child (a child costs ~3 s to start)
+CHILD_MIN_BYTES = 32 * 2**20
 _POLL_S = 0.2
 _SUMMED = ("examples", "truncated", "skipped_no_target", "tokens", "target_tokens", "bad_records")
 
@@ -71,14 +79,25 @@ class Plan:
     """Where one split's shards and packed file go, and how the split is read."""
 
     def __init__(self, src: Source, out: Path, context_length: int, packing: bool, drop_last: bool,
-                 on_bad_record: str, run_id: str = "") -> None:
+                 on_bad_record: str, run_id: str = "", rebuild: Optional[Callable[[], Source]] = None) -> None:
         self.src, self.out, self.context_length = src, out, context_length
+        # () -> src again, in a child process: a Source holds closures, which do not pickle
+        self.rebuild = rebuild
         self.packing, self.drop_last, self.on_bad_record = packing, drop_last, on_bad_record
         # per node (torchrun's GROUP_RANK): on a filesystem shared by nodes, each node prepares
         # (and removes) its own shards, and their identical packed files replace one another harmlessly
         node = f"{socket.gethostname()}-{os.environ.get('GROUP_RANK', '0')}"
         self.dir = out.with_name(f"{out.name}.{node}.shards")
         self.run_id = run_id  # names failure markers, so an old run's marker is not read as this one's
+
+    def __getstate__(self) -> dict:
+        if self.rebuild is None:
+            raise TypeError("a Plan without `rebuild` cannot be sent to another process")
+        return {**self.__dict__, "src": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.src = self.rebuild()
 
     def shard(self, i: int) -> Path:
         return self.dir / f"{i:06d}.safetensors"
@@ -130,6 +149,39 @@ def work(plan: Plan, tokenizer, worker: int, workers: int, loaded: Optional[tupl
             plan._marker(worker).write_text(str(err) if isinstance(err, UserError) else
                                             f"worker {worker} failed: {type(err).__name__}: {err}")
         raise
+
+
+def work_in_child(plan: Plan, tokenizer, worker: int, workers: int) -> tuple[int, BadRecords]:
+    """work() in a fresh child process, so that this process never holds the raw records."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_work_and_report, args=(plan, tokenizer, worker, workers, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+    except EOFError:  # it died without a word (killed, out of memory)
+        child.join()
+        raise UserError(f"the data preparation process died (exit code {child.exitcode}); "
+                        "see its error above, or prepare the split ahead with `shardtune prepare`") from None
+    child.join()
+    if outcome[0] == "error":
+        raise UserError(outcome[1])
+    _, n, count, messages = outcome
+    bad = BadRecords(plan.on_bad_record)
+    bad.count, bad.messages = count, messages
+    return n, bad
+
+
+def _work_and_report(plan: Plan, tokenizer, worker: int, workers: int, send) -> None:
+    try:
+        n, bad = work(plan, tokenizer, worker, workers)
+        send.send(("done", n, bad.count, bad.messages))
+    except UserError as err:
+        send.send(("error", str(err)))
+    except BaseException as err:  # noqa: BLE001 - the parent turns it into one line
+        send.send(("error", f"preparing the data failed: {type(err).__name__}: {err}"))
 
 
 def wait_for(plan: Plan, paths: Callable[[], list[Path]], peers_alive: Callable[[], bool] = lambda: True) -> None:
@@ -200,11 +252,13 @@ def _write_packed(plan: Plan, per_shard: list[int], lengths: np.ndarray, groups:
 
 
 def prepare(plan: Plan, tokenizer, worker: int = 0, workers: int = 1, meta: Optional[dict] = None,
-            loaded: Optional[tuple] = None, peers_alive: Callable[[], bool] = lambda: True) -> Optional[PackStats]:
+            loaded: Optional[tuple] = None, peers_alive: Callable[[], bool] = lambda: True,
+            in_child: bool = False) -> Optional[PackStats]:
     """This worker's part of preparing plan.out; worker 0 packs and returns the stats, the
-    others return None once plan.out exists."""
+    others return None once plan.out exists. in_child: read and tokenize in a child process."""
     start = time.perf_counter()
-    n, load_bad = work(plan, tokenizer, worker, workers, loaded)
+    n, load_bad = work_in_child(plan, tokenizer, worker, workers) if in_child else \
+        work(plan, tokenizer, worker, workers, loaded)
     if worker != 0:
         wait_for(plan, lambda: [plan.out], peers_alive)
         return None

@@ -33,15 +33,17 @@ class Source:
     # Set when the split can be tokenized in slices (else only `read` reads it whole).
     records: Optional[RecordsFn] = None
     tokenize: Optional[TokenizeFn] = None
+    size: int = 0  # bytes of raw data behind the split, when known (0: unknown or small)
 
 
-def sliced(name: str, fingerprint: Optional[str], template: str, records: RecordsFn, tokenize: TokenizeFn) -> Source:
+def sliced(name: str, fingerprint: Optional[str], template: str, records: RecordsFn, tokenize: TokenizeFn,
+           size: int = 0) -> Source:
     """A source read as records, then tokenized slice by slice; `read` is the two in one go."""
     def read(tokenizer, bad: BadRecords) -> list[Example]:
         recs, start = records(bad)
         return tokenize(tokenizer, recs, bad, start)
 
-    return Source(name, fingerprint, template, read, records=records, tokenize=tokenize)
+    return Source(name, fingerprint, template, read, records=records, tokenize=tokenize, size=size)
 
 
 def file_digest(path: Path | Any) -> str:
@@ -54,6 +56,11 @@ def file_digest(path: Path | Any) -> str:
         return "dir:" + h.hexdigest()
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def data_size(path: Path) -> int:
+    """Bytes of a data path: a file, or a directory's data files."""
+    return sum(file.stat().st_size for file in data_files(path))
 
 
 def read_split(source: Source, tokenizer, bad: BadRecords | None = None) -> list[Example]:
