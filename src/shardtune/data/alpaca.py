@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import UserError
 from .records import BadRecords, read_records, valid_records
 from .source import Source, data_size, file_digest, sliced
-from .tokenize import Example, tokenize_prompt_target
+from .tokenize import FlatExamples, prompt_target
 
 # Stanford Alpaca's PROMPT_DICT, as llama-recipes uses it.
 PROMPT_INPUT = (
@@ -55,8 +55,8 @@ def source(dataset_config, split: str) -> Source:
         start, end = split_bounds(len(records), split)
         return valid_records(records[start:end], FIELDS, str(path), bad, optional=("input",), start=start), start
 
-    def tokenize(tokenizer, good: list[dict], bad: BadRecords, start: int) -> list[Example]:
-        return tokenize_prompt_target(tokenizer, [prompt_for(r) for r in good], [r["output"] for r in good])
+    def tokenize(tokenizer, good: list[dict], bad: BadRecords, start: int) -> FlatExamples:
+        return prompt_target(tokenizer, [prompt_for(r) for r in good], [r["output"] for r in good])
 
     which = "train" if split in _TRAIN else "val"
     return sliced(f"{path} ({which})", f"file:{file_digest(path)}:{which}", PROMPT_INPUT + PROMPT_NO_INPUT,

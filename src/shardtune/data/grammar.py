@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import UserError
 from .records import BadRecords, read_records, valid_records
 from .source import Source, data_size, file_digest, sliced
-from .tokenize import Example, tokenize_prompt_target
+from .tokenize import FlatExamples, prompt_target
 
 PROMPT = "Correct this to standard English: {input}\n---\nCorrected: "
 FIELDS = ("input", "target")
@@ -26,9 +26,8 @@ def _csv_path(path: str) -> Path:
     return p
 
 
-def tokenize(records: list[dict], tokenizer) -> list[Example]:
-    prompts = [PROMPT.format(input=r["input"]) for r in records]
-    return tokenize_prompt_target(tokenizer, prompts, [r["target"] for r in records])
+def tokenize(records: list[dict], tokenizer) -> FlatExamples:
+    return prompt_target(tokenizer, [PROMPT.format(input=r["input"]) for r in records], [r["target"] for r in records])
 
 
 def source(dataset_config, split: str) -> Source:

@@ -44,10 +44,11 @@ class Filling(dict):
         self._mm = mm
 
     def release(self) -> None:
-        """Write the filled pages back and drop them from this process (they stay in the page
-        cache), so filling a file larger than memory does not grow RSS."""
+        """Drop the filled pages from this process, so filling a file larger than memory does
+        not grow RSS. The map is shared, so they stay in the page cache as dirty pages that
+        the kernel writes back in its own time (no msync: every reader goes through the same
+        page cache, and a synchronous flush per shard cost as much as the packing itself)."""
         if self._mm is not None:
-            self._mm.flush()
             self._mm.madvise(mmap.MADV_DONTNEED)
 
 

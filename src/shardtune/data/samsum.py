@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import UserError
 from .records import SUFFIXES, BadRecords, read_records, valid_records
 from .source import Source, data_size, file_digest, sliced
-from .tokenize import Example, tokenize_prompt_target
+from .tokenize import Example, FlatExamples, prompt_target, tokenize_prompt_target
 
 PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
 FIELDS = ("dialogue", "summary")
@@ -59,8 +59,9 @@ def _tokenize(records: list[dict], tokenizer) -> list[Example]:
     return tokenize_prompt_target(tokenizer, prompts, [r["summary"] for r in records])
 
 
-def _tokenize_slice(tokenizer, records: list[dict], bad: BadRecords, start: int) -> list[Example]:
-    return _tokenize(records, tokenizer)  # records were checked when read: none is bad here
+def _tokenize_slice(tokenizer, records: list[dict], bad: BadRecords, start: int) -> FlatExamples:
+    # records were checked when read: none is bad here
+    return prompt_target(tokenizer, [PROMPT.format(dialog=r["dialogue"]) for r in records], [r["summary"] for r in records])
 
 
 def source(dataset_config, split: str) -> Source:

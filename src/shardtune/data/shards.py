@@ -40,7 +40,7 @@ from . import mapped
 from .packing import PackStats, best_fit_decreasing
 from .records import BadRecords
 from .source import Source
-from .tokenize import IGNORE_INDEX
+from .tokenize import IGNORE_INDEX, FlatExamples
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,18 @@ _POLL_S = 0.2
 _SUMMED = ("examples", "truncated", "skipped_no_target", "tokens", "target_tokens", "bad_records")
 
 
-def segments(examples: list[dict], context_length: int) -> tuple[dict[str, np.ndarray], dict]:
+def segments(examples: list[dict] | FlatExamples, context_length: int) -> tuple[dict[str, np.ndarray], dict]:
     """pack()'s truncation and filtering, on arrays: the segments that keep a target token,
     with labels[0] of each set to IGNORE_INDEX; and the counts pack() keeps."""
-    n = len(examples)
-    lens = np.fromiter((len(e["input_ids"]) for e in examples), np.int64, n)
-    total = int(lens.sum())
-    ids = np.fromiter(itertools.chain.from_iterable(e["input_ids"] for e in examples), np.int32, total)
-    labels = np.fromiter(itertools.chain.from_iterable(e["labels"] for e in examples), np.int32, total)
+    if isinstance(examples, FlatExamples):
+        ids, labels, lens = examples
+        n, total = len(lens), len(ids)
+    else:
+        n = len(examples)
+        lens = np.fromiter((len(e["input_ids"]) for e in examples), np.int64, n)
+        total = int(lens.sum())
+        ids = np.fromiter(itertools.chain.from_iterable(e["input_ids"] for e in examples), np.int32, total)
+        labels = np.fromiter(itertools.chain.from_iterable(e["labels"] for e in examples), np.int32, total)
     inside = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens) < context_length
     ids, labels = ids[inside], labels[inside]
     kept = np.minimum(lens, context_length)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .records import BadRecords, data_files
-from .tokenize import Example
+from .tokenize import Example, FlatExamples
 
 # (tokenizer, bad-record policy) -> tokenized examples
 ReadFn = Callable[[Any, BadRecords], list[dict]]
@@ -16,8 +16,9 @@ ReadFn = Callable[[Any, BadRecords], list[dict]]
 # checks that need no tokenizer happen here, once, so that any slice of the records can be
 # tokenized on its own (in parallel, by shards.py).
 RecordsFn = Callable[[BadRecords], tuple[list, int]]
-# (tokenizer, records, bad-record policy, file index of records[0]) -> examples, one per good record
-TokenizeFn = Callable[[Any, list, BadRecords, int], list[Example]]
+# (tokenizer, records, bad-record policy, file index of records[0]) -> examples, one per good
+# record (as dicts of lists, or flat arrays: what prompt/target datasets give, cheaper at scale)
+TokenizeFn = Callable[[Any, list, BadRecords, int], "list[Example] | FlatExamples"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ def sliced(name: str, fingerprint: Optional[str], template: str, records: Record
     """A source read as records, then tokenized slice by slice; `read` is the two in one go."""
     def read(tokenizer, bad: BadRecords) -> list[Example]:
         recs, start = records(bad)
-        return tokenize(tokenizer, recs, bad, start)
+        examples = tokenize(tokenizer, recs, bad, start)
+        return examples.examples() if isinstance(examples, FlatExamples) else examples
 
     return Source(name, fingerprint, template, read, records=records, tokenize=tokenize, size=size)
 
