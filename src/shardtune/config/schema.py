@@ -150,8 +150,9 @@ class prefix_config:
 class samsum_dataset:
     dataset: str = flag("samsum_dataset", "the config's name")
     # "sample" = the small sample bundled with shardtune; otherwise a directory of
-    # train/val/test files, a single file, or a hub id (online only).
-    data_path: str = flag("sample", "sample (bundled) | a directory of train/val/test files | one file | a hub id")
+    # train/val/test files (or train/val/test directories of shards), a single file, or a hub id (online only).
+    data_path: str = flag("sample", "sample (bundled) | a directory of train/val/test files or shard directories | "
+                                    "one file | a hub id")
     train_split: str = flag("train", "split used for training")
     test_split: str = flag("validation", "split used for validation")
     input_length: int = flag(2048, "kept for compatibility; context_length governs truncation")
@@ -173,7 +174,8 @@ class alpaca_dataset:
     dataset: str = flag("alpaca_dataset", "the config's name")
     train_split: str = flag("train", "train: all records after the first 5%")
     test_split: str = flag("val", "val: the first 5% of the records")
-    data_path: str = flag("ft_datasets/alpaca_data.json", "Stanford Alpaca's alpaca_data.json (.jsonl works too)")
+    data_path: str = flag("ft_datasets/alpaca_data.json",
+                          "Stanford Alpaca's alpaca_data.json (.jsonl, .parquet, .arrow or a directory of shards work too)")
 
 
 @dataclass
@@ -189,7 +191,8 @@ class custom_dataset:
 class chat_dataset:
     dataset: str = flag("chat_dataset", "the config's name")
     data_path: str = flag(
-        "", '.jsonl, .json or .parquet of {"messages": [...]} or ShareGPT {"conversations": [...]} records')
+        "", '.jsonl, .json, .parquet or .arrow of {"messages": [...]} or ShareGPT {"conversations": [...]} records, '
+            'or a directory of such shards')
     validation_path: str = flag("", 'a separate validation file ("" = the first 5% of data_path)')
     template: str = flag("tokenizer", "tokenizer (its own chat template) | llama3 | llama2 | chatml")
     train_on_input: bool = flag(False, "also train the system and user turns (default: assistant turns only)")
@@ -202,7 +205,8 @@ class chat_dataset:
 class preference_dataset:
     dataset: str = flag("preference_dataset", "the config's name")
     data_path: str = flag(
-        "", '.jsonl, .json or .parquet of preference records {"prompt", "chosen", "rejected"} (TRL\'s layouts)')
+        "", '.jsonl, .json, .parquet or .arrow of preference records {"prompt", "chosen", "rejected"} (TRL\'s layouts), '
+            'or a directory of such shards')
     validation_path: str = flag("", 'a separate validation file ("" = the first 5% of data_path)')
     template: str = flag("tokenizer", "conversational records: tokenizer (its own chat template) | llama3 | llama2 | chatml")
     system_prompt: str = flag("", "system turn for conversational prompts that have none")
