@@ -8,7 +8,7 @@ time; it is never committed. Every measured run is its own process, started in t
 RSS is the largest process of the run (os.wait4's ru_maxrss, children included).
 
     python benchmarks/data_prep.py prep --copies 10 --procs 1,2 --repeats 3
-    python benchmarks/data_prep.py train_rss --copies 1,20
+    python benchmarks/data_prep.py train_rss --copies 1,20 [--in_run]
 """
 from __future__ import annotations
 
@@ -130,9 +130,10 @@ TRAIN_FLAGS = ["--enable_fsdp", "--use_peft", "--peft_method", "lora", "--batch_
                "--save_model", "False", "--num_workers_dataloader", "0", "--save_metrics"]
 
 
-def train_rss(copies_list: list[int]) -> None:
+def train_rss(copies_list: list[int], in_run: bool = False) -> None:
     """Per-rank peak RSS of a 2-rank training run (tiny model, llama2 tokenizer) whose train
-    split was prepared beforehand (`shardtune prepare --num_proc 2`), at each corpus size."""
+    split was prepared beforehand (`shardtune prepare --num_proc 2`), or, with in_run, by the
+    run's own ranks into an empty cache, at each corpus size."""
     from shardtune.modeling.tiny import build_tiny
 
     model = SCRATCH / "tiny-llama2"
@@ -142,9 +143,11 @@ def train_rss(copies_list: list[int]) -> None:
     print("|---|---|---|")
     for copies in copies_list:
         data, cache, out = corpus(copies), SCRATCH / f"cache-x{copies}", Path(tempfile.mkdtemp(dir=SCRATCH))
+        shutil.rmtree(cache, ignore_errors=True)
         flags = ["--model_name", str(model), "--samsum_dataset.data_path", str(data), "--data_cache_dir", str(cache)]
-        subprocess.run([sys.executable, "-m", "shardtune.cli", "prepare", "--num_proc", "2", *flags, *TRAIN_FLAGS[1:]],
-                       env=ENV, check=True, capture_output=True)
+        if not in_run:
+            subprocess.run([sys.executable, "-m", "shardtune.cli", "prepare", "--num_proc", "2", *flags,
+                            *TRAIN_FLAGS[1:]], env=ENV, check=True, capture_output=True)
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "shardtune.finetuning", *flags, *TRAIN_FLAGS, "--output_dir", str(out)],
                        env={**ENV, "SHARDTUNE_DEVICE": "cpu"}, check=True, capture_output=True)
@@ -167,12 +170,13 @@ def main() -> None:
     p.add_argument("--copies", default="10")
     p.add_argument("--procs", default="1,2")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--in_run", action="store_true", help="train_rss: the run's ranks prepare the split")
     a = p.parse_args()
     SCRATCH.mkdir(parents=True, exist_ok=True)
     if a.what == "prep":
         prep(int(a.copies), [int(n) for n in a.procs.split(",")], a.repeats)
     elif a.what == "train_rss":
-        train_rss([int(c) for c in a.copies.split(",")])
+        train_rss([int(c) for c in a.copies.split(",")], a.in_run)
     else:
         run = run_shardtune if a.what == "one_shardtune" else run_datasets
         print(json.dumps(run(Path(a.args[0]), int(a.args[1]))))

@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, T5Config
 
-from conftest import REPO, SHIM, check, python, read_metrics, torchrun
+from conftest import FAMILIES, REPO, SHIM, check, python, read_metrics, torchrun
 from shardtune import adapters, parallel
 from shardtune.modeling import load as model_lib
 from shardtune.config.parse import parse_args
@@ -29,19 +29,30 @@ FULL = ["--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
-def runs(family_model, tmp_path_factory):
-    """One launch per world size: LoRA at 1 rank (global batch 2); LoRA, then a full
-    fine-tune, at 2 ranks (global batch 2)."""
-    tmp = tmp_path_factory.mktemp(f"runs-{family_model.name}")
-    d = {k: tmp / k for k in ("lora1", "lora2", "full2")}
+def all_runs(family_models, tmp_path_factory):
+    """Two launches for every family together (a launch's start-up costs more than a tiny
+    run): LoRA at 1 rank (global batch 2); then at 2 ranks LoRA, then a full fine-tune
+    (global batch 2). family -> {run name: output directory}."""
+    tmp = tmp_path_factory.mktemp("family-runs")
+    one_rank, two_ranks, dirs = [], [], {}
+    for family in FAMILIES:
+        model, d = family_models(family), {k: tmp / family / k for k in ("lora1", "lora2", "full2")}
+        dirs[family] = d
 
-    def run(name, flags, batch):
-        return [str(tmp / f"{name}.safetensors"), *COMMON, *flags, "--model_name", str(family_model),
-                "--output_dir", str(d[name]), "--batch_size_training", str(batch)]
+        def run(name, flags, batch):
+            return ["--then", str(d[name].parent / f"{name}.safetensors"), *COMMON, *flags, "--model_name", str(model),
+                    "--output_dir", str(d[name]), "--batch_size_training", str(batch)]
 
-    check(torchrun(1, WORKER, run("lora1", LORA, 2)))
-    check(torchrun(2, WORKER, run("lora2", LORA, 1) + ["--then"] + run("full2", FULL, 1)))
-    return d
+        one_rank += run("lora1", LORA, 2)
+        two_ranks += run("lora2", LORA, 1) + run("full2", FULL, 1)
+    check(torchrun(1, WORKER, one_rank[1:]))
+    check(torchrun(2, WORKER, two_ranks[1:]))
+    return dirs
+
+
+@pytest.fixture
+def runs(all_runs, family_model):
+    return all_runs[family_model.name]
 
 
 def _reference_logits(model_dir, probe, adapter=None):
