@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import SHIM, error_lines, python
+from conftest import SHIM, error_lines, python, run_cli
 
 
 def _assert_one_line_error(proc, needle):
@@ -26,62 +26,49 @@ def _bad_samsum_dir(tmp_path, train_text):
 BASE = ["--use_peft", "--peft_method", "lora", "--max_train_step", "1", "--num_workers_dataloader", "0"]
 
 
-def _train_on(tmp_path, tiny_model, samsum_dir):
-    return python(SHIM, BASE + ["--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o"),
-                                "--samsum_dataset.data_path", str(samsum_dir)])
+def _samsum(make_dir):
+    """Flags that train on the samsum directory make_dir(tmp_path) builds."""
+    return lambda tmp_path, tiny_model: ["--samsum_dataset.data_path", str(make_dir(tmp_path))]
 
 
-def test_missing_model_dir(tmp_path):
-    proc = python(SHIM, BASE + ["--model_name", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")])
-    _assert_one_line_error(proc, "does not exist")
-
-
-def test_missing_data_file(tmp_path, tiny_model):
-    proc = _train_on(tmp_path, tiny_model, tmp_path / "missing")
-    _assert_one_line_error(proc, "does not exist")
+def _only_train(tmp_path):
     d = tmp_path / "only_train"
     d.mkdir()
     (d / "train.json").write_text('[{"id": "1", "dialogue": "A: hi", "summary": "A says hi."}]')
-    proc = _train_on(tmp_path, tiny_model, d)
-    _assert_one_line_error(proc, "no val.json")
+    return d
 
 
-def test_empty_split(tmp_path, tiny_model):
-    d = _bad_samsum_dir(tmp_path, "[]")
-    proc = _train_on(tmp_path, tiny_model, d)
-    _assert_one_line_error(proc, "the train split has no usable examples")
+# In this process, through the command line's own entry point (`shardtune finetune`); the
+# exit code and the one stderr line are what a shell sees (test_debug_shows_the_traceback
+# runs the real process).
+CLI_FAILURES = {
+    "missing_model_dir": (lambda tmp_path, tiny_model: ["--model_name", str(tmp_path / "nope")], "does not exist"),
+    "missing_data_dir": (_samsum(lambda tmp_path: tmp_path / "missing"), "does not exist"),
+    "missing_val_file": (_samsum(_only_train), "no val.json"),
+    "empty_split": (_samsum(lambda tmp_path: _bad_samsum_dir(tmp_path, "[]")), "the train split has no usable examples"),
+    "malformed_json": (_samsum(lambda tmp_path: _bad_samsum_dir(
+        tmp_path, '[{"id": "1", "dialogue": "A: hi", "summary": "ok"},\n {"id": "2", "dialogue": ')),
+        "train.json: invalid JSON at line 2"),
+    "missing_field": (_samsum(lambda tmp_path: _bad_samsum_dir(
+        tmp_path, '[{"id": "1", "dialogue": "A: hi", "summary": "ok"}, {"id": "2", "dialogue": "B: yo"}]')),
+        "train.json: record 1: missing field 'summary'"),
+    "unknown_dataset": (lambda tmp_path, tiny_model: ["--dataset", "imagenet_dataset"], "unknown dataset 'imagenet_dataset'"),
+    "fsdp_without_torchrun": (lambda tmp_path, tiny_model: ["--enable_fsdp"], "needs a distributed launch"),
+    "unknown_peft_method": (lambda tmp_path, tiny_model: ["--use_peft", "--peft_method", "adalora"],
+                            "unknown --peft_method 'adalora'"),
+    "flag_type": (lambda tmp_path, tiny_model: ["--lr", "abc"], "expects a value of type float"),
+    "misspelt_flag": (lambda tmp_path, tiny_model: ["--enable_fsdpp"], "did you mean --enable_fsdp"),
+}
 
 
-def test_malformed_json(tmp_path, tiny_model):
-    d = _bad_samsum_dir(tmp_path, '[{"id": "1", "dialogue": "A: hi", "summary": "ok"},\n {"id": "2", "dialogue": ')
-    proc = _train_on(tmp_path, tiny_model, d)
-    _assert_one_line_error(proc, "train.json: invalid JSON at line 2")
-
-
-def test_missing_field_names_file_and_record(tmp_path, tiny_model):
-    d = _bad_samsum_dir(tmp_path, '[{"id": "1", "dialogue": "A: hi", "summary": "ok"}, {"id": "2", "dialogue": "B: yo"}]')
-    proc = _train_on(tmp_path, tiny_model, d)
-    _assert_one_line_error(proc, "train.json: record 1: missing field 'summary'")
-
-
-def test_unknown_dataset(tmp_path, tiny_model):
-    proc = python(SHIM, BASE + ["--model_name", str(tiny_model), "--dataset", "imagenet_dataset"])
-    _assert_one_line_error(proc, "unknown dataset 'imagenet_dataset'")
-
-
-def test_enable_fsdp_without_torchrun(tmp_path, tiny_model):
-    proc = python(SHIM, BASE + ["--enable_fsdp", "--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o")])
-    _assert_one_line_error(proc, "needs a distributed launch")
-
-
-@pytest.mark.parametrize("flags, needle", [
-    (["--use_peft", "--peft_method", "adalora"], "unknown --peft_method 'adalora'"),
-    (["--lr", "abc"], "expects a value of type float"),
-    (["--enable_fsdpp"], "did you mean --enable_fsdp"),
-])
-def test_flag_errors(tmp_path, flags, needle):
-    proc = python(SHIM, BASE + ["--model_name", str(tmp_path)] + flags)
-    _assert_one_line_error(proc, needle)
+@pytest.mark.parametrize("case", list(CLI_FAILURES))
+def test_command_line_failure_is_one_line(case, tmp_path, tiny_model, capfd):
+    make, needle = CLI_FAILURES[case]
+    argv = BASE + ["--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o")] + make(tmp_path, tiny_model)
+    code, _, err = run_cli(capfd, ["finetune", *argv])
+    assert code != 0 and "Traceback" not in err, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and needle in lines[0], err
 
 
 def test_error_line_is_one_write(monkeypatch):
