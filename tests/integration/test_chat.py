@@ -10,7 +10,7 @@ import sentencepiece
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import SHIM, check, error_lines, llama3_chat_tokenizer, python, read_metrics, torchrun
+from conftest import SHIM, check, error_lines, llama3_chat_tokenizer, read_metrics, run_cli, torchrun
 from shardtune.config.parse import parse_args
 from shardtune.data import build_split, chat, eval_loader
 from shardtune.data.records import BadRecords
@@ -293,7 +293,7 @@ def test_prompt_ids_open_the_assistant_turn(tmp_path, llama3_tok, shared_data):
         chat.prompt_ids(llama3_tok, [{"role": "robot", "content": "x"}])
 
 
-def test_chat_fine_tune_end_to_end(tmp_path, shared_data, llama3_chat_model):
+def test_chat_fine_tune_end_to_end(tmp_path, shared_data, llama3_chat_model, capfd):
     """A full fine-tune (the data stage is the same for every method) on conversations, 2
     FSDP2 ranks under torchrun; a bad record stops it first with one line naming the file
     and record."""
@@ -304,10 +304,10 @@ def test_chat_fine_tune_end_to_end(tmp_path, shared_data, llama3_chat_model):
             "--batch_size_training", "2", "--context_length", "512", "--num_epochs", "1", "--max_train_step", "4",
             "--max_eval_step", "2", "--lr", "2e-3", "--save_metrics", "--log_every", "1", "--output_dir", str(out)]
     bad_path = write_jsonl(tmp_path / "bad.jsonl", records + [BAD["empty turn"][0]])
-    failed = python(SHIM, chat_args(bad_path) + args)
-    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    code, _, err = run_cli(capfd, ["finetune", *chat_args(bad_path), *args])  # in this process
+    assert code != 0 and "Traceback" not in err
     assert [f"{bad_path}: record {len(records)}: turn 1: empty content" in line
-            for line in error_lines(failed.stderr)] == [True], failed.stderr
+            for line in error_lines(err)] == [True], err
     check(torchrun(2, SHIM, chat_args(path) + args + ["--enable_fsdp"]))
     steps, epochs = read_metrics(out)
     assert len(steps) == 4 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)

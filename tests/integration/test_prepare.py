@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import SHIM, check, read_metrics, run_cmd, torchrun
+from conftest import SHIM, check, error_lines, read_metrics, run_cli, run_cmd, torchrun
 from shardtune.errors import UserError
 from shardtune.commands.prepare import normalize_spacing, prepare_grammar
 
@@ -70,7 +70,7 @@ def test_prepare_without_c4_and_with_a_tsv(tmp_path, shared_data):
     assert counts["train"] == 3018 and _rows(tmp_path / "b" / "grammar_train.csv")[-2] == ["She like cats.", "She likes cats."]
 
 
-def test_prepare_errors(tmp_path, shared_data):
+def test_prepare_errors(tmp_path, shared_data, capfd):
     with pytest.raises(UserError, match="is not a directory"):
         prepare_grammar(tmp_path / "nope", tmp_path / "out")
     broken = tmp_path / "jfleg" / "dev"
@@ -80,10 +80,8 @@ def test_prepare_errors(tmp_path, shared_data):
         (broken / f"dev.ref{j}").write_text("A.\n" if j == 2 else "A.\nB.\n")
     with pytest.raises(UserError, match=r"dev.ref2 has 1 lines but dev.src has 2"):
         prepare_grammar(tmp_path / "jfleg", tmp_path / "out")
-    proc = run_cmd([sys.executable, "-m", "shardtune.cli", "prepare", "grammar", "--jfleg", str(tmp_path / "jfleg"),
-                    "--out", str(tmp_path / "out")])
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("shardtune: error:")]
-    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr
+    code, _, err = run_cli(capfd, ["prepare", "grammar", "--jfleg", tmp_path / "jfleg", "--out", tmp_path / "out"])
+    assert code != 0 and len(error_lines(err)) == 1 and "Traceback" not in err
 
 
 def test_grammar_finetune_two_ranks(prepared, tmp_path, tiny_model):

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, SHIM, check, error_lines, read_metrics, torchrun
+from conftest import REPO, SHIM, check, error_lines, read_metrics, run_cli, torchrun
 from shardtune import _compat
 
 WORKER = REPO / "tests" / "workers" / "train_probe.py"
@@ -87,12 +87,15 @@ def test_adapter_loads_in_plain_peft(runs, tiny_nf4_model, world):
     assert torch.isfinite(on_float).all() and on_float.shape == probe["logits"].shape
 
 
-def test_unsupported_combinations_are_refused(tmp_path, tiny_model):
-    """8-bit under FSDP, and weights whose per-rank slice does not hold whole NF4 blocks
-    (tiny_model: 64 x 64 projections)."""
-    for quantization in ("8bit", "4bit"):
-        proc = torchrun(2, SHIM, ["--enable_fsdp", "--use_peft", "--quantization", quantization, "--model_name",
-                                  str(tiny_model), "--output_dir", str(tmp_path / "o"), "--num_workers_dataloader", "0",
-                                  "--context_length", "128", "--batch_size_training", "1"])
-        assert proc.returncode != 0 and "src/shardtune" not in proc.stderr, proc.stderr[-3000:]  # no traceback of ours
-        assert any("--quantization" in line for line in error_lines(proc.stderr)), proc.stderr[-3000:]
+def test_unsupported_combinations_are_refused(tmp_path, tiny_model, capfd):
+    """8-bit under FSDP (refused before any process group: in this process), and weights
+    whose per-rank slice does not hold whole NF4 blocks (tiny_model: 64 x 64 projections;
+    found at 2 ranks)."""
+    flags = ["--enable_fsdp", "--use_peft", "--model_name", str(tiny_model), "--output_dir", str(tmp_path / "o"),
+             "--num_workers_dataloader", "0", "--context_length", "128", "--batch_size_training", "1"]
+    code, _, err = run_cli(capfd, ["finetune", "--quantization", "8bit", *flags])
+    assert code != 0 and "Traceback" not in err
+    assert [line for line in error_lines(err) if "--quantization" in line], err
+    proc = torchrun(2, SHIM, ["--quantization", "4bit", *flags])
+    assert proc.returncode != 0 and "src/shardtune" not in proc.stderr, proc.stderr[-3000:]  # no traceback of ours
+    assert any("--quantization" in line for line in error_lines(proc.stderr)), proc.stderr[-3000:]

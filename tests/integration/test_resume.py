@@ -15,7 +15,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import (REPO, SHARED_DATA, SHIM, check, error_lines, kill_group, metric_events, python, run_cmd, start_python,
+from conftest import (REPO, SHARED_DATA, SHIM, check, error_lines, kill_group, metric_events, python, run_cli, run_cmd,
+                      start_python,
                       start_torchrun, step_losses, torchrun, wait_for_file)
 from shardtune.checkpoint import state as ckpt_state
 
@@ -188,15 +189,15 @@ def _snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_used_output_dir_is_refused_and_left_untouched(tmp_path, tiny_model):
+def test_a_used_output_dir_is_refused_and_left_untouched(tmp_path, tiny_model, capfd):
     out = tmp_path / "out"
     check(python(SHIM, _args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS, "--max_train_step", "2")))
     before = _snapshot(out)
     assert "adapter_model.safetensors" in before
     for extra in ([], ["--dist_checkpoint_folder", "other"]):
-        proc = python(SHIM, _args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS, "--lr", "1e-3", *extra))
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr
-        assert len(error_lines(proc.stderr)) == 1, proc.stderr
+        code, _, err = run_cli(capfd, ["finetune", *_args(tiny_model, out, "--batch_size_training", "4", *WORLD_FLAGS,
+                                                          "--lr", "1e-3", *extra)])  # in this process
+        assert code != 0 and "Traceback" not in err and len(error_lines(err)) == 1, err
         assert _snapshot(out) == before
 
 
