@@ -13,7 +13,6 @@ import atexit
 import functools
 import importlib
 import logging
-import multiprocessing
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -263,11 +262,8 @@ def _loader(split: SplitData, batch_sampler, pad_id: int, num_workers: int, pin_
 
 
 def _worker_options(num_workers: int) -> dict:
-    # Workers are not forked from this process: by now it runs communication threads (gloo
-    # or NCCL, tqdm), and a fork taken while one of them holds a lock leaves the worker
-    # deadlocked and training hung. A fork server (a fresh single-threaded process) or spawn
-    # starts them instead; persistent, so that start cost is paid once per run.
+    # Workers are not forked from this process (shards.fresh_start_method says why);
+    # persistent, so that their start cost is paid once per run.
     if num_workers == 0:
         return {}
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return {"multiprocessing_context": method, "persistent_workers": True}
+    return {"multiprocessing_context": shards.fresh_start_method(), "persistent_workers": True}

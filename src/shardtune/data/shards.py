@@ -15,8 +15,7 @@ collective is entered, so a preparation longer than --dist_timeout cannot trip i
 failing worker leaves a marker file with its one-line error, which the waiting ones raise.
 
 A training process that prepares a large split (CHILD_MIN_BYTES of raw data or more) does
-its reading and tokenizing in a child process (forkserver: never a fork of a process that
-runs communication threads), so the raw records never enter the training process: its
+its reading and tokenizing in a child process (fresh_start_method), so the raw records never enter the training process: its
 resident memory stays what training needs, whatever the corpus size. Packing reads only
 the shards, so it stays in the training process.
 """
@@ -155,10 +154,17 @@ def work(plan: Plan, tokenizer, worker: int, workers: int, loaded: Optional[tupl
         raise
 
 
+def fresh_start_method() -> str:
+    """How a training process starts helpers (DataLoader workers, preparation): never fork.
+    By then it runs communication threads (gloo or NCCL, tqdm), and a fork taken while one of
+    them holds a lock leaves the child deadlocked. A fork server (a fresh single-threaded
+    process) or spawn starts them instead."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def work_in_child(plan: Plan, tokenizer, worker: int, workers: int) -> tuple[int, BadRecords]:
     """work() in a fresh child process, so that this process never holds the raw records."""
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
+    context = multiprocessing.get_context(fresh_start_method())
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_work_and_report, args=(plan, tokenizer, worker, workers, send), daemon=True)
     child.start()
