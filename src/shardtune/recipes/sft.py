@@ -458,11 +458,11 @@ def validate(recipe: Recipe) -> float:
                                                  recipe.loop_cfg)
     recipe.last_eval = (state.step, eval_loss)
     fields = {f"eval_{name}": value for name, value in stats.items()} or {"eval_perplexity": perplexity(eval_loss)}
+    log.info("step %d: eval loss %.4f %s", state.step, eval_loss,
+             " ".join(f"{k} {v:.4f}" for k, v in {**fields, **by_dataset}.items()))
     if by_dataset:  # a mixture: each component's loss too
         fields["eval_loss_by_dataset"] = by_dataset
     recipe.metrics.write("eval", epoch=state.epoch + 1, step=state.step, eval_loss=eval_loss, **fields)
-    log.info("step %d: eval loss %.4f %s", state.step, eval_loss,
-             " ".join(f"{k} {v:.4f}" for k, v in {**fields, **by_dataset}.items() if k != "eval_loss_by_dataset"))
     return eval_loss
 
 
