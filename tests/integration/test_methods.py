@@ -18,21 +18,52 @@ METHODS = {
 }
 
 
+def _method_run(method, world, tiny_model, out):
+    # the bundled sample: 3 short epochs, and the held-out loss must fall
+    return [str(out.parent / f"{out.name}.safetensors"), *METHODS[method],
+            "--model_name", str(tiny_model), "--output_dir", str(out), "--num_workers_dataloader", "0",
+            "--batch_size_training", str(4 // world), "--context_length", "256", "--num_epochs", "3",
+            "--lr", "1e-3" if method == "none" else "1e-2", "--val_batch_size", "4", "--save_metrics",
+            "--log_every", "4", "--checkpoint_type", "FULL_STATE_DICT"]
+
+
+def _tied_run(tied, world, out):
+    return [str(out.parent / f"{out.name}.safetensors"), "--model_name", str(tied), "--output_dir", str(out),
+            "--num_workers_dataloader", "0", "--batch_size_training", str(4 // world), "--context_length", "128",
+            "--num_epochs", "1", "--max_train_step", "4", "--lr", "1e-2", "--run_validation", "False",
+            "--checkpoint_type", "FULL_STATE_DICT"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    """The whole matrix in two launches (a launch's start-up costs more than a tiny run): at
+    1 rank, then at 2 ranks under FSDP, every method, then full fine-tuning of a tied-embedding
+    model (at 2 ranks also in bf16 compute). Returns {(name, world): output directory}."""
+    from shardtune.modeling.tiny import build_tiny
+
+    tmp = tmp_path_factory.mktemp("methods")
+    # Llama 3.2-style tied input/output embeddings
+    tied = build_tiny(str(tmp / "tied-model"), intermediate_size=128, tie_word_embeddings=True)
+    dirs, launches = {}, {1: [], 2: []}
+    for world, launch in launches.items():
+        fsdp = ["--enable_fsdp"] if world > 1 else []
+        for method in METHODS:
+            dirs[method, world] = tmp / f"{method}-{world}"
+            launch += ["--then", *_method_run(method, world, tiny_model, dirs[method, world]), *fsdp]
+        dirs["tied", world] = tmp / f"tied-{world}"
+        launch += ["--then", *_tied_run(tied, world, dirs["tied", world]), *fsdp]
+    dirs["tied_bf16", 2] = tmp / "tied_bf16-2"
+    launches[2] += ["--then", *_tied_run(tied, 2, dirs["tied_bf16", 2]), "--enable_fsdp", "--mixed_precision", "True",
+                    "--max_train_step", "2"]
+    check(python(WORKER, launches[1][1:]))
+    check(torchrun(2, WORKER, launches[2][1:]))
+    return dirs
+
+
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_method_trains_and_reloads(method, world, tmp_path, tiny_model):
-    out, probe_file = tmp_path / "out", tmp_path / "probe.safetensors"
-    # the bundled sample: 3 short epochs, and the held-out loss must fall
-    args = [str(probe_file)] + METHODS[method] + [
-        "--model_name", str(tiny_model), "--output_dir", str(out), "--num_workers_dataloader", "0",
-        "--batch_size_training", str(4 // world), "--context_length", "256", "--num_epochs", "3",
-        "--lr", "1e-3" if method == "none" else "1e-2", "--val_batch_size", "4", "--save_metrics", "--log_every", "4",
-        "--checkpoint_type", "FULL_STATE_DICT",
-    ]
-    if world == 1:
-        check(python(WORKER, args))
-    else:
-        check(torchrun(world, WORKER, args + ["--enable_fsdp"]))
+def test_method_trains_and_reloads(method, world, runs, tiny_model):
+    out = runs[method, world]
     steps, epochs = read_metrics(out)
     assert len(epochs) == 3 and len(steps) >= 30
     eval_losses = [e["eval_loss"] for e in epochs]
@@ -45,7 +76,7 @@ def test_method_trains_and_reloads(method, world, tmp_path, tiny_model):
     weights = "model.safetensors" if method == "none" else "adapter_model.safetensors"
     final, exported = load_file(out / weights), load_file(hf / weights)
     assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
-    probe = load_file(probe_file)
+    probe = load_file(out.parent / f"{out.name}.safetensors")
     with torch.no_grad():
         if method == "none":
             model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
@@ -56,28 +87,14 @@ def test_method_trains_and_reloads(method, world, tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_tied_embeddings_stay_tied_in_full_finetuning(world, tmp_path, tmp_path_factory):
-    """Llama 3.2-style tied input/output embeddings: training must update one shared
-    matrix, so the saved model (which HF re-ties on load) reproduces the trained logits.
-    At 2 ranks the same launch also trains with bf16 compute: the model is saved in bf16."""
-    from shardtune.modeling.tiny import build_tiny
-
-    tied = build_tiny(str(tmp_path / "tied"), intermediate_size=128, tie_word_embeddings=True)
-    out, probe_file = tmp_path / "out", tmp_path / "probe.safetensors"
-
-    def run(probe, out):
-        return [str(probe), "--model_name", str(tied), "--output_dir", str(out), "--num_workers_dataloader", "0",
-                "--batch_size_training", str(4 // world), "--context_length", "128", "--num_epochs", "1",
-                "--max_train_step", "4", "--lr", "1e-2", "--run_validation", "False",
-                "--checkpoint_type", "FULL_STATE_DICT"]
-
-    if world == 1:
-        check(python(WORKER, run(probe_file, out)))
-    else:
-        bf16 = run(tmp_path / "probe_bf16.safetensors", tmp_path / "bf16") + ["--mixed_precision", "True", "--max_train_step", "2"]
-        check(torchrun(world, WORKER, run(probe_file, out) + ["--enable_fsdp", "--then"] + bf16 + ["--enable_fsdp"]))
-        _saved_in_bf16(tmp_path / "bf16")
-    probe = load_file(probe_file)
+def test_tied_embeddings_stay_tied_in_full_finetuning(world, runs):
+    """Tied input/output embeddings: training must update one shared matrix, so the saved
+    model (which HF re-ties on load) reproduces the trained logits. At 2 ranks the same
+    launch also trains with bf16 compute: the model is saved in bf16."""
+    out = runs["tied", world]
+    if world == 2:
+        _saved_in_bf16(runs["tied_bf16", 2])
+    probe = load_file(out.parent / f"{out.name}.safetensors")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     with torch.no_grad():

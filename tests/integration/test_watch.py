@@ -11,9 +11,8 @@ import matplotlib.image
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import (SHIM, check, error_lines, examples_in_chunk, read_metrics, read_wandb_run, run_cmd,
-                      tensorboard_scalars,
-                      torchrun, wandb_offline_run)
+from conftest import (SHIM, check, error_lines, examples_in_chunk, read_metrics, read_wandb_run, run_cli, run_cmd,
+                      tensorboard_scalars, torchrun, wandb_offline_run)
 from shardtune.config.validate import check_supported
 from shardtune.data import build_split, train_loader
 from shardtune.modeling.load import load_tokenizer
@@ -132,7 +131,7 @@ def test_offline_wandb_run_holds_the_scalars(one_process):
         e["step"]: e["eval_loss"] for e in evals}
 
 
-def test_loss_png_and_plot_command(one_process, tmp_path):
+def test_loss_png_and_plot_command(one_process, tmp_path, capfd):
     out = one_process[1]
     image = matplotlib.image.imread(out / "loss.png")
     assert image.ndim == 3 and image.shape[1] > image.shape[0] > 100  # two panels side by side
@@ -145,17 +144,25 @@ def test_loss_png_and_plot_command(one_process, tmp_path):
     assert list(loss_eval.get_xdata()) == [2, 4]
     assert list(fig.axes[1].lines[0].get_ydata()) == pytest.approx([math.exp(s["loss"]) for s in steps])
 
-    # the command redraws the same picture, also from a file whose last line a crash tore
+    # the command (in this process) redraws the same picture, also from a file whose last line a crash tore
     torn = tmp_path / "metrics.jsonl"
     torn.write_text((out / "metrics.jsonl").read_text() + '{"event": "st')
-    proc = check(run_cmd([sys.executable, "-m", "shardtune.cli", "plot", str(torn), "-o", str(tmp_path / "cli.png")]))
-    assert matplotlib.image.imread(tmp_path / "cli.png").shape == image.shape, proc.stdout
+    code, stdout, _ = run_cli(capfd, ["plot", torn, "-o", tmp_path / "cli.png"])
+    assert code == 0 and matplotlib.image.imread(tmp_path / "cli.png").shape == image.shape, stdout
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"event": "st\n' + (out / "metrics.jsonl").read_text())
-    proc = run_cmd([sys.executable, "-m", "shardtune.cli", "plot", str(broken)])
-    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1
-    assert "line 1" in error_lines(proc.stderr)[0] and "Traceback" not in proc.stderr
+    code, _, err = run_cli(capfd, ["plot", broken])
+    assert code == 2 and len(error_lines(err)) == 1
+    assert "line 1" in error_lines(err)[0] and "Traceback" not in err
+
+    # a preference loss (dpo's steps log rewards, no perplexity): the loss panel alone
+    dpo = tmp_path / "dpo.jsonl"
+    dpo.write_text("".join(json.dumps({"event": "step", "step": s, "loss": 0.7 - s / 10, "rewards/accuracies": 0.5})
+                           + "\n" for s in (1, 2, 3)))
+    fig = plot.draw(plot.read_curves(dpo), tmp_path / "dpo.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss"]
+    assert list(fig.axes[0].lines[0].get_ydata()) == pytest.approx([0.6, 0.5, 0.4])
 
 
 def test_two_ranks_only_rank0_writes(tmp_path, tiny_model, one_process):

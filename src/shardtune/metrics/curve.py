@@ -1,5 +1,5 @@
-"""loss.png: train and eval loss (left panel) and perplexity (right panel) over optimizer
-steps. Rank 0 draws it at the end of a run; `shardtune plot metrics.jsonl` redraws it from
+"""loss.png: train and eval loss (left panel) and, for a token loss, perplexity (right
+panel) over optimizer steps; a preference loss (dpo) has no perplexity, so no right panel. Rank 0 draws it at the end of a run; `shardtune plot metrics.jsonl` redraws it from
 the metrics file, also of a run that crashed (a torn last line is skipped)."""
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class Curves:
     train_loss: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
+    token_loss: bool = False  # the steps logged a perplexity (finetune), not a preference loss (dpo)
 
 
 def read_curves(path: Path) -> Curves:
@@ -32,6 +33,7 @@ def read_curves(path: Path) -> Curves:
         if record.get("event") == "step":
             curves.train_steps.append(record["step"])
             curves.train_loss.append(record["loss"])
+            curves.token_loss |= record.get("perplexity") is not None
         elif record.get("event") == "eval":
             curves.eval_steps.append(record["step"])
             curves.eval_loss.append(record["eval_loss"])
@@ -39,21 +41,24 @@ def read_curves(path: Path) -> Curves:
 
 
 def draw(curves: Curves, out: Path):
-    """Two panels: loss, and perplexity on a log scale. Returns the figure it saved."""
+    """Two panels: loss, and perplexity on a log scale (for a token loss only). Returns the
+    figure it saved."""
     # imported here: only the run's end draws (a third of a second off every process's start);
     # a bare Figure renders with Agg: no pyplot, no display
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    loss_ax, ppl_ax = fig.subplots(1, 2)
-    for ax, transform, title in ((loss_ax, float, "loss"), (ppl_ax, perplexity, "perplexity")):
+    panels = [(float, "loss")] + ([(perplexity, "perplexity")] if curves.token_loss else [])
+    fig = Figure(figsize=(5.5 * len(panels), 4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (transform, title) in zip(axes, panels):
         ax.plot(curves.train_steps, [transform(v) for v in curves.train_loss], label="train", linewidth=1)
         ax.plot(curves.eval_steps, [transform(v) for v in curves.eval_loss], "o-", label="eval")
         ax.set_xlabel("optimizer step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    ppl_ax.set_yscale("log")
+        if title == "perplexity":
+            ax.set_yscale("log")
     fig.savefig(out, dpi=100)
     return fig
 
@@ -70,6 +75,7 @@ class LossCurve:
         if "train/loss" in scalars:
             self.curves.train_steps.append(step)
             self.curves.train_loss.append(scalars["train/loss"])
+            self.curves.token_loss |= "train/perplexity" in scalars
         if "eval/loss" in scalars:
             self.curves.eval_steps.append(step)
             self.curves.eval_loss.append(scalars["eval/loss"])
