@@ -33,31 +33,49 @@ def one_rank_lora(tmp_path_factory, tiny_model):
     return _losses(out)
 
 
+LOW_PRECISIONS = {"bf16_mixed": ["--mixed_precision", "True"], "pure_bf16": ["--pure_bf16", "--optimizer", "anyprecision"],
+                  "fp16": ["--use_fp16"]}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, tiny_model):
+    """Every 2-rank run below in one launch (tests/workers/train_probe.py --then): a launch's
+    start-up costs more than these tiny runs. name -> output directory."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    fsdp_lora = [*LORA, "--enable_fsdp", "--max_train_step", "5", "--batch_size_training", "2"]
+    runs = {
+        "SHARD_GRAD_OP": [*fsdp_lora, "--sharding_strategy", "SHARD_GRAD_OP"],
+        "NO_SHARD": [*fsdp_lora, "--sharding_strategy", "NO_SHARD"],
+        # activation checkpointing and CPU offload together: either changing the numbers shows
+        "memory": [*fsdp_lora, "--fsdp_activation_checkpointing", "True", "--fsdp_cpu_offload"],
+        "freeze": ["--enable_fsdp", "--max_train_step", "3", "--batch_size_training", "2", "--freeze_layers",
+                   "--num_freeze_layers", "1", "--checkpoint_type", "FULL_STATE_DICT"],
+        "dcp_root": ["--enable_fsdp", "--max_train_step", "2", "--batch_size_training", "2",
+                     "--dist_checkpoint_root_folder", str(tmp / "dcp")],
+        **{name: [*LORA, "--enable_fsdp", "--batch_size_training", "2", "--num_epochs", "2", "--lr", "1e-2", *flags]
+           for name, flags in LOW_PRECISIONS.items()},
+    }
+    argv = []
+    for name, flags in runs.items():
+        # _args first: a flag given twice takes its last value, so each run's own flags win
+        argv += ["--then", str(tmp / f"{name}.safetensors"), *_args(tiny_model, tmp / name), *flags]
+    check(torchrun(2, REPO / "tests" / "workers" / "train_probe.py", argv[1:]))
+    return {name: tmp / name for name in runs} | {"dcp": tmp / "dcp"}
+
+
 @pytest.mark.parametrize("strategy", ["SHARD_GRAD_OP", "NO_SHARD"])
-def test_sharding_strategies_match_one_rank(strategy, one_rank_lora, tmp_path, tiny_model):
+def test_sharding_strategies_match_one_rank(strategy, one_rank_lora, two_rank_runs):
     """FULL_SHARD at 4 ranks and HYBRID_SHARD on a 2 x 2 mesh are checked against one
     rank in test_multinode.py."""
-    out = tmp_path / "out"
-    check(torchrun(2, SHIM, LORA + _args(tiny_model, out, "--enable_fsdp", "--max_train_step", "5",
-                                         "--batch_size_training", "2", "--sharding_strategy", strategy)))
-    _close(_losses(out), one_rank_lora)
+    _close(_losses(two_rank_runs[strategy]), one_rank_lora)
 
 
-def test_memory_flags_do_not_change_losses(one_rank_lora, tmp_path, tiny_model):
-    """Activation checkpointing and CPU offload together, in one launch: either changing
-    the numbers shows against the plain one-rank run."""
-    out = tmp_path / "out"
-    check(torchrun(2, SHIM, LORA + _args(tiny_model, out, "--enable_fsdp", "--max_train_step", "5",
-                                         "--batch_size_training", "2", "--fsdp_activation_checkpointing", "True",
-                                         "--fsdp_cpu_offload")))
-    _close(_losses(out), one_rank_lora)
+def test_memory_flags_do_not_change_losses(one_rank_lora, two_rank_runs):
+    _close(_losses(two_rank_runs["memory"]), one_rank_lora)
 
 
-def test_freeze_layers_keeps_frozen_weights_bitwise(tmp_path, tiny_model):
-    out = tmp_path / "out"
-    check(torchrun(2, SHIM, _args(tiny_model, out, "--enable_fsdp", "--max_train_step", "3",
-                                  "--batch_size_training", "2", "--freeze_layers", "--num_freeze_layers", "1",
-                                  "--checkpoint_type", "FULL_STATE_DICT")))
+def test_freeze_layers_keeps_frozen_weights_bitwise(two_rank_runs, tiny_model):
+    out = two_rank_runs["freeze"]
     base, tuned = load_file(tiny_model / "model.safetensors"), load_file(out / "model.safetensors")
     assert base.keys() == tuned.keys()
     frozen = [k for k in base if k.startswith("model.layers.0.")]
@@ -69,21 +87,10 @@ def test_freeze_layers_keeps_frozen_weights_bitwise(tmp_path, tiny_model):
         assert not torch.equal(base[k], tuned[k]), k
 
 
-LOW_PRECISIONS = {"bf16_mixed": ["--mixed_precision", "True"], "pure_bf16": ["--pure_bf16", "--optimizer", "anyprecision"],
-                  "fp16": ["--use_fp16"]}
-
-
-def test_low_precision_trains(tmp_path, tiny_model):
-    """Each precision in turn, in one launch (tests/workers/train_probe.py --then)."""
-    argv = []
-    for name, flags in LOW_PRECISIONS.items():
-        argv += ["--then"] * bool(argv) + [str(tmp_path / f"{name}.safetensors"), *LORA, *_args(
-            tiny_model, tmp_path / name, "--enable_fsdp", "--batch_size_training", "2", "--num_epochs", "2",
-            "--lr", "1e-2", *flags)]
-    check(torchrun(2, REPO / "tests" / "workers" / "train_probe.py", argv))
+def test_low_precision_trains(two_rank_runs):
     for name in LOW_PRECISIONS:
-        epochs = read_metrics(tmp_path / name)[1]
-        assert all(math.isfinite(l) for l in _losses(tmp_path / name)), name
+        epochs = read_metrics(two_rank_runs[name])[1]
+        assert all(math.isfinite(l) for l in _losses(two_rank_runs[name])), name
         assert epochs[1]["train_loss"] < epochs[0]["train_loss"], (name, epochs)
 
 
@@ -126,7 +133,7 @@ def test_hybrid_group_must_divide_world(tmp_path, tiny_model):
     assert any("HYBRID_SHARD needs sharding_group_size" in l for l in error_lines(proc.stderr)), proc.stderr
 
 
-def test_full_finetune_step_checkpoint_matches_hf_output(tmp_path, tiny_model):
+def test_full_finetune_step_checkpoint_matches_hf_output(two_rank_runs, tiny_model):
     """The epoch-end step checkpoint (DCP, with the optimizer) under
     dist_checkpoint_root_folder holds the same trained weights as the HF directory."""
     import torch.distributed.checkpoint as dcp
@@ -134,9 +141,7 @@ def test_full_finetune_step_checkpoint_matches_hf_output(tmp_path, tiny_model):
     from shardtune.checkpoint import state as ckpt_state
     from shardtune.checkpoint.convert import read_trainable
 
-    out, root = tmp_path / "out", tmp_path / "dcp"
-    check(torchrun(2, SHIM, _args(tiny_model, out, "--enable_fsdp", "--max_train_step", "2",
-                                  "--batch_size_training", "2", "--dist_checkpoint_root_folder", str(root))))
+    out, root = two_rank_runs["dcp_root"], two_rank_runs["dcp"]
     run_dir = root / f"fine-tuned-{tiny_model.name}"
     assert [p.name for p in ckpt_state.complete_steps(run_dir)] == ["step_000002"]
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporaries left
