@@ -3,8 +3,6 @@ in an independent plain-peft DoRA loop from the same init; the magnitude of a fr
 adapter is computed from the loaded base weights (not from the meta device); the saved
 adapter loads in plain peft and reproduces the trained logits; a checkpoint saved at 2
 ranks resumes at 1, and the adapter merges into the base."""
-import sys
-
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -12,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, SHIM, check, metric_events, plain_loop_losses, python, read_metrics, run_cmd, step_losses, torchrun
+from conftest import REPO, SHIM, check, metric_events, plain_loop_losses, python, read_metrics, run_cli, step_losses, torchrun
 from shardtune.config.parse import parse_args
 from shardtune.data import build_split
 from shardtune.modeling.load import load_tokenizer
@@ -36,7 +34,8 @@ def runs(tiny_model, shared_data, tmp_path_factory):
     """From a plain-peft DoRA init (non-zero B, so step 1 trains A too): 1 rank, 2 ranks;
     in the 2-rank launch also a fresh adapter (shardtune's own init) with lr 0, which keeps
     the initial magnitude, trained under --compile (peft's DoRA graph-breaks in dynamo, so
-    the run must report its layers as partly eager)."""
+    the run must report its layers as partly eager), and the 2-rank run stopped after step 3
+    that test_saved_at_two_ranks_resumes_at_one_and_merges resumes."""
     tmp = tmp_path_factory.mktemp("dora")
     torch.manual_seed(0)
     init = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
@@ -46,7 +45,7 @@ def runs(tiny_model, shared_data, tmp_path_factory):
             if "lora_B" in name:
                 param.normal_(std=0.02)
     init.save_pretrained(tmp / "init")
-    out = {k: tmp / k for k in ("one", "two", "fresh")}
+    out = {k: tmp / k for k in ("one", "two", "fresh", "stopped")}
 
     def run(name, batch, *extra):
         return [str(tmp / f"{name}.safetensors"), *_args(tiny_model, shared_data, out[name]), "--enable_fsdp",
@@ -56,7 +55,7 @@ def runs(tiny_model, shared_data, tmp_path_factory):
     check(torchrun(1, WORKER, run("one", GLOBAL_BATCH, *from_init)))
     check(torchrun(2, WORKER, run("two", GLOBAL_BATCH // 2, *from_init) + ["--then"]
                    + run("fresh", GLOBAL_BATCH // 2, "--lr", "0", "--weight_decay", "0", "--max_train_step", "1",
-                       "--compile")))
+                       "--compile") + ["--then"] + run("stopped", GLOBAL_BATCH // 2, *from_init, "--max_train_step", "3")))
     out["init"] = tmp / "init"
     return out
 
@@ -109,13 +108,12 @@ def test_adapter_reproduces_trained_logits(runs, tiny_model, name):
     assert (logits - probe["logits"]).abs().max().item() <= 1e-5
 
 
-def test_saved_at_two_ranks_resumes_at_one_and_merges(runs, tiny_model, shared_data, tmp_path):
+def test_saved_at_two_ranks_resumes_at_one_and_merges(runs, tiny_model, shared_data, tmp_path, capfd):
     """DoRA's magnitude vectors go through the DCP checkpoint too: saved by 2 FSDP ranks after
     step 3 and resumed by one process, the run has the uninterrupted 2-rank run's losses and
     adapter; merged into the base, it gives that run's logits in plain transformers."""
-    out = tmp_path / "out"
+    out = runs["stopped"]
     args = _args(tiny_model, shared_data, out) + ["--from_peft_checkpoint", str(runs["init"])]
-    check(torchrun(2, SHIM, args + ["--enable_fsdp", "--batch_size_training", "2", "--max_train_step", "3"]))
     check(python(SHIM, args + ["--batch_size_training", "4", "--resume", "auto"]))
     assert step_losses(out).keys() == step_losses(runs["two"]).keys()
     assert max(abs(step_losses(out)[s] - loss) for s, loss in step_losses(runs["two"]).items()) <= 1e-5
@@ -124,8 +122,8 @@ def test_saved_at_two_ranks_resumes_at_one_and_merges(runs, tiny_model, shared_d
     assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= 1e-5
 
     merged = tmp_path / "merged"
-    check(run_cmd([sys.executable, "-m", "shardtune.cli", "merge", "--model_name", str(tiny_model),
-                   "--peft_model", str(out), "--output_dir", str(merged)]))
+    code, _, err = run_cli(capfd, ["merge", "--model_name", tiny_model, "--peft_model", out, "--output_dir", merged])
+    assert code == 0, err
     probe = load_file(runs["two"].parent / "two.safetensors")
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()(input_ids=probe["probe"]).logits
