@@ -56,8 +56,11 @@ def file_digest(path: Path | Any) -> str:
         for file in data_files(path):
             h.update(f"{file.relative_to(path)}:{file_digest(file)}\n".encode())
         return "dir:" + h.hexdigest()
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    with path.open("rb") as f:  # hashlib.file_digest is Python 3.11+; 3.10 is supported
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def data_size(path: Path) -> int:
