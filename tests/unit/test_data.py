@@ -13,7 +13,7 @@ from shardtune.config.parse import parse_args
 from shardtune.data import build_split, samsum, train_loader
 from shardtune.data.packing import collate, pack
 from shardtune.data.sampler import EvalSampler, GlobalBatchSampler
-from shardtune.data.tokenize import IGNORE_INDEX
+from shardtune.data.tokenize import IGNORE_INDEX, tokenize_prompt_target
 from shardtune.modeling.loss import token_loss_sum
 
 
@@ -44,7 +44,7 @@ def test_empty_dialogue_record_is_valid(shared_data, llama2_tok):
     records = json.loads((shared_data / "samsum" / "train.json").read_text())
     empty = [r for r in records if r["dialogue"] == ""]
     assert [r["id"] for r in empty] == ["13828807"]
-    ex = samsum.tokenize_prompt_target(llama2_tok, [samsum.PROMPT.format(dialog="")], [empty[0]["summary"]])[0]
+    ex = tokenize_prompt_target(llama2_tok, [samsum.PROMPT.format(dialog="")], [empty[0]["summary"]])[0]
     assert any(l != IGNORE_INDEX for l in ex["labels"])
 
 

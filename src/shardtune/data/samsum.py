@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import UserError
 from .records import SUFFIXES, BadRecords, read_records, valid_records
 from .source import Source, data_size, file_digest, sliced
-from .tokenize import Example, FlatExamples, prompt_target, tokenize_prompt_target
+from .tokenize import Example, FlatExamples, prompt_target
 
 PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
 FIELDS = ("dialogue", "summary")
@@ -54,14 +54,13 @@ def _data_file(data_path: str, split: str) -> Path | None:
     return None
 
 
-def _tokenize(records: list[dict], tokenizer) -> list[Example]:
-    prompts = [PROMPT.format(dialog=r["dialogue"]) for r in records]
-    return tokenize_prompt_target(tokenizer, prompts, [r["summary"] for r in records])
-
-
 def _tokenize_slice(tokenizer, records: list[dict], bad: BadRecords, start: int) -> FlatExamples:
     # records were checked when read: none is bad here
     return prompt_target(tokenizer, [PROMPT.format(dialog=r["dialogue"]) for r in records], [r["summary"] for r in records])
+
+
+def _tokenize(records: list[dict], tokenizer) -> list[Example]:
+    return _tokenize_slice(tokenizer, records, BadRecords(), 0).examples()
 
 
 def source(dataset_config, split: str) -> Source:
