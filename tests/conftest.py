@@ -66,6 +66,24 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def assert_close(actual, expected, rtol: float, atol: float = 0.0, where: str = "") -> None:
+    """|a - b| <= atol + rtol * max(|a|, |b|) for every number, pairing floats, lists and dicts
+    (same keys) element by element: floats are compared relative to their size, so a tolerance
+    that holds for a loss near 0.02 also holds for a reward near 4 or a log-probability near -300."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), f"{where}: {actual} vs {expected}"
+        for k in expected:
+            assert_close(actual[k], expected[k], rtol, atol, f"{where}[{k!r}]")
+        return
+    if isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected) > 0, f"{where}: {actual} vs {expected}"
+        for i, (a, b) in enumerate(zip(actual, expected)):
+            assert_close(a, b, rtol, atol, f"{where}[{i}]")
+        return
+    a, b = float(actual), float(expected)
+    assert abs(a - b) <= atol + rtol * max(abs(a), abs(b)), f"{where}: {a!r} vs {b!r} (rtol {rtol}, atol {atol})"
+
+
 def metric_events(out_dir: Path, event: str | None = None) -> list[dict]:
     """The records of out_dir/metrics.jsonl, all or those of one event."""
     lines = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]

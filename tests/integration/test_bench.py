@@ -7,7 +7,7 @@ import json
 import math
 import sys
 
-from conftest import REPO, check, run_cmd
+from conftest import REPO, check, run_cmd, assert_close
 
 
 def test_quick_bench_emits_results(tmp_path, shared_data):
@@ -26,7 +26,7 @@ def test_quick_bench_emits_results(tmp_path, shared_data):
     by_runner = {r["runner"]: r for r in rows}
     # Same weights, same packed batches, LoRA's B starts at zero: step 1 is the base model's
     # loss on the same tokens, computed by two independent loops.
-    assert abs(by_runner["shardtune"]["first_loss"] - by_runner["handloop"]["first_loss"]) < 1e-4
+    assert_close(by_runner["shardtune"]["first_loss"], by_runner["handloop"]["first_loss"], rtol=1e-4)
     report = (work / "results" / "report.md").read_text()
     assert "## Throughput" in report and "| micro | shardtune |" in report
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHIM, check, error_lines, python, read_metrics, run_cli, torchrun
+from conftest import REPO, SHIM, assert_close, check, error_lines, python, read_metrics, run_cli, torchrun
 
 LORA = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0"]
 
@@ -19,11 +19,6 @@ def _args(tiny_model, out, *extra):
 
 def _losses(out):
     return [s["loss"] for s in read_metrics(out)[0]]
-
-
-def _close(a, b, tol=1e-5):
-    assert len(a) == len(b) and len(a) > 0
-    assert max(abs(x - y) for x, y in zip(a, b)) <= tol, (a, b)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +62,11 @@ def two_rank_runs(tmp_path_factory, tiny_model):
 def test_sharding_strategies_match_one_rank(strategy, one_rank_lora, two_rank_runs):
     """FULL_SHARD at 4 ranks and HYBRID_SHARD on a 2 x 2 mesh are checked against one
     rank in test_multinode.py."""
-    _close(_losses(two_rank_runs[strategy]), one_rank_lora)
+    assert_close(_losses(two_rank_runs[strategy]), one_rank_lora, rtol=1e-5, where=strategy)
 
 
 def test_memory_flags_do_not_change_losses(one_rank_lora, two_rank_runs):
-    _close(_losses(two_rank_runs["memory"]), one_rank_lora)
+    assert_close(_losses(two_rank_runs["memory"]), one_rank_lora, rtol=1e-5, where="memory")
 
 
 def test_freeze_layers_keeps_frozen_weights_bitwise(two_rank_runs, tiny_model):

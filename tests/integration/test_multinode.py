@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import (REPO, SHIM, check, error_lines, kill_group, python, start_launcher, step_losses,
+from conftest import (REPO, SHIM, check, error_lines, kill_group, python, start_launcher, assert_close, step_losses,
                       torchrun, wait_for_file)
 
 FAULT = REPO / "tests" / "workers" / "fault_probe.py"
@@ -60,7 +60,7 @@ def four_rank_reference(tmp_path_factory, tiny_model):
     check(python(SHIM, one + ["--model_name", str(tiny_model), "--output_dir", str(root / "one")]))
     losses, single = step_losses(root / "ref"), step_losses(root / "one")
     assert sorted(losses) == sorted(single) == list(range(1, STEPS + 1))
-    assert max(abs(losses[s] - single[s]) for s in losses) <= 1e-5, (losses, single)
+    assert_close(losses, single, rtol=1e-5)
     return losses
 
 
@@ -71,7 +71,7 @@ def test_two_nodes_hybrid_shard_match_one_node_full_shard(tmp_path, tiny_model, 
         assert rc == 0, err[-4000:]
     losses = step_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    assert max(abs(losses[s] - four_rank_reference[s]) for s in losses) <= 1e-5, (losses, four_rank_reference)
+    assert_close(losses, four_rank_reference, rtol=1e-5)
 
 
 def test_a_dead_node_ends_the_other_and_resume_continues(tmp_path, tiny_model, four_rank_reference):
@@ -92,7 +92,7 @@ def test_a_dead_node_ends_the_other_and_resume_continues(tmp_path, tiny_model, f
         assert rc == 0, err[-4000:]
     losses = step_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    assert max(abs(losses[s] - four_rank_reference[s]) for s in losses) <= 1e-5
+    assert_close(losses, four_rank_reference, rtol=1e-5)
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, tiny_model):

@@ -3,7 +3,7 @@ loss and the same final adapter (fp32, lora_dropout 0, real processes)."""
 import pytest
 from safetensors.torch import load_file
 
-from conftest import SHIM, check, metric_events, python, read_metrics, torchrun
+from conftest import SHIM, check, metric_events, python, read_metrics, torchrun, assert_close
 
 COMMON = ["--num_workers_dataloader", "0", "--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0",
           "--samsum_dataset.train_split", "validation", "--run_validation", "False",
@@ -29,7 +29,7 @@ def _assert_same(a, b):
     losses_a, adapter_a = a
     losses_b, adapter_b = b
     assert len(losses_a) == len(losses_b) == 10
-    assert max(abs(x - y) for x, y in zip(losses_a, losses_b)) <= 1e-5, (losses_a, losses_b)
+    assert_close(losses_a, losses_b, rtol=1e-5)
     assert adapter_a.keys() == adapter_b.keys()
     assert max((adapter_a[k] - adapter_b[k]).abs().max().item() for k in adapter_a) <= 1e-5
 
@@ -76,7 +76,7 @@ def test_compiled_layers_under_fsdp_match_one_rank(one_rank, tmp_path, tiny_mode
     assert events == [{"event": "compile", "run_id": events[0]["run_id"], "step": 1, "compiled": True,
                        "graph_breaks": []}], events
     base_losses, base_adapter = one_rank
-    assert max(abs(x - y) for x, y in zip(losses, base_losses)) <= 1e-4, (losses, base_losses)
+    assert_close(losses, base_losses, rtol=1e-4)
     assert max((adapter[k] - base_adapter[k]).abs().max().item() for k in adapter) <= 1e-4
 
 
@@ -93,4 +93,4 @@ def test_full_finetune_under_fsdp_matches_one_rank(tmp_path, tiny_model, shared_
                                  "--samsum_dataset.data_path", str(shared_data / "samsum"), *extra, *full]))
         losses[name] = [s["loss"] for s in read_metrics(out)[0]]
     assert len(losses["one"]) == 6 and losses["one"][0] != losses["one"][-1]
-    assert max(abs(a - b) for a, b in zip(losses["one"], losses["two"])) <= 1e-5, losses
+    assert_close(losses["one"], losses["two"], rtol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHIM, check, read_metrics, run_cmd, subprocess_env, torchrun
+from conftest import REPO, SHIM, check, read_metrics, run_cmd, subprocess_env, torchrun, assert_close
 
 SCRIPT = REPO / "scripts" / "multi_node.slurm"
 FLAGS = ["--enable_fsdp", "--use_peft", "--peft_method", "lora", "--num_epochs", "1", "--max_train_step", "3",
@@ -61,7 +61,7 @@ def test_multi_node_slurm_job_matches_local_torchrun(slurm_cluster, tmp_path, ti
     local_steps, _ = read_metrics(local / "adapter")
     slurm_losses, local_losses = [s["loss"] for s in slurm_steps], [s["loss"] for s in local_steps]
     assert len(slurm_losses) == len(local_losses) == 3, (slurm_losses, local_losses)
-    assert max(abs(a - b) for a, b in zip(slurm_losses, local_losses)) <= 1e-5, (slurm_losses, local_losses)
+    assert_close(slurm_losses, local_losses, rtol=1e-5)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
