@@ -4,8 +4,9 @@ MODEL PAIRS OUT CASE... where CASE is METHOD:LOSS (METHOD lora|full, LOSS sigmoi
   * sigmoid, ipo: TRL's DPOTrainer, the same model, adapter start, pairs and batches (every
     step trains on all the pairs, so the batch is the same whatever the sampler's order);
   * simpo, orpo: the installed TRL's DPOTrainer has neither, so a plain PyTorch loop (padded
-    rows, HF forward, torch AdamW) feeds the log-probabilities to TRL's own CPO (simpo) and
-    ORPO loss functions.
+    rows, HF forward, torch AdamW) feeds the log-probabilities to TRL's own CPO loss (simpo),
+    or runs TRL's own ORPOTrainer.concatenated_forward (its NLL over the chosen prompt and
+    response) and odds_ratio_loss on a batch in TRL's layout (orpo).
 
 Writes OUT/results.json: {case: {"shardtune": [step dicts], "reference": [step dicts]}}."""
 from __future__ import annotations
@@ -74,6 +75,20 @@ def trl_steps(model: str, pairs: Path, out: Path, method: str, loss: str, init: 
     return records
 
 
+def trl_batch(examples: list[dict]) -> dict:
+    """Pairs in the layout ORPOTrainer's collator gives: chosen_/rejected_ input_ids, attention_mask
+    and labels (the prompt labelled -100), right-padded."""
+    batch = {}
+    for side in ("chosen", "rejected"):
+        seqs = [e["prompt_ids"] + e[f"{side}_ids"] for e in examples]
+        labels = [[-100] * len(e["prompt_ids"]) + e[f"{side}_ids"] for e in examples]
+        width = max(map(len, seqs))
+        batch[f"{side}_input_ids"] = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+        batch[f"{side}_attention_mask"] = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        batch[f"{side}_labels"] = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+    return batch
+
+
 def hand_loop_steps(model: str, pairs: Path, method: str, loss: str, init: Path) -> list[dict]:
     """Padded rows through the HF model; the loss from TRL's own functions."""
     from transformers import AutoTokenizer
@@ -98,7 +113,12 @@ def hand_loop_steps(model: str, pairs: Path, method: str, loss: str, init: Path)
     policy = load_policy(model, method, init)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=LR[method], weight_decay=0.0)
     this = types.SimpleNamespace(beta=BETA, label_smoothing=0.0, simpo_gamma=0.5, loss_type="simpo", alpha=0.0,
-                                 accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+                                 accelerator=types.SimpleNamespace(device=torch.device("cpu")),
+                                 # what ORPOTrainer.concatenated_forward reads of its trainer
+                                 concatenated_inputs=ORPOTrainer.concatenated_inputs,
+                                 get_batch_logps=ORPOTrainer.get_batch_logps, is_encoder_decoder=False,
+                                 padding_value=0, aux_loss_enabled=False)
+    orpo_batch = trl_batch(examples)
     n = len(examples)
     records = []
     for _ in range(STEPS):
@@ -109,9 +129,9 @@ def hand_loop_steps(model: str, pairs: Path, method: str, loss: str, init: Path)
         if loss == "simpo":
             losses, rew_c, rew_r = CPOTrainer.cpo_loss(this, avg[:n], avg[n:])
             value = losses.mean()
-        else:  # orpo: TRL's ORPO beta is shardtune's orpo_alpha (0.1 by default)
-            losses, rew_c, rew_r, _, _ = ORPOTrainer.odds_ratio_loss(this, avg[:n], avg[n:])
-            nll = -token_logps[:n].sum() / lengths[:n].sum()
+        else:  # orpo, as ORPOTrainer.get_batch_loss_metrics: TRL's ORPO beta is shardtune's orpo_alpha (0.1)
+            avg_c, avg_r, _, _, nll = ORPOTrainer.concatenated_forward(this, policy, orpo_batch)
+            losses, rew_c, rew_r, _, _ = ORPOTrainer.odds_ratio_loss(this, avg_c, avg_r)
             value = nll - losses.mean()
         optimizer.zero_grad()
         value.backward()

@@ -160,7 +160,7 @@ def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str],
     from ..config.validate import check_dpo
     from ..data.pairs import PairDataset, collate_pairs, fit_pairs
     from ..data.sampler import EvalSampler
-    from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, reference_logps
+    from ..modeling.preference import PROMPT_NLL, REFERENCE_FREE, PairLoss, PreferenceLoss, reference_logps
 
     t, d = cfgs.train, cfgs.dpo
     check_dpo(cfgs)
@@ -186,7 +186,8 @@ def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str],
     dataset = PairDataset(pairs)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=EvalSampler(len(dataset), t.val_batch_size, 1, 0),
-        collate_fn=lambda items: collate_pairs(items, tokenizer.pad_token_id, t.context_length, packing=False))
+        collate_fn=lambda items: collate_pairs(items, tokenizer.pad_token_id, t.context_length, packing=False,
+                                                 chosen_prompt_targets=d.loss_type in PROMPT_NLL))
     cfg = loop.LoopConfig(accum=1, world=1, max_train_step=0, max_eval_step=0, grad_clip=None, log_every=1,
                           objective=objective)
     loss, stats, _ = loop.evaluate(model, loader, dist, cfg)

@@ -12,6 +12,10 @@ the collate lays a micro-batch's 2P examples out in rows:
 Both give the same per-example sums of log-probabilities, so a packed step equals a padded
 one. `example_ids` says which example each token belongs to: chosen of pair k is example k,
 rejected is P + k (TRL's [chosen..., rejected...] order).
+
+ORPO's NLL term covers the chosen example's prompt too (TRL's ORPOTrainer: "over the full
+prompt and response"): with chosen_prompt_targets the chosen prompts are labelled as well,
+and `completion_mask` keeps every per-example sum to the completion.
 """
 from __future__ import annotations
 
@@ -78,36 +82,47 @@ class PairDataset(Dataset):
         return (prompt + chosen + rejected).tolist()
 
 
-def _example(prompt: torch.Tensor, completion: torch.Tensor) -> dict:
-    labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion])
-    labels[0] = IGNORE_INDEX  # the first token predicts nothing (and is never a target in TRL either)
+def _example(prompt: torch.Tensor, completion: torch.Tensor, label_prompt: bool = False) -> dict:
     ids = torch.cat([prompt, completion])
-    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(len(ids))}
+    completion_mask = torch.arange(len(ids)) >= len(prompt)
+    completion_mask[0] = False  # the first token predicts nothing (and is never a target in TRL either)
+    targets = torch.arange(len(ids)) > 0 if label_prompt else completion_mask
+    labels = torch.where(targets, ids, IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(len(ids)),
+            "completion_mask": completion_mask}
 
 
-def collate_pairs(pairs: list[dict], pad_id: int, context_length: int, packing: bool) -> dict:
+def collate_pairs(pairs: list[dict], pad_id: int, context_length: int, packing: bool,
+                  chosen_prompt_targets: bool = False) -> dict:
     """A micro-batch of pairs -> rows of examples (see the module docstring), with the
     counts the loop and the preference loss read on the host."""
-    examples = ([_example(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
+    examples = ([_example(p["prompt_ids"], p["chosen_ids"], chosen_prompt_targets) for p in pairs]
                 + [_example(p["prompt_ids"], p["rejected_ids"]) for p in pairs])
     lengths = [len(e["input_ids"]) for e in examples]
     rows = best_fit_decreasing(lengths, context_length) if packing else [[i] for i in range(len(examples))]
-    chunks, owners = [], []
+    chunks, owners, masks = [], [], []
     for row in rows:
         chunks.append({key: torch.cat([examples[i][key] for i in row]) for key in ("input_ids", "labels", "position_ids")})
         owners.append(torch.cat([torch.full((lengths[i],), i) for i in row]))
+        masks.append(torch.cat([examples[i]["completion_mask"] for i in row]))
     batch = collate(chunks, pad_id)
     example_ids = torch.full_like(batch["input_ids"], -1)
     for r, owner in enumerate(owners):
         example_ids[r, :len(owner)] = owner
     weights = torch.tensor([p["weight"] for p in pairs], dtype=torch.float32)
-    completion_lengths = torch.tensor([int((e["labels"] != IGNORE_INDEX).sum()) for e in examples], dtype=torch.float32)
+    completion_lengths = torch.tensor([int(e["completion_mask"].sum()) for e in examples], dtype=torch.float32)
+    chosen_targets = [int((e["labels"] != IGNORE_INDEX).sum()) for e in examples[:len(pairs)]]
     batch.update(
         example_ids=example_ids, pair_weights=weights, completion_lengths=completion_lengths,
         num_pairs=int(weights.sum()),
-        # ORPO's NLL is a mean over the chosen completions' tokens
-        num_chosen_targets=int(sum(completion_lengths[k] * weights[k] for k in range(len(pairs)))),
+        # ORPO's NLL is a mean over the chosen examples' targets (prompt too, with chosen_prompt_targets)
+        num_chosen_targets=int(sum(n * weights[k] for k, n in enumerate(chosen_targets))),
     )
+    if chosen_prompt_targets:  # some targets are prompt tokens: the per-example sums skip them
+        completion_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for r, mask in enumerate(masks):
+            completion_mask[r, :len(mask)] = mask
+        batch["completion_mask"] = completion_mask
     if "reference_logps" in pairs[0]:
         ref = torch.stack([p["reference_logps"] for p in pairs])  # [P, 2]
         batch["reference_logps"] = torch.cat([ref[:, 0], ref[:, 1]])

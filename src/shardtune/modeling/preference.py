@@ -7,7 +7,8 @@ under the policy and, where the loss has one, the reference model:
            e = label_smoothing (conservative DPO; 0 is TRL's sigmoid)
   ipo      ((c - ref_c)/|c| - (r - ref_r)/|r| - 1/(2b))^2, per-token log-ratios as TRL's
   simpo    reference-free: -(1-e) log s(b*(c/|c| - r/|r|) - g), g = simpo_gamma (TRL's CPO simpo)
-  orpo     reference-free: NLL of the chosen tokens (mean over the batch's chosen tokens)
+  orpo     reference-free: NLL of the chosen examples, prompt and response (mean over the
+           batch's chosen targets, as TRL's ORPOTrainer)
            - a * log s(log-odds(c/|c|) - log-odds(r/|r|)), a = orpo_alpha (TRL's ORPO beta)
 
 |c| is the completion's token count. Rewards as TRL logs them: b*(c - ref_c) for sigmoid and
@@ -29,6 +30,7 @@ from .loss import target_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
+PROMPT_NLL = ("orpo",)  # an NLL term over the chosen prompt and response (TRL's ORPOTrainer)
 STAT_NAMES = PREFERENCE_STATS  # in this order: PreferenceLoss.loss stacks them so
 
 
@@ -71,23 +73,32 @@ class PairLoss:
 
 def example_logps(model: torch.nn.Module, batch: dict, device: torch.device,
                   mask_from_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each example's completion [2P], per-token log-probs [T]),
-    examples in the collate's order (chosen..., rejected...). mask_from_positions: one
-    example per row, with an attention mask (prefix tuning)."""
+    """(summed log-probability of each example's completion [2P], per-token log-probs [T] of
+    every target), examples in the collate's order (chosen..., rejected...). mask_from_positions:
+    one example per row, with an attention mask (prefix tuning)."""
     token_logps = target_logps(model, batch, device, mask_from_positions)
     owner = target_owner(batch)
+    scored = token_logps
+    if "completion_mask" in batch:  # ORPO labels the chosen prompts too: they are not in the sums
+        scored = token_logps * at_targets(batch, batch["completion_mask"], False).to(device, non_blocking=True)
     sums = torch.zeros(len(batch["completion_lengths"]), device=device, dtype=token_logps.dtype)
-    return sums.index_add(0, owner.to(device, non_blocking=True), token_logps), token_logps
+    return sums.index_add(0, owner.to(device, non_blocking=True), scored), token_logps
+
+
+def at_targets(batch: dict, per_token: torch.Tensor, fill) -> torch.Tensor:
+    """per_token's value for each target token, in loss.Targets order (host tensors only):
+    position i predicts token i + 1, so a target takes the value of the token it predicts."""
+    labels = batch["labels"]
+    shifted_labels = torch.full_like(labels, IGNORE_INDEX)
+    shifted_labels[:, :-1] = labels[:, 1:]
+    shifted = torch.full_like(per_token, fill)
+    shifted[:, :-1] = per_token[:, 1:]
+    return shifted.flatten()[shifted_labels.flatten() != IGNORE_INDEX]
 
 
 def target_owner(batch: dict) -> torch.Tensor:
-    """The example each target token belongs to, in loss.Targets order (host tensors only)."""
-    labels, examples = batch["labels"], batch["example_ids"]
-    shifted_labels = torch.full_like(labels, IGNORE_INDEX)
-    shifted_labels[:, :-1] = labels[:, 1:]
-    shifted_owner = torch.full_like(examples, -1)
-    shifted_owner[:, :-1] = examples[:, 1:]  # position i predicts token i + 1, of the same example
-    return shifted_owner.flatten()[shifted_labels.flatten() != IGNORE_INDEX]
+    """The example each target token belongs to, in loss.Targets order."""
+    return at_targets(batch, batch["example_ids"], -1)
 
 
 @dataclass

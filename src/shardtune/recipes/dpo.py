@@ -45,7 +45,7 @@ from ..errors import UserError, exit_on_user_error
 from ..files import atomic_path
 from ..loop import eval_mode
 from ..modeling import load as model_lib
-from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, reference_logps
+from ..modeling.preference import PROMPT_NLL, REFERENCE_FREE, PairLoss, PreferenceLoss, reference_logps
 from ..parallel import release_gathered
 from . import sft
 
@@ -80,7 +80,8 @@ def setup_pair_data(cfgs: Configs, dist: device.Dist, tokenizer, batching: Batch
     train_split = read_pairs(cfgs, tokenizer, "train")
     eval_split = read_pairs(cfgs, tokenizer, "validation") if t.run_validation else None
     collate = functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id, context_length=t.context_length,
-                                packing=t.batching_strategy == "packing")
+                                packing=t.batching_strategy == "packing",
+                                chosen_prompt_targets=cfgs.dpo.loss_type in PROMPT_NLL)
     for split in (train_split, eval_split):
         if split is not None:
             split.collate_fn = collate
