@@ -16,7 +16,9 @@ PAIRS = ["--dataset", "preference_dataset", "--preference_dataset.data_path", "p
     (["--dpo_config.loss_type", "kto"], "--dpo_config.loss_type"),
     (["--dpo_config.beta", "0"], "--dpo_config.beta"),
     (["--dpo_config.label_smoothing", "0.5"], "--dpo_config.label_smoothing"),
-    (["--dpo_config.loss_type", "ipo", "--dpo_config.label_smoothing", "0.1"], "applies to sigmoid and simpo"),
+    (["--dpo_config.loss_type", "ipo", "--dpo_config.label_smoothing", "0.1"], "--dpo_config.label_smoothing"),
+    # TRL 1.16's sigmoid has no label smoothing: conservative DPO is cdpo
+    (["--dpo_config.label_smoothing", "0.1"], "--dpo_config.loss_type cdpo"),
     (["--dpo_config.loss_type", "simpo", "--dpo_config.reference", "base"], "reference-free"),
     (["--dpo_config.loss_type", "orpo", "--dpo_config.reference", "precomputed"], "reference-free"),
     (["--dpo_config.orpo_alpha", "-1"], "--dpo_config.orpo_alpha"),
@@ -30,6 +32,8 @@ def test_contradictory_dpo_flags_fail_in_one_line(flags, says):
 
 def test_a_reference_free_loss_needs_no_reference_and_a_valid_run_passes():
     check_supported(parse_args(PAIRS + ["--dpo_config.loss_type", "simpo"]), pairs=True)
+    check_supported(parse_args(PAIRS + ["--dpo_config.loss_type", "cdpo", "--dpo_config.label_smoothing", "0.1"]),
+                    pairs=True)
     check_supported(parse_args(PAIRS + ["--use_peft", "--dpo_config.reference", "precomputed"]), pairs=True)
 
 
@@ -48,3 +52,22 @@ def test_a_pair_longer_than_the_context_is_named_by_record():
     bad = BadRecords("skip")
     assert fit_pairs(pairs, 10, bad) == pairs[1:] and bad.count == 1
     assert fit_pairs(pairs, 11, BadRecords("error")) == pairs  # 11 fits exactly
+
+
+def test_cdpo_is_conservative_dpo_and_sigmoid_is_plain_dpo():
+    """cDPO (Mitchell 2023): -(1-e) log s(b*d) - e log s(-b*d), d the chosen minus rejected
+    log-ratio; TRL 1.16's sigmoid is -log s(b*d). Computed here from plain floats."""
+    import math
+
+    import torch
+
+    from shardtune.modeling.preference import PairLoss
+
+    c, r, ref_c, ref_r, b, e = -10.0, -14.0, -11.0, -12.5, 0.1, 0.2
+    d = (c - ref_c) - (r - ref_r)  # 3.5
+    log_s = lambda x: -math.log1p(math.exp(-x))
+    args = [torch.tensor([v], dtype=torch.float64) for v in (c, r, ref_c, ref_r, 5.0, 7.0)]
+    cdpo = PairLoss("cdpo", beta=b, label_smoothing=e).terms(*args)[0].item()
+    sigmoid = PairLoss("sigmoid", beta=b).terms(*args)[0].item()
+    assert math.isclose(cdpo, -(1 - e) * log_s(b * d) - e * log_s(-b * d), rel_tol=1e-12)
+    assert math.isclose(sigmoid, -log_s(b * d), rel_tol=1e-12)

@@ -225,10 +225,11 @@ class mixture_dataset:
 class dpo_config:
     """The dpo recipe's own flags (shardtune dpo); TRL's names and defaults."""
 
-    loss_type: str = flag("sigmoid", "sigmoid (DPO) | ipo | simpo (reference-free) | orpo (reference-free, + NLL)")
+    loss_type: str = flag("sigmoid", "sigmoid (DPO) | cdpo (conservative DPO, with label_smoothing) | ipo | simpo "
+                          "(reference-free) | orpo (reference-free, + NLL of the chosen prompt and response)")
     beta: float = flag(0.1, "how far the policy may move from the reference (IPO's tau; SimPO's beta) (> 0)")
     label_smoothing: float = flag(
-        0.0, "sigmoid and simpo: probability that a preference is flipped (conservative DPO), in [0, 0.5)")
+        0.0, "cdpo and simpo: probability that a preference is flipped (TRL's sigmoid has none), in [0, 0.5)")
     simpo_gamma: float = flag(0.5, "simpo: target reward margin (>= 0)")
     orpo_alpha: float = flag(0.1, "orpo: weight of the odds-ratio term against the NLL (TRL's ORPO beta) (> 0)")
     reference: str = flag(

@@ -113,7 +113,7 @@ def check_supported(cfgs: Configs, pairs: bool = False) -> None:
 
 
 def check_dpo(cfgs: Configs) -> None:
-    from ..modeling.preference import LOSS_TYPES, REFERENCE_FREE
+    from ..modeling.preference import LABEL_SMOOTHED, LOSS_TYPES, REFERENCE_FREE
 
     d = cfgs.dpo
     if d.loss_type not in LOSS_TYPES:
@@ -122,8 +122,10 @@ def check_dpo(cfgs: Configs) -> None:
         raise UserError(f"--dpo_config.beta must be > 0, got {d.beta}")
     if not 0 <= d.label_smoothing < 0.5:
         raise UserError(f"--dpo_config.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
-    if d.label_smoothing and d.loss_type not in ("sigmoid", "simpo"):
-        raise UserError(f"--dpo_config.label_smoothing applies to sigmoid and simpo, not {d.loss_type}; drop it")
+    if d.label_smoothing and d.loss_type not in LABEL_SMOOTHED:
+        also = "; for conservative DPO use --dpo_config.loss_type cdpo" if d.loss_type == "sigmoid" else ""
+        raise UserError(f"--dpo_config.label_smoothing applies to {' and '.join(LABEL_SMOOTHED)}, not "
+                        f"{d.loss_type} (as in TRL){also}; or drop it")
     if d.simpo_gamma < 0:
         raise UserError(f"--dpo_config.simpo_gamma must be >= 0, got {d.simpo_gamma}")
     if d.orpo_alpha <= 0:

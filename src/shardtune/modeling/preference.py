@@ -3,8 +3,9 @@
 Per pair, from the summed log-probabilities of the chosen (c) and rejected (r) completions
 under the policy and, where the loss has one, the reference model:
 
-  sigmoid  DPO: -(1-e) log s(b*d) - e log s(-b*d), d = (c - ref_c) - (r - ref_r);
-           e = label_smoothing (conservative DPO; 0 is TRL's sigmoid)
+  sigmoid  DPO (TRL's sigmoid): -log s(b*d), d = (c - ref_c) - (r - ref_r)
+  cdpo     conservative DPO (Mitchell 2023; TRL's sigmoid before it dropped label_smoothing):
+           -(1-e) log s(b*d) - e log s(-b*d), e = label_smoothing
   ipo      ((c - ref_c)/|c| - (r - ref_r)/|r| - 1/(2b))^2, per-token log-ratios as TRL's
   simpo    reference-free: -(1-e) log s(b*(c/|c| - r/|r|) - g), g = simpo_gamma (TRL's CPO simpo)
   orpo     reference-free: NLL of the chosen examples, prompt and response (mean over the
@@ -28,8 +29,9 @@ from ..data.tokenize import IGNORE_INDEX
 from ..metrics.logs import PREFERENCE_STATS
 from .loss import target_logps
 
-LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
+LOSS_TYPES = ("sigmoid", "cdpo", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
+LABEL_SMOOTHED = ("cdpo", "simpo")  # the losses that read label_smoothing (TRL: CPO's simpo)
 PROMPT_NLL = ("orpo",)  # an NLL term over the chosen prompt and response (TRL's ORPOTrainer)
 STAT_NAMES = PREFERENCE_STATS  # in this order: PreferenceLoss.loss stacks them so
 
@@ -51,9 +53,9 @@ class PairLoss:
         """Per pair: (loss, chosen reward, rejected reward, chosen logps, rejected logps),
         the logps as the loss reads them (summed; averaged for simpo and orpo)."""
         b, e = self.beta, self.label_smoothing
-        if self.loss_type in ("sigmoid", "ipo"):
+        if self.loss_type in ("sigmoid", "cdpo", "ipo"):
             ratio_c, ratio_r = c - ref_c, r - ref_r
-            if self.loss_type == "sigmoid":
+            if self.loss_type != "ipo":  # sigmoid: e is 0 (check_dpo)
                 d = b * (ratio_c - ratio_r)
                 loss = -(1 - e) * F.logsigmoid(d) - e * F.logsigmoid(-d)
             else:

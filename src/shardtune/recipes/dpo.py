@@ -8,7 +8,7 @@ Every flag of finetune applies unchanged (FSDP, PEFT, QLoRA, precision, accumula
 checkpoints, resume, signals, metrics, trackers); batch sizes count pairs. What is new:
   * preference pairs ...................... --dataset preference_dataset --preference_dataset.*
                                             (TRL's plain and conversational layouts, TRL's token ids)
-  * the loss .............................. --dpo_config.loss_type sigmoid|ipo|simpo|orpo,
+  * the loss .............................. --dpo_config.loss_type sigmoid|cdpo|ipo|simpo|orpo,
                                             --dpo_config.beta / label_smoothing / simpo_gamma / orpo_alpha
   * the reference model ................... --dpo_config.reference base (LoRA: the adapter disabled, no
                                             copy; full fine-tuning: a frozen copy sharded like the policy)
