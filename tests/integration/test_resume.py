@@ -225,3 +225,45 @@ def test_no_unsafe_torch_load_in_the_package():
             if "pickle.load" in line:
                 offenders.append(f"{path}:{n}")
     assert not offenders
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_other_data_or_settings_unless_asked(capfd, tmp_path, tiny_model):
+    """A checkpoint's data position means "this many samples of this data in this order": a
+    resume with other file contents, seed or dpo_config is refused in one line, the checkpoint
+    untouched; --resume_with_changes continues on purpose. In this process: one rank suffices."""
+    records = json.loads((SHARED_DATA / "alpaca" / "alpaca_data_200.json").read_text())[:24]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(records, ensure_ascii=False))
+    out = tmp_path / "out"
+    args = ["finetune", "--model_name", tiny_model, "--use_peft", "--peft_method", "lora", "--dataset", "alpaca_dataset",
+            "--alpaca_dataset.data_path", data, "--output_dir", out, "--batch_size_training", "2",
+            *[a for a in COMMON if a not in ("--max_train_step", str(STEPS))], "--max_train_step", "2"]
+    assert run_cli(capfd, args)[0] == 0
+    run_dir = out / "checkpoints"
+    before = _tree_digest(run_dir)
+    more = args[:-1] + ["3", "--resume", "auto"]
+
+    code, _, err = run_cli(capfd, more + ["--seed", "7"])
+    assert code != 0 and len(error_lines(err)) == 1 and "train_config.seed 42 -> 7" in err, err
+    records[3]["output"] += " (edited)"
+    data.write_text(json.dumps(records, ensure_ascii=False))
+    code, _, err = run_cli(capfd, more)
+    assert code != 0 and len(error_lines(err)) == 1 and "contents" in err, err
+    assert _tree_digest(run_dir) == before  # refused before anything was written
+
+    from shardtune.checkpoint.resume import check_same_data
+    from shardtune.config.parse import parse_args
+
+    ckpt = ckpt_state.open_checkpoint(ckpt_state.complete_steps(next(run_dir.iterdir()))[-1])
+    flags = ["--dataset", "alpaca_dataset", "--dpo_config.beta", "0.2"]
+    with pytest.raises(Exception, match=r"dpo_config\.beta 0\.1 -> 0\.2"):
+        check_same_data(ckpt, parse_args(flags), None)
+    check_same_data(ckpt, parse_args(flags + ["--resume_with_changes"]), None)
+
+    assert run_cli(capfd, more + ["--resume_with_changes"])[0] == 0
+    assert sorted(step_losses(out)) == [1, 2, 3]

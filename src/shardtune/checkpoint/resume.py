@@ -3,6 +3,7 @@ it belongs to this model and method, and the batch split that continues its data
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +49,36 @@ def check_resumable(ckpt: ckpt_state.Checkpoint, cfgs: Configs, spec: ModelSpec)
     if saved.peft_method != method:
         raise UserError(f"{ckpt.path} holds a {saved.peft_method or 'full fine-tuning'} run; resume it with "
                         "the same --use_peft/--peft_method")
+
+
+# What a checkpoint's data position (global samples drawn) and its optimizer state mean: with
+# another value, resuming would continue into other data, or train another objective, silently.
+SAME_ON_RESUME = {"train_config": ("dataset", "seed", "context_length", "batching_strategy"),
+                  "mixture_dataset": ("datasets",), "dpo_config": None}  # None: every field
+
+
+def check_same_data(ckpt: ckpt_state.Checkpoint, cfgs: Configs, data_identity: Optional[str]) -> None:
+    """Refuse, naming each difference, to resume with other data or settings than the
+    checkpoint was trained with (data_identity: data.split_identity of this run's train split),
+    unless --resume_with_changes asks for it."""
+    saved, now = ckpt.info.config, {type(c).__name__: asdict(c) for c in cfgs.all()}
+    changed = []
+    for group, names in SAME_ON_RESUME.items():
+        if group == "mixture_dataset" and cfgs.train.dataset != group:
+            continue
+        before, after = saved.get(group, {}), now.get(group, {})
+        for name in names or sorted(after):
+            if name in before and before[name] != after.get(name):  # a field newer than the checkpoint: no claim
+                changed.append(f"{group}.{name} {before[name]!r} -> {after.get(name)!r}")
+    if ckpt.info.data and data_identity and ckpt.info.data != data_identity:
+        changed.append("the training data's contents")
+    if not changed:
+        return
+    if cfgs.train.resume_with_changes:
+        log.warning("resuming %s with changes (--resume_with_changes): %s", ckpt.path, "; ".join(changed))
+        return
+    raise UserError(f"{ckpt.path} was trained with other settings: {'; '.join(changed)}; resume with the same, or "
+                    "pass --resume_with_changes to continue with these on purpose")
 
 
 def batching_for(cfgs: Configs, world: int, ckpt: Optional[ckpt_state.Checkpoint]) -> Batching:

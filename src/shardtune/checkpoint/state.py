@@ -80,6 +80,7 @@ class RunState:
     config: dict  # every config, by class name: what `shardtune convert` rebuilds the model from
     schedule: dict = field(default_factory=lambda: {"lr_scheduler": "step"})  # before --lr_scheduler: StepLR
     wandb_run_id: Optional[str] = None
+    data: Optional[str] = None  # data.split_identity of the train split (None: unknown, or older checkpoints)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **asdict(self)}, indent=1, sort_keys=True)

@@ -86,6 +86,9 @@ class train_config:
         True, "step checkpoints stall training only to copy their tensors to host memory, then write in the "
         "background (False: write before training continues, without the host copy)")
     resume: str = flag("", "auto (newest complete checkpoint, or a fresh start) | a step_NNNNNN or best path")
+    resume_with_changes: bool = flag(
+        False, "resume although the data, mixture, seed, context length, batching or dpo_config differ from the "
+        "checkpoint's (its data position then points into other data)")
     overwrite_output_dir: bool = flag(False, "replace a previous run's outputs and checkpoints instead of refusing")
     save_metrics: bool = flag(False, "append per-step and per-epoch JSON lines to output_dir/metrics.jsonl")
     dist_timeout: int = flag(1800, "seconds a collective may wait for a peer before the run fails")

@@ -162,7 +162,7 @@ def build_split(cfgs, tokenizer, split: str, dist=None, processes: int = 1) -> S
     _check_not_empty(stats, src.name, split, t.context_length)
     _log_summary(split, src.name, stats, t, dataset)
     lengths = dataset.lengths() if t.batching_strategy == "padding" else None
-    return SplitData(dataset, stats, src.name, lengths)
+    return SplitData(dataset, stats, src.name, lengths, data_source=src)
 
 
 def _checked_collator(collator: custom.CustomCollator, items: list[dict]) -> custom.CustomCollator:
@@ -184,7 +184,21 @@ def _custom_collated(src: Source, tokenizer, t, split: str) -> SplitData:
     _log_summary(split, src.name, stats, t, None)
     dataset = ExampleDataset(items)
     lengths = dataset.lengths() if t.batching_strategy == "padding" else None
-    return SplitData(dataset, stats, src.name, lengths, _checked_collator(src.collator_factory(tokenizer), items))
+    return SplitData(dataset, stats, src.name, lengths, _checked_collator(src.collator_factory(tokenizer), items),
+                     data_source=src)
+
+
+def split_identity(split: SplitData) -> Optional[str]:
+    """What the split was read from (content hashes, record selection, templates; a mixture's
+    components with their weights' names): equal for the same data wherever its files now
+    live. None when shardtune cannot see its inputs (a hub id, a user's code)."""
+    if split.parts:
+        each = {name: split_identity(part) for name, part in split.parts.items()}
+        return None if None in each.values() else cache.cache_key(each)
+    src = split.data_source
+    if src is None or src.fingerprint is None:
+        return None
+    return cache.cache_key({"data": src.fingerprint, "template": src.template})
 
 
 def _check_not_empty(stats: PackStats, source: str, split: str, context_length: int) -> None:

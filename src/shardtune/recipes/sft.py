@@ -56,8 +56,8 @@ import torch
 
 from .. import _compat, adapters, checkpoint, data, device, loop, parallel
 from ..checkpoint import manifest, state as ckpt_state
-from ..checkpoint.resume import (batching_for, check_resumable, check_schedule, checkpoint_dir, find_resume,
-                                 model_fingerprint)
+from ..checkpoint.resume import (batching_for, check_resumable, check_same_data, check_schedule, checkpoint_dir,
+                                 find_resume, model_fingerprint)
 from ..config.parse import parse_args, usage
 from ..config.schema import PEFT_METHODS, Configs
 from ..config.validate import Batching, check_supported
@@ -335,6 +335,7 @@ def restore(recipe: Recipe, ckpt: ckpt_state.Checkpoint) -> None:
     """Parameters and optimizer (resharded to this world), scheduler, scaler, loop state,
     then the RNG last, so nothing after it draws a number before the first step."""
     info = ckpt.info
+    check_same_data(ckpt, recipe.cfgs, data.split_identity(recipe.train_split))
     check_schedule(ckpt, recipe.cfgs, recipe.sampler.steps_per_epoch)
     ckpt_state.load(ckpt, recipe.train_model, recipe.optimizer)
     recipe.scheduler.load_state_dict(info.scheduler)
@@ -485,6 +486,7 @@ def checkpoint_info(recipe: Recipe) -> ckpt_state.RunState:
         peft_method=t.peft_method if t.use_peft else None,
         config={type(c).__name__: asdict(c) for c in r.cfgs.all()},
         wandb_run_id=sinks.wandb_run_id(r.metrics.sinks),  # rank 0 writes state.json: its sinks
+        data=data.split_identity(r.train_split),
     )
 
 
