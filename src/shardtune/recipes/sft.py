@@ -301,7 +301,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None,
     n_train = sum(p.numel() for p in trainable)
     n_all = sum(p.numel() for p in peft_model.parameters())
     log.info("trainable params %d of %d (%.4f%%)", n_train, n_all, 100 * n_train / n_all)
-    optimizer = build_optimizer(trainable, cfgs, on_accelerator=dist.is_accelerator and not cfgs.fsdp.fsdp_cpu_offload)
+    optimizer = build_optimizer(trainable, cfgs, dist)
     scheduler = build_scheduler(optimizer, cfgs, sampler.steps_per_epoch)
     flops = throughput.model_flops(peft_model, spec.config)
     loop_cfg = loop_config(cfgs, dist, batching, precision, sampler.global_batch, flops)
