@@ -24,12 +24,18 @@ SHIM = REPO / "llama_finetuning.py"
 
 
 
+# session fixtures that start real processes: a test that uses one is an integration test
+LAUNCHING_FIXTURES = {"tiny_lora", "slurm_cluster"}
+
+
 def pytest_collection_modifyitems(items) -> None:
-    """tests/integration/ starts real processes (torchrun, slurm, kill and resume): marked
-    `integration`, so `pytest -m "not integration"` runs tests/unit/ alone, in about a
-    minute. CI runs both."""
+    """Tests that start real processes (torchrun, slurm, kill and resume) are marked
+    `integration`, so `pytest -m "not integration"` is the quick loop: every test under
+    tests/integration/, every test that uses a launching fixture, and the few marked by hand.
+    CI runs both."""
     for item in items:
-        if Path(str(item.fspath)).parent.name == "integration":
+        if (Path(str(item.fspath)).parent.name == "integration"
+                or LAUNCHING_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.integration)
 
 def _env() -> dict:

@@ -106,6 +106,7 @@ def test_every_field_has_help():
             assert f.metadata.get("help", "").strip(), f"{cls.__name__}.{f.name} has no help text"
 
 
+@pytest.mark.integration  # two real interpreters
 def test_help_flag_of_every_entry_point():
     """--help of the module and the llama-recipes script: exit 0 and the grouped reference."""
     from conftest import SHIM, python, run_cmd
