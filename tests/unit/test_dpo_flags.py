@@ -44,14 +44,30 @@ def test_dpo_refuses_single_examples_and_finetune_refuses_dpo_flags(capsys):
     assert code != 0 and len(error_lines(err)) == 1 and "shardtune dpo" in error_lines(err)[0]
 
 
-def test_a_pair_longer_than_the_context_is_named_by_record():
-    pairs = [{"prompt_ids": [1] * 5, "chosen_ids": [2] * 3, "rejected_ids": [3] * 6, "origin": "p.jsonl record 7"},
+PAIRS_7_8 = [{"prompt_ids": [1] * 5, "chosen_ids": [2] * 3, "rejected_ids": [3] * 6, "origin": "p.jsonl record 7"},
              {"prompt_ids": [1] * 2, "chosen_ids": [2] * 3, "rejected_ids": [3] * 3, "origin": "p.jsonl record 8"}]
+
+
+def test_refused_a_pair_longer_than_the_context_is_named_by_record():
     with pytest.raises(UserError, match="p.jsonl record 7: prompt \\+ completion is 11 tokens"):
-        fit_pairs(pairs, 10, BadRecords("error"))
+        fit_pairs(PAIRS_7_8, 10, BadRecords("error"), "refuse")
     bad = BadRecords("skip")
-    assert fit_pairs(pairs, 10, bad) == pairs[1:] and bad.count == 1
-    assert fit_pairs(pairs, 11, BadRecords("error")) == pairs  # 11 fits exactly
+    assert fit_pairs(PAIRS_7_8, 10, bad, "refuse") == (PAIRS_7_8[1:], 0, 0) and bad.count == 1
+    assert fit_pairs(PAIRS_7_8, 11, BadRecords("error"), "refuse") == (PAIRS_7_8, 0, 0)  # 11 fits exactly
+
+
+def test_keep_start_cuts_completions_as_trl_and_counts_them_apart_from_bad_records():
+    """TRL 1.16 (DataCollatorForPreference, keep_start): prompt + completion cut to max_length,
+    and a pair whose prompt alone fills it dropped; here each completion keeps its first
+    context - prompt tokens."""
+    bad = BadRecords("error")  # a long pair is no bad record: it does not stop the run
+    prompt_fills = {"prompt_ids": [1] * 10, "chosen_ids": [2], "rejected_ids": [3], "origin": "p.jsonl record 9"}
+    kept, truncated, dropped = fit_pairs(PAIRS_7_8 + [prompt_fills], 10, bad)
+    assert (truncated, dropped, bad.count) == (1, 1, 0)
+    assert kept[0]["chosen_ids"] == [2] * 3 and kept[0]["rejected_ids"] == [3] * 5  # 10 - 5 prompt tokens
+    assert kept[0]["prompt_ids"] == [1] * 5 and kept[1] == PAIRS_7_8[1]
+    with pytest.raises(UserError, match="truncation_mode"):
+        check_supported(parse_args(PAIRS + ["--dpo_config.truncation_mode", "keep_end"]), pairs=True)
 
 
 def test_cdpo_is_conservative_dpo_and_sigmoid_is_plain_dpo():

@@ -171,7 +171,7 @@ def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str],
                         "reference is then the base with the adapter disabled), --dpo_config.reference DIR, or a "
                         "reference-free --dpo_config.loss_type simpo")
     bad = BadRecords(t.on_bad_record)
-    pairs = fit_pairs(source.read(tokenizer, bad), t.context_length, bad)
+    pairs, truncated, dropped = fit_pairs(source.read(tokenizer, bad), t.context_length, bad, d.truncation_mode)
     pairs = pairs[:max_samples] if max_samples else pairs
     if not pairs:
         raise UserError(f"{source.name}: no preference pairs to evaluate; check the dataset flags and --split")
@@ -192,7 +192,8 @@ def preference_report(cfgs: Configs, model_name: str, peft_model: Optional[str],
                           objective=objective)
     loss, stats, _ = loop.evaluate(model, loader, dist, cfg)
     return {"model": model_name, "peft_model": peft_model, "dataset": t.dataset, "split": source.name,
-            "num_pairs": len(pairs), "bad_records": bad.count, "loss_type": d.loss_type, "loss": loss,
+            "num_pairs": len(pairs), "bad_records": bad.count, "truncated_pairs": truncated, "dropped_pairs": dropped,
+            "loss_type": d.loss_type, "loss": loss,
             "preference_accuracy": stats["rewards/accuracies"], **stats}
 
 

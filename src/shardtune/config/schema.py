@@ -235,6 +235,9 @@ class dpo_config:
         0.0, "cdpo and simpo: probability that a preference is flipped (TRL's sigmoid has none), in [0, 0.5)")
     simpo_gamma: float = flag(0.5, "simpo: target reward margin (>= 0)")
     orpo_alpha: float = flag(0.1, "orpo: weight of the odds-ratio term against the NLL (TRL's ORPO beta) (> 0)")
+    truncation_mode: str = flag(
+        "keep_start", "a pair longer than --context_length: keep_start (TRL's: each completion cut to what the "
+        "prompt leaves; a pair whose prompt fills the context is dropped) | refuse (a bad record: --on_bad_record)")
     reference: str = flag(
         "base", "base (adapter disabled; full fine-tuning: a frozen sharded copy) | precomputed (the base log probabilities "
         "computed once before training, cached) | a model directory (a frozen sharded copy of it)")

@@ -113,6 +113,7 @@ def check_supported(cfgs: Configs, pairs: bool = False) -> None:
 
 
 def check_dpo(cfgs: Configs) -> None:
+    from ..data.pairs import TRUNCATION_MODES
     from ..modeling.preference import LABEL_SMOOTHED, LOSS_TYPES, REFERENCE_FREE
 
     d = cfgs.dpo
@@ -130,6 +131,9 @@ def check_dpo(cfgs: Configs) -> None:
         raise UserError(f"--dpo_config.simpo_gamma must be >= 0, got {d.simpo_gamma}")
     if d.orpo_alpha <= 0:
         raise UserError(f"--dpo_config.orpo_alpha must be > 0, got {d.orpo_alpha}")
+    if d.truncation_mode not in TRUNCATION_MODES:
+        raise UserError(f"unknown --dpo_config.truncation_mode {d.truncation_mode!r}; choose one of: "
+                        f"{', '.join(TRUNCATION_MODES)}")
     if d.loss_type in REFERENCE_FREE and cfgs.was_set(d, "reference"):
         raise UserError(f"--dpo_config.loss_type {d.loss_type} is reference-free: drop --dpo_config.reference")
     if cfgs.train.use_peft and cfgs.train.peft_method != "lora" and d.loss_type not in REFERENCE_FREE \

@@ -29,20 +29,34 @@ from .records import BadRecords
 from .tokenize import IGNORE_INDEX
 
 
-def fit_pairs(pairs: list[dict], context_length: int, bad: BadRecords) -> list[dict]:
-    """The pairs whose two examples each fit the context; the others are bad records (a
-    truncated completion would score a different answer than the record's)."""
-    kept = []
+TRUNCATION_MODES = ("keep_start", "refuse")
+
+
+def fit_pairs(pairs: list[dict], context_length: int, bad: BadRecords,
+              truncation_mode: str = "keep_start") -> tuple[list[dict], int, int]:
+    """(the pairs that fit the context, how many of them were truncated, how many were dropped).
+    A longer pair, with keep_start (TRL's max_length truncation): each completion is cut to
+    what the context leaves after the prompt, and a pair whose prompt alone fills the context
+    is dropped (nothing left to score); with refuse: a bad record (a truncated completion
+    scores another answer than the record's)."""
+    kept, truncated, dropped = [], 0, 0
     for pair in pairs:
-        longest = len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
-        if longest > context_length:
-            bad.report(f"{pair['origin']}: prompt + completion is {longest} tokens, more than --context_length "
-                       f"{context_length}")
-        elif not pair["chosen_ids"] or not pair["rejected_ids"]:
+        if not pair["chosen_ids"] or not pair["rejected_ids"]:
             bad.report(f"{pair['origin']}: an empty completion after tokenization")
-        else:
+            continue
+        room = context_length - len(pair["prompt_ids"])
+        if max(len(pair["chosen_ids"]), len(pair["rejected_ids"])) <= room:
             kept.append(pair)
-    return kept
+        elif truncation_mode == "refuse":
+            longest = len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+            bad.report(f"{pair['origin']}: prompt + completion is {longest} tokens, more than --context_length "
+                       f"{context_length} (--dpo_config.truncation_mode keep_start cuts it instead)")
+        elif room <= 0:
+            dropped += 1
+        else:
+            kept.append({**pair, "chosen_ids": pair["chosen_ids"][:room], "rejected_ids": pair["rejected_ids"][:room]})
+            truncated += 1
+    return kept, truncated, dropped
 
 
 class PairDataset(Dataset):

@@ -60,7 +60,7 @@ def read_pairs(cfgs: Configs, tokenizer, split: str) -> data.SplitData:
     t = cfgs.train
     src = data.split_source(cfgs, split)
     bad = BadRecords(t.on_bad_record)
-    pairs = fit_pairs(src.read(tokenizer, bad), t.context_length, bad)
+    pairs, truncated, dropped = fit_pairs(src.read(tokenizer, bad), t.context_length, bad, cfgs.dpo.truncation_mode)
     if not pairs:
         first = f" (first bad record: {bad.messages[0]})" if bad.messages else ""
         raise UserError(f"{src.name}: the {split} split has no usable preference pairs{first}; check the data, or "
@@ -68,9 +68,11 @@ def read_pairs(cfgs: Configs, tokenizer, split: str) -> data.SplitData:
     dataset = PairDataset(pairs)
     tokens = sum(dataset.lengths())
     stats = PackStats(examples=len(pairs), tokens=tokens, chunks=len(pairs), bad_records=bad.count,
-                      notes=bad.messages, tokenized=len(pairs), context_length=t.context_length)
-    log.info("%s split from %s: %d pairs, %d tokens, %d bad records skipped", split, src.name, len(pairs), tokens,
-             bad.count)
+                      truncated=truncated, skipped_no_target=dropped, notes=bad.messages, tokenized=len(pairs),
+                      context_length=t.context_length)
+    log.info("%s split from %s: %d pairs, %d tokens, %d bad records skipped; %d pairs cut to --context_length %d, "
+             "%d dropped (the prompt alone fills it)", split, src.name, len(pairs), tokens, bad.count, truncated,
+             t.context_length, dropped)
     return data.SplitData(dataset, stats, src.name, data_source=src)
 
 
@@ -137,7 +139,8 @@ def _reference_cache(recipe: sft.Recipe, split: data.SplitData) -> Optional[Path
     key = cache.cache_key({
         "version": REFERENCE_CACHE_VERSION, "data": src.fingerprint, "template": src.template,
         "tokenizer": cache.tokenizer_fingerprint(recipe.tokenizer), "context_length": t.context_length,
-        "on_bad_record": t.on_bad_record, "batching": t.batching_strategy, "model": str(recipe.spec.model_dir),
+        "on_bad_record": t.on_bad_record, "truncation": recipe.cfgs.dpo.truncation_mode,
+        "batching": t.batching_strategy, "model": str(recipe.spec.model_dir),
         "model_fingerprint": recipe.spec.fingerprint, "weights": _weights_digest(recipe.spec.model_dir),
         "precision": recipe.precision.name, "quantization": t.quantization, "fsdp": t.enable_fsdp,
     })
