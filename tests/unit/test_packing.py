@@ -68,3 +68,20 @@ def test_matches_a_textbook_best_fit_decreasing(samsum_train):
     groups = [sorted(index[ids].pop(0) for ids, _ in _examples_of(c)) for c in chunks]
     lengths = [len(ex["input_ids"]) for ex in examples]
     assert sorted(groups) == _reference_bfd(lengths, 512)
+
+
+def test_best_fit_decreasing_matches_the_textbook_scan_on_edge_cases():
+    """Random lengths, with zero-length items, items exactly at capacity and capacity 1:
+    the same bins as the linear scan, the emptiest last."""
+    import random
+
+    from shardtune.data.packing import best_fit_decreasing
+
+    rng = random.Random(0)
+    for capacity in (1, 2, 7, 64, 4096):
+        for n in (0, 1, 5, 300):
+            lengths = [rng.choice([0, capacity, rng.randint(0, capacity)]) for _ in range(n)]
+            bins = best_fit_decreasing(lengths, capacity)
+            assert sorted(sorted(b) for b in bins) == _reference_bfd(lengths, capacity), (capacity, n)
+            used = [sum(lengths[i] for i in b) for b in bins]
+            assert not used or used[-1] == min(used)

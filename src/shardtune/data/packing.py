@@ -16,7 +16,7 @@ chunk is put last, and it is the one drop_last drops when it is not full.
 """
 from __future__ import annotations
 
-import bisect
+import heapq
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -91,22 +91,53 @@ def pack(examples: list[Example], context_length: int, packing: bool = True,
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Bins of item indices, each holding at most `capacity`: items longest first (ties in
     index order, so the result is deterministic), each into the bin with the least room
-    that still fits it. Bins in creation order, except that the emptiest one is last."""
+    that still fits it (ties: the oldest bin). Bins in creation order, except that the
+    emptiest one is last."""
     bins: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (free space, bin index), sorted: bisect finds the best fit
+    room = _BinsByRoom()
     for item in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        k = bisect.bisect_left(room, (lengths[item], -1))
-        if k == len(room):  # no open bin has room: open one
+        found = room.take(lengths[item])
+        if found is None:  # no open bin has room: open one
             bins.append([])
-            free, target = capacity, len(bins) - 1
-        else:
-            free, target = room.pop(k)
+            found = capacity, len(bins) - 1
+        free, target = found
         bins[target].append(item)
-        bisect.insort(room, (free - lengths[item], target))
+        room.put(free - lengths[item], target)
     if bins:
         used = [sum(lengths[i] for i in b) for b in bins]
         bins.append(bins.pop(min(range(len(bins)), key=lambda b: (used[b], -b))))
     return bins
+
+
+class _BinsByRoom:
+    """Open bins by free space: bit f of one integer says some bin has f tokens free, so the
+    smallest free space that fits an item is a shift and a lowest set bit (in C, on
+    capacity / 64 words), and a heap per free space yields its oldest bin. (A list of bins kept
+    sorted costs O(bins) per insert, the item x bin product that grows quadratic with the corpus.)"""
+
+    def __init__(self) -> None:
+        self.free_spaces = 0  # bit f set: bins[f] is not empty
+        self.bins: dict[int, list[int]] = {}
+
+    def put(self, free: int, bin_index: int) -> None:
+        if free < 0:  # an item longer than a bin fills its own bin (callers truncate first)
+            return
+        heap = self.bins.setdefault(free, [])
+        if not heap:
+            self.free_spaces |= 1 << free
+        heapq.heappush(heap, bin_index)
+
+    def take(self, length: int) -> Optional[tuple[int, int]]:
+        """(free space, bin) of the fullest open bin that fits `length`, removed; None if none fits."""
+        fitting = self.free_spaces >> length
+        if not fitting:
+            return None
+        free = length + (fitting & -fitting).bit_length() - 1
+        heap = self.bins[free]
+        bin_index = heapq.heappop(heap)
+        if not heap:
+            self.free_spaces ^= 1 << free
+        return free, bin_index
 
 
 def _chunk(segments: list[tuple[list[int], list[int]]]) -> dict:
