@@ -100,6 +100,23 @@ def test_cli_unknown_model_is_one_line(capsys):
     assert len(err) == 1 and "/nonexistent/model" in err[0]
 
 
+def test_nf4_shards_that_miss_whole_blocks_are_refused_before_launch(capsys, tmp_path):
+    """Qwen2.5-0.5B (hidden 896: a 2-rank q_proj shard is 448 x 896 = 24.5 NF4 blocks of 64 x
+    256) cannot run QLoRA under FSDP2 at 2 ranks: plan says so in the run's own line; Llama 3
+    at 8 ranks fits, and without FSDP there is nothing to split."""
+    qwen = tmp_path / "qwen2.5-0.5b"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({
+        "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True}))
+    qlora = ["--use_peft", "--peft_method", "lora", "--quantization", "4bit"]
+    assert main(["--model_name", str(qwen), "--enable_fsdp", "--world_size", "2", *qlora]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "q_proj" in err[0] and "(896, 896)" in err[0] and "over 1 ranks" in err[0], err
+    assert main(["--model_name", str(qwen), "--world_size", "1", *qlora]) == 0
+    assert main(["--model_name", "Llama-3-8B", "--enable_fsdp", "--world_size", "8", *qlora]) == 0
+
+
 def _measured_peaks(world: int, flags: list[str], probe_dir: Path) -> list[int]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc_per_node", str(world), str(BENCH), "--probe", str(probe_dir), "--", *flags]

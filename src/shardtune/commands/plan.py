@@ -127,6 +127,17 @@ def model_shape(name: str) -> ModelShape:
         raise UserError(f"{config_file} has no {err.args[0]}; plan needs a decoder-only (Llama-family) config") from None
 
 
+def check_nf4_shards(cfgs: Configs, shape: ModelShape, launch: Launch) -> None:
+    """QLoRA under FSDP2 refuses a weight whose shards do not hold whole NF4 blocks (hidden 896
+    at any even world size, as Qwen2.5-0.5B): say so here, as the run would, before a launch."""
+    if cfgs.train.quantization != "4bit" or not cfgs.train.enable_fsdp:
+        return
+    from ..modeling import quant
+
+    weights = {name: (d_out, d_in) for name, (d_in, d_out) in shape.linears().items()}  # each base linear
+    quant.check_fits(weights, resolve_setup(cfgs, launch).shard)
+
+
 @dataclass(frozen=True)
 class Launch:
     world_size: int = 1
@@ -492,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     if overhead is None:
         launch = replace(launch, overhead=default_overhead(launch.device))  # measured once for all variants
     shape = model_shape(cfgs.train.model_name)
+    check_nf4_shards(cfgs, shape, launch)
     plan = plan_memory(cfgs, shape, launch)
     budget = parse_size(launch_args.device_memory) if launch_args.device_memory else None
     fix = suggestions(finetune_argv, shape, launch, budget) if budget is not None and plan.peak > budget else []

@@ -32,16 +32,27 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE, SCALER_BLOCK_SIZE = 64, 256
 
 
-def check_fits(name: str, shape: torch.Size, shard_size: int) -> None:
+def nf4_fits(shape: tuple[int, int], shard_size: int) -> bool:
     """NF4 packs whole blocks, and FSDP2 splits its packed data by rows: each rank's rows
     must hold whole second-level blocks."""
     rows, cols = shape
-    group = BLOCK_SIZE * SCALER_BLOCK_SIZE
-    if rows % shard_size or (rows // shard_size) * cols % group:
-        raise UserError(f"--quantization 4bit with --enable_fsdp: {name} has shape {tuple(shape)}, and each of "
-                        f"{shard_size} shards ({rows // shard_size} rows x {cols}) must hold a multiple of {group} "
-                        f"values (NF4 blocks of {BLOCK_SIZE} x {SCALER_BLOCK_SIZE}); shard over fewer ranks, or "
-                        "drop --enable_fsdp for bitsandbytes' 4-bit in one process")
+    return rows % shard_size == 0 and (rows // shard_size) * cols % (BLOCK_SIZE * SCALER_BLOCK_SIZE) == 0
+
+
+def check_fits(weights: dict[str, tuple[int, int]], shard_size: int) -> None:
+    """Refuse the first of a decoder layer's quantized weights (name -> shape) that nf4_fits
+    rejects, naming the shard counts every one of them fits: the run's (LayerQuantizer) check
+    and shardtune plan's."""
+    bad = [(name, shape) for name, shape in weights.items() if not nf4_fits(shape, shard_size)]
+    if not bad:
+        return
+    (name, shape), (rows, cols) = bad[0], bad[0][1]
+    fitting = [n for n in range(1, 257) if all(nf4_fits(s, n) for s in weights.values())]
+    raise UserError(f"--quantization 4bit with --enable_fsdp: {name} has shape {tuple(shape)}, and each of "
+                    f"{shard_size} shards ({rows / shard_size:g} rows x {cols}) must hold a multiple of "
+                    f"{BLOCK_SIZE * SCALER_BLOCK_SIZE} values (NF4 blocks of {BLOCK_SIZE} x {SCALER_BLOCK_SIZE}); "
+                    f"shard it over {', '.join(map(str, fitting))} ranks, or drop --enable_fsdp for bitsandbytes' "
+                    "4-bit in one process")
 
 
 def base_linears(layer: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -68,9 +79,10 @@ class LayerQuantizer:
     def __call__(self, layer: torch.nn.Module) -> set[torch.nn.Parameter]:
         """Put the layer's NF4 placeholders in; returns the parameters fully_shard must leave alone."""
         placeholders = set()
-        for linear in base_linears(layer):
+        linears = base_linears(layer)
+        check_fits({self.names[id(m.weight)]: tuple(m.weight.shape) for m in linears}, self.shard_mesh.size())
+        for linear in linears:
             name = self.names[id(linear.weight)]
-            check_fits(name, linear.weight.shape, self.shard_mesh.size())
             meta = torch.empty(linear.weight.shape, dtype=self.dtype, device="meta")
             linear.weight = torch.nn.Parameter(self.nf4.to_nf4(meta, BLOCK_SIZE, SCALER_BLOCK_SIZE),
                                                requires_grad=False)
