@@ -102,3 +102,31 @@ def test_unreadable_layouts_are_one_line(tmp_path, llama2_tok, val_records):
     broken.write_bytes(b"ARROW1 but not really")
     with pytest.raises(UserError, match="cannot read Arrow data"):
         _examples(llama2_tok, broken.parent)
+
+
+# Characters str.splitlines() breaks on, though inside a JSON string they are plain text;
+# json.dumps(ensure_ascii=False), and so shardtune's own write_jsonl, writes them raw.
+LINE_BREAKS_IN_STRINGS = "\u2028\u2029\x85\x1c\x1d\x1e\x0b\x0c"
+
+
+def test_json_lines_split_on_newline_only(tmp_path, llama2_tok, val_records):
+    from shardtune.data.preference_pairs import write_jsonl
+    from shardtune.data.records import read_records
+
+    records = [{**r, "dialogue": r["dialogue"].replace(" ", LINE_BREAKS_IN_STRINGS, 1)} for r in val_records[:40]]
+    data = tmp_path / "samsum"
+    data.mkdir()
+    write_jsonl(data / "val.jsonl", records)
+    assert read_records(data / "val.jsonl") == records
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes((data / "val.jsonl").read_bytes().replace(b"\n", b"\r\n"))  # Windows line ends
+    assert read_records(crlf) == records
+    examples, bad, _ = _examples(llama2_tok, data)  # an SFT dataset reads the file whole
+    assert len(examples) == 40 and bad.count == 0
+    pairs = [{"prompt": r["dialogue"], "chosen": r["summary"], "rejected": "No." + LINE_BREAKS_IN_STRINGS}
+             for r in records]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfgs = parse_args(["--dataset", "preference_dataset", "--preference_dataset.data_path",
+                       str(tmp_path / "pairs.jsonl")])
+    bad = BadRecords()
+    assert len(source(cfgs, "train").read(llama2_tok, bad)) == 38 and bad.count == 0  # 40 less the 5% validation

@@ -32,6 +32,7 @@ BAD_RECORD_MODES = ("error", "skip")
 # U+DC80..U+DCFF, so the record that holds them can be named instead of the whole file failing.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _MAX_KEPT_MESSAGES = 20
+_JSON_WHITESPACE = " \t\r\n"
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow")
 # directory read by read_records -> [(index of its first record, file)], so that a message
 # about record i of the directory names the shard file and the record within it (where())
@@ -182,8 +183,11 @@ def _read_json(path: Path, bad: BadRecords) -> Records:
 
 def _read_jsonl(path: Path, text: str, bad: BadRecords) -> Records:
     out: Records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # "\n" only: str.splitlines() also breaks on U+2028, U+0085, \x1c and more, which a JSON
+    # string may hold raw (json.dumps(ensure_ascii=False) writes them so). A "\r" left by a
+    # "\r\n" line end is JSON whitespace.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(_JSON_WHITESPACE):
             continue
         where = f"{path}: record {len(out)} (line {lineno})"
         if _UNDECODABLE.search(line):
