@@ -42,7 +42,11 @@ def _wait_for_first_shard(cache, proc: subprocess.Popen, timeout: float = 300) -
 
 
 def _packed(cache) -> list:
-    return sorted((cache / "data").glob("*.safetensors"))
+    """The packed split files in the cache, after checking that nothing else is left there
+    (shard folders, lock files)."""
+    files = sorted((cache / "data").iterdir())
+    assert all(f.suffix == ".safetensors" for f in files), files
+    return files
 
 
 @pytest.fixture(scope="module")
