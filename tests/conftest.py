@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -313,6 +314,13 @@ def start_launcher(launcher_args: list[str], script: str | Path, args: list[str]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, str(script), *args]
     return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for torchrun's --master_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_torchrun(nproc: int, script: str | Path, args: list[str]) -> subprocess.Popen:

@@ -10,7 +10,8 @@ import gc
 import os
 import resource
 import sys
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -34,6 +35,9 @@ class Dist:
     device: torch.device
     backend: str
     timeout_s: int = 1800  # how long a collective waits for peers (--dist_timeout)
+    # Names this launch, the same on every rank and new at every launch (a plain torchrun's
+    # run id is "none" each time), so files a launch leaves are never taken for this one's.
+    launch: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def distributed(self) -> bool:
@@ -136,7 +140,9 @@ def setup(require_distributed: bool = False, timeout_s: int = 1800) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type != "cpu" else None)
-    return Dist(rank, local_rank, world, local_world, device, backend, timeout_s)
+    launch = [uuid.uuid4().hex]
+    dist.broadcast_object_list(launch, src=0)  # at start, where every rank is anyway
+    return Dist(rank, local_rank, world, local_world, device, backend, timeout_s, launch[0])
 
 
 def backend_for(device_type: str) -> str:

@@ -134,3 +134,23 @@ def test_validation_reports_each_component_and_their_token_weighted_whole(tmp_pa
     whole, _, none = loop.evaluate(model, eval_loader(split, 3, 1, 0, tok.pad_token_id, 0), one, cfg)
     assert loss == pytest.approx(whole, rel=1e-6) and none == {}
     assert min(by_part.values()) < loss < max(by_part.values())
+
+
+def test_a_weight_that_rounds_a_component_to_nothing_is_one_line_and_quotas_are_logged(tmp_path, shared_data,
+                                                                                       llama2_tok, caplog):
+    args = ["--dataset", "mixture_dataset", "--samsum_dataset.data_path", str(shared_data / "samsum"),
+            "--samsum_dataset.train_split", "validation",
+            "--alpaca_dataset.data_path", str(shared_data / "alpaca" / "alpaca_data_200.json"),
+            "--context_length", "128", "--data_cache_dir", str(tmp_path / "cache")]
+    with caplog.at_level("INFO", logger="shardtune.data"):
+        split = build_split(parse_args([*args, "--mixture_dataset.datasets", "samsum_dataset:0.9,alpaca_dataset:0.1"]),
+                            llama2_tok, "train")
+    sizes = {name: len(part.dataset) for name, part in split.parts.items()}
+    quotas = dict(zip(split.parts, split.epoch_indices.quotas))
+    for name in sizes:  # each component's quota and repeat factor, from the plan itself
+        assert any(name in r.getMessage() and f" {quotas[name]} of {sum(sizes.values())} " in r.getMessage()
+                   and f"{quotas[name] / sizes[name]:.2f}x" in r.getMessage() for r in caplog.records), name
+    with pytest.raises(UserError, match=r"^mixture component alpaca_dataset: weight 0.0001 .* 0 of") as err:
+        build_split(parse_args([*args, "--mixture_dataset.datasets", "samsum_dataset:0.9,alpaca_dataset:0.0001"]),
+                    llama2_tok, "train")
+    assert "\n" not in str(err.value)

@@ -110,10 +110,11 @@ def _split_file(cfgs, tokenizer, src: Source) -> tuple[Path, bool]:
     return tmp / "split.safetensors", False
 
 
-def _plan(cfgs, split: str, src: Source, path: Path) -> shards.Plan:
+def _plan(cfgs, split: str, src: Source, path: Path, dist=None) -> shards.Plan:
     t = cfgs.train
+    launch = dist.launch if dist is not None else shards.run_id()  # what the ranks of a launch share
     return shards.Plan(src, path, t.context_length, t.batching_strategy == "packing", t.drop_last,
-                       t.on_bad_record, shards.run_id(), rebuild=functools.partial(split_source, cfgs, split))
+                       t.on_bad_record, launch, rebuild=functools.partial(split_source, cfgs, split))
 
 
 def _load_or_prepare(cfgs, src: Source, tokenizer, split: str, path: Path, shared: bool,
@@ -131,7 +132,7 @@ def _load_or_prepare(cfgs, src: Source, tokenizer, split: str, path: Path, share
         if stats is not None:
             log.info("%s split: loaded from the cache %s; nothing tokenized", split, path)
             return dataset, stats
-    plan, meta = _plan(cfgs, split, src, path), {"source": src.name}
+    plan, meta = _plan(cfgs, split, src, path, dist), {"source": src.name}
     in_child = dist is not None and src.size >= shards.CHILD_MIN_BYTES and src.records is not None
     if shared and dist and dist.distributed:
         stats = shards.prepare(plan, tokenizer, dist.local_rank, dist.local_world_size, meta, in_child=in_child)
@@ -140,7 +141,7 @@ def _load_or_prepare(cfgs, src: Source, tokenizer, split: str, path: Path, share
     else:
         stats = shards.prepare_in_processes(plan, tokenizer, processes, meta)
     dataset, meta = ChunkDataset.mapped(path)
-    if stats is None:  # another rank of this node packed it; the file holds the split's counts
+    if stats is None:  # another rank or job packed it; the file holds the split's counts
         stats = PackStats(**{**meta["stats"], "tokenized": 0})
     if shared:
         log.info("%s split: cached to %s", split, path)

@@ -19,6 +19,7 @@ component's loss and the loss over all of them (weighted by target tokens).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable
 
 import torch
@@ -29,6 +30,8 @@ from ..errors import UserError
 from .packing import PackStats
 
 NAME = "mixture_dataset"
+
+log = logging.getLogger(__name__)
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:
@@ -131,10 +134,25 @@ def build(cfgs, tokenizer, split: str, build_split: Callable):
     dataset = Concatenated([p.dataset for p in parts])
     stats = _summed([p.stats for p in parts])
     lengths = dataset.lengths() if parts[0].lengths is not None else None
-    plan = EpochPlan([len(p.dataset) for p in parts], [w for _, w in spec], cfgs.train.seed) if split == "train" else None
+    plan = _epoch_plan(spec, [len(p.dataset) for p in parts], cfgs.train.seed) if split == "train" else None
     source = " + ".join(f"{name} x{w:g} ({p.source})" for (name, w), p in zip(spec, parts))
     return SplitData(dataset, stats, source, lengths, epoch_indices=plan,
                      parts={name: p for (name, _), p in zip(spec, parts)})
+
+
+def _epoch_plan(spec: list[tuple[str, float]], sizes: list[int], seed: int) -> EpochPlan:
+    """The plan, once every component draws at least one chunk; each one's share is logged,
+    since a small component at a large weight repeats many times an epoch."""
+    plan = EpochPlan(sizes, [w for _, w in spec], seed)
+    total = sum(sizes)
+    for (name, weight), size, quota in zip(spec, sizes, plan.quotas):
+        if quota == 0:
+            others = sum(w for _, w in spec) - weight
+            raise UserError(f"mixture component {name}: weight {weight:g} gives it 0 of the {total} chunks an epoch "
+                            f"draws; raise it to {others / (total - 1):.3g} or more, or leave the component out")
+        log.info("mixture component %s: %d of %d chunks per epoch, %.2fx its %d chunks", name, quota, total,
+                 quota / size, size)
+    return plan
 
 
 def _summed(each: list[PackStats]) -> PackStats:

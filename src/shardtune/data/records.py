@@ -1,6 +1,8 @@
-"""Reading raw records from JSON, JSON lines, CSV, TSV, parquet and Arrow files, or from a
-directory of such shards (as `datasets` writes them), with errors that name the file and
-the record (0-based), so a user can find and fix bad data.
+"""Reading raw records from JSON, JSON lines, CSV, TSV, parquet and Arrow files (the text
+ones also compressed with gzip, bzip2 or xz), or from a directory of such shards (as
+`datasets` writes them), with errors that name the file and the record (0-based), so a user
+can find and fix bad data. A directory holds data files only: anything else in it is an
+error, never a file skipped in silence.
 
 A malformed record is handed to a `BadRecords` policy: `error` stops with a one-line
 message, `skip` leaves the record out and counts it. Record indices always refer to the
@@ -9,10 +11,13 @@ position in the file, skipped or not.
 from __future__ import annotations
 
 import bisect
+import bz2
 import csv
+import gzip
 import io
 import json
 import logging
+import lzma
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +37,17 @@ BAD_RECORD_MODES = ("error", "skip")
 # U+DC80..U+DCFF, so the record that holds them can be named instead of the whole file failing.
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _MAX_KEPT_MESSAGES = 20
-SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow")
+_JSON_WHITESPACE = " \t\r\n"
+FORMATS = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".arrow")
+_TEXT_FORMATS = (".json", ".jsonl", ".ndjson", ".csv", ".tsv")
+# The compressions `datasets` reads that the standard library decompresses (zstd needs a
+# package shardtune does not depend on).
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+SUFFIXES = FORMATS + tuple(f + c for f in _TEXT_FORMATS for c in COMPRESSIONS)
+_READABLE = f"{', '.join(FORMATS)}, or the text ones compressed as {', '.join(COMPRESSIONS)}"
+# Not records, in a directory of data files: hidden files (.DS_Store, .crc), the markers
+# Spark and Hadoop write (_SUCCESS), a `datasets` folder's metadata and a hub README.
+_METADATA = ("dataset_info.json", "README.md")
 # directory read by read_records -> [(index of its first record, file)], so that a message
 # about record i of the directory names the shard file and the record within it (where())
 _SHARDS: dict[str, list[tuple[int, Path]]] = {}
@@ -60,8 +75,28 @@ class BadRecords:
             log.warning("skipping bad record: %s", message)
 
 
+def _kind(path: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix or ""): part-1.jsonl.gz -> (".jsonl", ".gz")."""
+    name = path.name.lower()
+    for compression in COMPRESSIONS:
+        if name.endswith(compression):
+            return Path(name[:-len(compression)]).suffix, compression
+    return path.suffix.lower(), ""
+
+
+def _readable(path: Path) -> bool:
+    fmt, compression = _kind(path)
+    return fmt in (_TEXT_FORMATS if compression else FORMATS)
+
+
 def _decode(path: Path) -> str:
-    return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    opener = COMPRESSIONS.get(_kind(path)[1], open)
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, lzma.LZMAError) as err:  # a corrupt or truncated archive
+        raise UserError(f"{path}: cannot decompress it ({err}); re-create the file") from None
+    return data.decode("utf-8-sig", errors="surrogateescape")
 
 
 def _undecodable(value) -> bool:
@@ -81,7 +116,8 @@ def _line_of(text: str, pos: int) -> int:
 
 def data_files(path: str | Path) -> list[Path]:
     """The files behind a data path: the file itself; for a directory, the Arrow files of a
-    `datasets` save_to_disk in its order (state.json), else every data file in name order."""
+    `datasets` save_to_disk in its order (state.json), else every data file in name order; any
+    other entry but hidden files and metadata is an error, so no shard is left out unnoticed."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -97,10 +133,16 @@ def data_files(path: str | Path) -> list[Path]:
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{state}: not a datasets save_to_disk state file ({err}); "
                             "remove it or point at the data files") from None
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
-                   and not p.name.startswith("."))
+    files = sorted(p for p in path.iterdir() if not p.name.startswith((".", "_")) and p.name not in _METADATA)
+    for file in files:
+        if file.is_dir():
+            raise UserError(f"{file}: a folder inside the data directory {path} is not read; "
+                            f"move its files into {path}, or point the data path at it")
+        if not _readable(file):
+            raise UserError(f"{file}: not a data file shardtune reads ({_READABLE}); "
+                            f"convert or decompress it, or move it out of {path}")
     if not files:
-        raise UserError(f"{path}: no data files ({', '.join(SUFFIXES)}) in the directory")
+        raise UserError(f"{path}: no data files ({_READABLE}) in the directory")
     return files
 
 
@@ -138,7 +180,9 @@ def read_records(path: str | Path, bad: BadRecords | None = None) -> Records:
 def _read_file(path: Path, bad: BadRecords) -> Records:
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; check the dataset path flags")
-    suffix = path.suffix.lower()
+    if not _readable(path):
+        raise UserError(f"{path}: unsupported file type; use {_READABLE}, or a directory of them")
+    suffix = _kind(path)[0]
     if suffix == ".json":
         return _read_json(path, bad)
     if suffix in (".jsonl", ".ndjson"):
@@ -147,9 +191,7 @@ def _read_file(path: Path, bad: BadRecords) -> Records:
         return _read_csv(path, bad, delimiter="\t" if suffix == ".tsv" else ",")
     if suffix == ".parquet":
         return _read_parquet(path)
-    if suffix == ".arrow":
-        return _read_arrow(path)
-    raise UserError(f"{path}: unsupported file type {suffix!r}; use {', '.join(SUFFIXES)}, or a directory of them")
+    return _read_arrow(path)
 
 
 def _read_json(path: Path, bad: BadRecords) -> Records:
@@ -182,8 +224,11 @@ def _read_json(path: Path, bad: BadRecords) -> Records:
 
 def _read_jsonl(path: Path, text: str, bad: BadRecords) -> Records:
     out: Records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # "\n" only: str.splitlines() also breaks on U+2028, U+0085, \x1c and more, which a JSON
+    # string may hold raw (json.dumps(ensure_ascii=False) writes them so). A "\r" left by a
+    # "\r\n" line end is JSON whitespace.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(_JSON_WHITESPACE):
             continue
         where = f"{path}: record {len(out)} (line {lineno})"
         if _UNDECODABLE.search(line):

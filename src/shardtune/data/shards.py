@@ -14,6 +14,15 @@ worker 0 waits for every shard file and packs; the others wait for the packed fi
 collective is entered, so a preparation longer than --dist_timeout cannot trip it; a
 failing worker leaves a marker file with its one-line error, which the waiting ones raise.
 
+Several jobs may prepare one split on one host (a sweep with the same data and tokenizer),
+and a launch may find what an interrupted one left. So worker 0 prepares holding an
+exclusive lock (flock) on a file beside the split, and first looks again for a packed
+split: another job may have packed it meanwhile, and then it is used. Otherwise worker 0
+claims the shard folder for its launch (an owner file naming the launch; markers of other
+launches are removed, and shards they finished are kept), and only then do the other
+workers of that launch tokenize in it. They never take a file at the target path for the
+result until it reads as a packed split, so a stale or corrupt one is waited out, not mapped.
+
 A training process that prepares a large split (CHILD_MIN_BYTES of raw data or more) does
 its reading and tokenizing in a child process (fresh_start_method), so the raw records never enter the training process: its
 resident memory stays what training needs, whatever the corpus size. Packing reads only
@@ -21,6 +30,8 @@ the shards, so it stays in the training process.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import logging
 import multiprocessing
@@ -28,6 +39,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,6 +47,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import UserError
+from ..files import atomic_path
 from . import mapped
 from .packing import PackStats, best_fit_decreasing
 from .records import BadRecords
@@ -91,7 +104,10 @@ class Plan:
         # (and removes) its own shards, and their identical packed files replace one another harmlessly
         node = f"{socket.gethostname()}-{os.environ.get('GROUP_RANK', '0')}"
         self.dir = out.with_name(f"{out.name}.{node}.shards")
-        self.run_id = run_id  # names failure markers, so an old run's marker is not read as this one's
+        self.lock = out.with_name(f"{out.name}.{node}.lock")  # held by the worker 0 that prepares
+        # names this launch's failure markers and its claim on self.dir, so that what another
+        # launch left there, or another job writes, is never taken for this one's
+        self.run_id = run_id
 
     def __getstate__(self) -> dict:
         if self.rebuild is None:
@@ -107,6 +123,9 @@ class Plan:
 
     def _marker(self, worker: int) -> Path:
         return self.dir / f"failed-{self.run_id}-{worker}.txt"
+
+    def _owner(self) -> Path:
+        return self.dir / "owner.txt"
 
 
 def read_records(plan: Plan) -> tuple[list, int, BadRecords]:
@@ -196,13 +215,82 @@ def _work_and_report(plan: Plan, tokenizer, worker: int, workers: int, send) -> 
 
 def wait_for(plan: Plan, paths: Callable[[], list[Path]], peers_alive: Callable[[], bool] = lambda: True) -> None:
     """Poll until every path exists; raise the error of a worker that failed meanwhile."""
+    while not all(p.is_file() for p in paths()):
+        _check_peers(plan, peers_alive)
+        time.sleep(_POLL_S)
+
+
+def _check_peers(plan: Plan, peers_alive: Callable[[], bool]) -> None:
+    """Raise the error of a worker of this launch that failed."""
+    if not peers_alive():
+        raise UserError("a preparation process died before writing its shards; see its error above")
+    for marker in sorted(plan.dir.glob(f"failed-{plan.run_id}-*.txt")) if plan.dir.is_dir() else ():
+        raise UserError(f"another worker could not prepare the split: {marker.read_text().strip()}")
+
+
+def packed(path: Path) -> bool:
+    """Whether path holds a packed split (an old run's or another job's: same key, same content)."""
+    try:
+        return "stats" in mapped.read(path)[1]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive flock on `path`; the file is removed when released, so no lock file
+    outlives a preparation. A waiter can then wake holding the removed file: it checks that
+    the path still names the file it locked, and otherwise locks the new one."""
     while True:
-        if all(p.is_file() for p in paths()):
-            return
-        if not peers_alive():
-            raise UserError("a preparation process died before writing its shards; see its error above")
-        for marker in sorted(plan.dir.glob(f"failed-{plan.run_id}-*.txt")) if plan.dir.is_dir() else ():
-            raise UserError(f"another worker could not prepare the split: {marker.read_text().strip()}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another job on this host is preparing this split; waiting for it (%s)", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock, so nobody locks a file about to go
+        os.close(fd)
+
+
+def _claim(plan: Plan) -> None:
+    """Make plan.dir this launch's (under the lock): drop other launches' failure markers,
+    keep the shards they finished (a shard file is whole or absent), name the launch."""
+    plan.dir.mkdir(parents=True, exist_ok=True)
+    for marker in plan.dir.glob("failed-*.txt"):
+        if not marker.name.startswith(f"failed-{plan.run_id}-"):
+            marker.unlink(missing_ok=True)
+    with atomic_path(plan._owner()) as tmp:
+        tmp.write_text(plan.run_id)
+
+
+def _claimed(plan: Plan) -> bool:
+    try:
+        return plan._owner().read_text() == plan.run_id
+    except FileNotFoundError:
+        return False
+
+
+def _follow(plan: Plan, tokenizer, worker: int, workers: int, loaded: Optional[tuple],
+            peers_alive: Callable[[], bool], in_child: bool) -> None:
+    """A worker other than 0: tokenize its shards once worker 0 of its launch has claimed the
+    shard folder (never in another job's), and return once plan.out holds a packed split."""
+    worked = False
+    while not packed(plan.out):
+        if not worked and _claimed(plan):
+            work_in_child(plan, tokenizer, worker, workers) if in_child else \
+                work(plan, tokenizer, worker, workers, loaded)
+            worked = True
+            continue
+        _check_peers(plan, peers_alive)
         time.sleep(_POLL_S)
 
 
@@ -265,26 +353,32 @@ def prepare(plan: Plan, tokenizer, worker: int = 0, workers: int = 1, meta: Opti
             loaded: Optional[tuple] = None, peers_alive: Callable[[], bool] = lambda: True,
             in_child: bool = False) -> Optional[PackStats]:
     """This worker's part of preparing plan.out; worker 0 packs and returns the stats, the
-    others return None once plan.out exists. in_child: read and tokenize in a child process."""
-    start = time.perf_counter()
-    n, load_bad = work_in_child(plan, tokenizer, worker, workers) if in_child else \
-        work(plan, tokenizer, worker, workers, loaded)
+    others return None once plan.out holds the split, and so does worker 0 when another job
+    packed it meanwhile. in_child: read and tokenize in a child process."""
     if worker != 0:
-        wait_for(plan, lambda: [plan.out], peers_alive)
+        _follow(plan, tokenizer, worker, workers, loaded, peers_alive, in_child)
         return None
-    wait_for(plan, lambda: [plan.shard(i) for i in range(n)], peers_alive)
-    stats = pack_shards(plan, n, load_bad, meta or {})
+    start = time.perf_counter()
+    with _locked(plan.lock):
+        if packed(plan.out):
+            return None
+        _claim(plan)
+        n, load_bad = work_in_child(plan, tokenizer, worker, workers) if in_child else \
+            work(plan, tokenizer, worker, workers, loaded)
+        wait_for(plan, lambda: [plan.shard(i) for i in range(n)], peers_alive)
+        stats = pack_shards(plan, n, load_bad, meta or {})
     log.info("prepared %d examples in %d shards by %d worker(s) in %.1fs", stats.examples, n, workers,
              time.perf_counter() - start)
     return stats
 
 
-def prepare_in_processes(plan: Plan, tokenizer, processes: int, meta: Optional[dict] = None) -> PackStats:
+def prepare_in_processes(plan: Plan, tokenizer, processes: int, meta: Optional[dict] = None) -> Optional[PackStats]:
     """prepare() by `processes` local processes (`shardtune prepare --num_proc`): the records
-    are read once, then forked children tokenize their shards beside this process."""
-    loaded = read_records(plan)
+    are read once, then forked children tokenize their shards beside this process. None when
+    another job prepared the split meanwhile."""
     if processes < 2:
-        return prepare(plan, tokenizer, 0, 1, meta, loaded)
+        return prepare(plan, tokenizer, 0, 1, meta)
+    loaded = read_records(plan)
     fork = multiprocessing.get_context("fork")  # children inherit the records and the tokenizer
     children = [fork.Process(target=_child, args=(plan, tokenizer, w, processes, loaded), daemon=True)
                 for w in range(1, processes)]
@@ -301,14 +395,14 @@ def prepare_in_processes(plan: Plan, tokenizer, processes: int, meta: Optional[d
 
 
 def _child(plan: Plan, tokenizer, worker: int, workers: int, loaded: tuple) -> None:
+    parent = os.getppid()
     try:
-        work(plan, tokenizer, worker, workers, loaded)
+        _follow(plan, tokenizer, worker, workers, loaded, lambda: os.getppid() == parent, in_child=False)
     except UserError:
         os._exit(1)  # the marker carries the message to the parent, which reports it once
 
 
 def run_id() -> str:
-    """Identifies this launch, for failure markers: torchrun's run id and restart, else this process."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return f"{os.environ['TORCHELASTIC_RUN_ID']}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    return f"pid{os.getpid()}"
+    """A new id for a preparation by this process (and children it forks); a launch's ranks
+    share device.Dist.launch instead."""
+    return uuid.uuid4().hex
