@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from conftest import (REPO, SHIM, check, error_lines, kill_group, python, start_launcher, assert_close, step_losses,
-                      torchrun, wait_for_file)
+from conftest import (REPO, SHIM, assert_close, check, error_lines, free_port, kill_group, python, start_launcher,
+                      step_losses, torchrun, wait_for_file)
 
 FAULT = REPO / "tests" / "workers" / "fault_probe.py"
 STEPS = 4
@@ -16,12 +16,6 @@ FLAGS = ["--enable_fsdp", "--use_peft", "--peft_method", "lora", "--lora_config.
          "--num_epochs", "1", "--max_train_step", str(STEPS), "--context_length", "128", "--batch_size_training", "1",
          "--num_workers_dataloader", "0", "--save_metrics", "--log_every", "1", "--run_validation", "False",
          "--save_steps", "2", "--lr", "1e-2", "--fsdp_activation_checkpointing", "False"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port: int) -> bool:
@@ -33,7 +27,7 @@ def _two_nodes(script, args, rdzv_id):
     """Node launches as a user types them on two machines, here both on 127.0.0.1. The
     first hosts the rendezvous store (as the head node does); the second starts once it
     listens, so which node hosts it is known."""
-    port = _free_port()
+    port = free_port()
     launcher = ["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", rdzv_id]
     head = start_launcher(launcher, script, args)

@@ -2,25 +2,18 @@
 two-node slurm cluster on this machine (one CPU rank per node), trains the same per-step
 losses as a local two-rank torchrun and writes an adapter that plain PEFT loads. And srun
 without torchrun, which would start independent copies of the run, stops with one line."""
-import socket
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHIM, check, read_metrics, run_cmd, subprocess_env, torchrun, assert_close
+from conftest import REPO, SHIM, assert_close, check, free_port, read_metrics, run_cmd, subprocess_env, torchrun
 
 SCRIPT = REPO / "scripts" / "multi_node.slurm"
 FLAGS = ["--enable_fsdp", "--use_peft", "--peft_method", "lora", "--num_epochs", "1", "--max_train_step", "3",
          "--batch_size_training", "1", "--context_length", "128", "--num_workers_dataloader", "0",
          "--save_metrics", "--run_validation", "False"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_flags(tiny_model, out):
@@ -34,7 +27,7 @@ def test_multi_node_slurm_job_matches_local_torchrun(slurm_cluster, tmp_path, ti
     env = subprocess_env({
         "GPUS_PER_NODE": "1",  # one CPU rank per node
         "HEAD_NODE_ADDR": "127.0.0.1",  # n1 and n2 are names slurm knows, not DNS
-        "RDZV_PORT": str(_free_port()),
+        "RDZV_PORT": str(free_port()),
         "SHARDTUNE_TORCHRUN": f"{sys.executable} -m torch.distributed.run",
     })
     # --gpus-per-node=0 overrides the script's GPU request: this cluster's nodes have none.
