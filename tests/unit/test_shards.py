@@ -3,6 +3,7 @@ whatever the number of workers that tokenized its shards; it is a plain safetens
 read back through memory maps; a failing worker's error reaches the one waiting for it."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -173,3 +174,39 @@ def test_a_training_process_tokenizes_a_large_split_in_a_child(tmp_path, shared_
 
 def _refuse(*args, **kwargs):
     raise AssertionError("tokenized in the training process")
+
+
+def test_a_packed_split_on_a_shared_cache_is_published_once(tmp_path):
+    """Two nodes packing one split into a cache they share: the first file published stays
+    (the second node keeps what a reader may have mapped: same key, same content), a corrupt
+    file is replaced, and a failed write leaves the target as it was."""
+    import mmap
+    import os
+
+    from shardtune.data import mapped, shards
+
+    out = tmp_path / "split.packed"
+    arrays = {"input_ids": np.arange(8, dtype=np.int32), "offsets": np.array([0, 8], dtype=np.int64)}
+
+    def pack(meta: dict) -> None:
+        with mapped.write(out, {k: (v.dtype, len(v)) for k, v in arrays.items()}, meta,
+                          keep_existing=shards.packed) as filling:
+            for k, v in arrays.items():
+                filling[k][:] = v
+
+    pack({"stats": {"node": 0}})
+    first = os.stat(out).st_ino
+    with open(out, "rb") as f:
+        reader = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # a rank of node 0 maps it
+    pack({"stats": {"node": 1}})
+    assert os.stat(out).st_ino == first and mapped.read(out)[1]["stats"] == {"node": 0}
+    assert bytes(reader[:]) == out.read_bytes()
+    reader.close()
+    out.write_bytes(b"garbage")
+    pack({"stats": {"node": 1}})
+    assert mapped.read(out)[1]["stats"] == {"node": 1}
+    with pytest.raises(RuntimeError):
+        with mapped.write(out, {"input_ids": (np.int32, 8)}, {}, keep_existing=shards.packed):
+            raise RuntimeError("the disk filled up")
+    assert mapped.read(out)[1]["stats"] == {"node": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split.packed"]  # no temporary left

@@ -15,7 +15,7 @@ import os
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -53,10 +53,12 @@ class Filling(dict):
 
 
 @contextmanager
-def write(path: Path, shapes: dict[str, tuple[np.dtype, int]], meta: dict):
+def write(path: Path, shapes: dict[str, tuple[np.dtype, int]], meta: dict,
+          keep_existing: Optional[Callable[[Path], bool]] = None):
     """Yields a Filling; on a clean exit the file is moved into place atomically, so a reader
-    never sees a partial file and concurrent writers of one path are harmless."""
-    with atomic_path(path) as tmp:
+    never sees a partial file and concurrent writers of one path are harmless (keep_existing:
+    a file other nodes may map, files.atomic_path)."""
+    with atomic_path(path, keep_existing) as tmp:
         head, starts = _header(shapes, meta)
         data = sum(np.dtype(d).itemsize * n for d, n in shapes.values())
         with open(tmp, "r+b") as f:

@@ -332,7 +332,8 @@ def _write_packed(plan: Plan, per_shard: list[int], lengths: np.ndarray, groups:
     offsets = np.concatenate([[0], np.cumsum(used, dtype=np.int64)]).astype(np.int64)
     shapes = {"input_ids": (np.int32, total), "labels": (np.int32, total), "position_ids": (np.int32, total),
               "offsets": (np.int64, len(offsets))}
-    with mapped.write(plan.out, shapes, meta) as out:
+    # the cache may be on a filesystem nodes share: durable before published, never renamed over a packed split
+    with mapped.write(plan.out, shapes, meta, keep_existing=packed) as out:
         out["offsets"][:] = offsets
         first = 0
         for i, count in enumerate(per_shard):  # one shard's tokens at a time
