@@ -2,6 +2,7 @@
 QLoRA (NF4 under FSDP2) trains the same at 1 and 2 ranks; resume is bitwise at the same world
 size and exact at another. Two launches (2 ranks, then 1) run every case in turn."""
 import json
+import math
 
 import pytest
 import torch
@@ -164,3 +165,37 @@ def test_a_precomputed_reference_equals_the_live_one(runs):
     import os
     from pathlib import Path
     assert list((Path(os.environ["SHARDTUNE_CACHE"]) / "data").glob("reference-logps-*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def start_runs(tmp_path_factory, tiny_model, tiny_nf4_model, tiny_lora, preference_files):
+    """One 2-rank launch, one step each: bf16 mixed precision (forced on CPU) with LoRA, QLoRA
+    and full fine-tuning, and DPO continuing the SFT adapter tiny_lora, with the base and the
+    precomputed references. Every run's first step has policy = reference."""
+    root = tmp_path_factory.mktemp("dpo_start")
+    common = ["--model_name", str(tiny_model), "--enable_fsdp", "--dataset", "preference_dataset",
+              "--preference_dataset.data_path", str(preference_files["grammar"]), "--run_validation", "False",
+              "--num_epochs", "1", "--max_train_step", "1", "--lr", "5e-3", "--context_length", "512",
+              "--save_metrics", "--fsdp_activation_checkpointing", "False", "--num_workers_dataloader", "0",
+              "--batch_size_training", "2"]
+    lora = common + ["--use_peft", "--peft_method", "lora"]
+    bf16 = ["--mixed_precision", "True"]
+    nf4 = lora + ["--model_name", str(tiny_nf4_model), "--quantization", "4bit"]
+    sft = lora + ["--from_peft_checkpoint", str(tiny_lora), "--mixed_precision", "False"]
+    plan = {"lora": lora + bf16, "nf4": nf4 + bf16, "full": common + bf16, "sft": sft}
+    args = []
+    for name, flags in plan.items():
+        for reference in ("base", "precomputed"):
+            args += (["--then"] if args else []) + [str(root / f"{name}_{reference}"), *flags,
+                                                    "--dpo_config.reference", reference]
+    check(torchrun(2, WORKER, args, timeout=900))
+    return root
+
+
+@pytest.mark.parametrize("reference", ["base", "precomputed"])
+@pytest.mark.parametrize("case, tol", [("lora", 1e-2), ("nf4", 1e-2), ("full", 1e-2), ("sft", 1e-5)])
+def test_the_first_step_starts_at_ln2(start_runs, case, tol, reference):
+    """Policy = reference before the first update: loss ln 2 (bf16 to its resolution), also
+    when DPO continues an SFT adapter (the reference is that adapter, as TRL's ref adapter)."""
+    (first,) = steps(start_runs / f"{case}_{reference}")
+    assert abs(first["loss"] - math.log(2)) <= tol * math.log(2), first

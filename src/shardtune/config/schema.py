@@ -232,8 +232,10 @@ class dpo_config:
     simpo_gamma: float = flag(0.5, "simpo: target reward margin (>= 0)")
     orpo_alpha: float = flag(0.1, "orpo: weight of the odds-ratio term against the NLL (TRL's ORPO beta) (> 0)")
     reference: str = flag(
-        "base", "base (adapter disabled; full fine-tuning: a frozen sharded copy) | precomputed (the base log probabilities "
-        "computed once before training, cached) | a model directory (a frozen sharded copy of it)")
+        "base", "base (adapter disabled, or with --from_peft_checkpoint the starting adapter; full fine-tuning: a frozen "
+        "sharded copy) | precomputed (the reference log probabilities computed once before training, cached) | a model "
+        "directory (a frozen sharded copy of it)")
+    disable_dropout: bool = flag(True, "set every dropout (LoRA's lora_dropout too) to 0 in the policy, as TRL")
 
 
 @dataclass

@@ -110,19 +110,60 @@ def frozen_copy(recipe: sft.Recipe, model_dir: Optional[str]) -> torch.nn.Module
     return model
 
 
+REFERENCE_ADAPTER = "reference"  # the frozen copy of the starting adapter (TRL's "ref" adapter)
+
+
+def continues_adapter(cfgs: Configs) -> bool:
+    """The policy starts from a trained adapter, which is then also the reference (as TRL's)."""
+    d, t = cfgs.dpo, cfgs.train
+    return bool(t.use_peft and t.from_peft_checkpoint) and d.loss_type not in REFERENCE_FREE and \
+        d.reference in ("base", "precomputed")
+
+
+def add_reference_adapter(cfgs: Configs, peft_model, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sft.setup_model's add_params: with the live reference of a continued adapter, a second,
+    frozen peft adapter holding the starting values (sharded with the layers it adapts);
+    `precomputed` needs none: it runs the policy before the first step."""
+    if cfgs.dpo.reference != "base" or not continues_adapter(cfgs):
+        return {}
+    peft_model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(peft_model.peft_config["default"]))
+    values = {}
+    for name, p in peft_model.named_parameters():
+        source = name.replace(f".{REFERENCE_ADAPTER}.", ".default.")
+        if source != name:
+            p.requires_grad_(False)
+            p.data = p.data.to(start[source].dtype)  # as the policy holds them: equal at step 1
+            values[name] = start[source]
+    return values
+
+
 def reference_fn(recipe: sft.Recipe, loss_type: str) -> Optional[Callable[[dict], torch.Tensor]]:
-    """batch -> the reference's per-example log-probabilities (called under no_grad)."""
+    """batch -> the reference's per-example log-probabilities (called under no_grad), computed
+    in eval mode (no dropout), as the precomputed pass does."""
     if loss_type in REFERENCE_FREE:
         return None
     d, t, dev = recipe.cfgs.dpo, recipe.cfgs.train, recipe.dist.device
-    if d.reference in ("base", "precomputed") and t.use_peft:
-        return reference_logps(recipe.train_model, dev, adapter_of=recipe.peft_model)
-    if d.reference == "precomputed":  # full fine-tuning, before any step or restore: the policy is the base
-        return reference_logps(recipe.train_model, dev)
-    if d.reference != "base" and not Path(d.reference).expanduser().is_dir():
-        raise UserError(f"--dpo_config.reference {d.reference!r} is not base, precomputed or a model directory")
-    return reference_logps(frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser())),
-                           dev)
+    model = recipe.train_model
+    if d.reference == "precomputed" and (not t.use_peft or continues_adapter(recipe.cfgs)):
+        fn = reference_logps(model, dev)  # before any step or restore: the policy is the reference
+    elif d.reference in ("base", "precomputed") and t.use_peft:
+        adapter = REFERENCE_ADAPTER if continues_adapter(recipe.cfgs) else None  # None: the adapter disabled
+        fn = reference_logps(model, dev, adapter_of=recipe.peft_model, adapter=adapter)
+    else:
+        if d.reference != "base" and not Path(d.reference).expanduser().is_dir():
+            raise UserError(f"--dpo_config.reference {d.reference!r} is not base, precomputed or a model directory")
+        model = frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser()))
+        fn = reference_logps(model, dev)
+    return functools.partial(_evaluated, model, fn)
+
+
+def _evaluated(model: torch.nn.Module, fn: Callable, batch: dict) -> torch.Tensor:
+    training = model.training
+    eval_mode(model)
+    try:
+        return fn(batch)
+    finally:
+        model.train(training)
 
 
 def _reference_cache(recipe: sft.Recipe, split: data.SplitData) -> Optional[Path]:
@@ -139,6 +180,7 @@ def _reference_cache(recipe: sft.Recipe, split: data.SplitData) -> Optional[Path
         "on_bad_record": t.on_bad_record, "batching": t.batching_strategy, "model": str(recipe.spec.model_dir),
         "model_fingerprint": recipe.spec.fingerprint, "weights": _weights_digest(recipe.spec.model_dir),
         "precision": recipe.precision.name, "quantization": t.quantization, "fsdp": t.enable_fsdp,
+        "adapter": _weights_digest(Path(t.from_peft_checkpoint)) if continues_adapter(recipe.cfgs) else None,
     })
     return root / f"reference-logps-{key[:32]}.safetensors"
 
@@ -164,14 +206,12 @@ def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, f
     dataset = split.dataset
     sampler = EvalSampler(len(dataset), t.val_batch_size, dist.world_size, dist.rank)
     mine: list[tuple[int, float, float]] = []
-    eval_mode(recipe.train_model)
     for indices in sampler:
         batch = collate([dataset[i] for i in indices])
         logps = fn(batch).double().cpu()
         n = len(indices)
         mine += [(i, logps[k].item(), logps[n + k].item()) for k, i in enumerate(indices) if i >= 0]
     release_gathered(recipe.train_model)
-    recipe.train_model.train()
     everyone = [mine]
     if dist.distributed:
         everyone = [None] * dist.world_size
@@ -187,9 +227,18 @@ def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, f
     log.info("%s split: reference log-probabilities of %d pairs computed before training", name, len(dataset))
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """TRL's disable_dropout_in_model: every nn.Dropout, LoRA's lora_dropout among them, at p = 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def objective(recipe: sft.Recipe) -> PreferenceLoss:
     """The preference loss, with its reference ready (built, or precomputed into the data)."""
     d = recipe.cfgs.dpo
+    if d.disable_dropout:
+        disable_dropout(recipe.train_model)
     pair_loss = PairLoss(d.loss_type, d.beta, d.label_smoothing, d.simpo_gamma, d.orpo_alpha)
     fn = reference_fn(recipe, d.loss_type)
     if fn is not None and d.reference == "precomputed":
@@ -207,7 +256,8 @@ def check(cfgs: Configs) -> None:
 
 
 def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> sft.Recipe:
-    return sft.setup(cfgs, dist, before_step, data_stage=setup_pair_data, objective=objective)
+    return sft.setup(cfgs, dist, before_step, data_stage=setup_pair_data, objective=objective,
+                     add_params=functools.partial(add_reference_adapter, cfgs))
 
 
 def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> sft.RunResult:
