@@ -3,6 +3,8 @@ QLoRA (NF4 under FSDP2) trains the same at 1 and 2 ranks; resume is bitwise at t
 size and exact at another. Two launches (2 ranks, then 1) run every case in turn."""
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,8 +164,6 @@ def test_a_precomputed_reference_equals_the_live_one(runs):
     full = steps(runs / "full_two")
     assert_close(steps(runs / "full_two_precomputed"), full, 1e-5)
     assert full[-1]["rewards/margins"] != 0.0
-    import os
-    from pathlib import Path
     assert list((Path(os.environ["SHARDTUNE_CACHE"]) / "data").glob("reference-logps-*.safetensors"))
 
 
@@ -189,7 +189,10 @@ def start_runs(tmp_path_factory, tiny_model, tiny_nf4_model, tiny_lora, preferen
             args += (["--then"] if args else []) + [str(root / f"{name}_{reference}"), *flags,
                                                     "--dpo_config.reference", reference]
     args += ["--then", str(root / "sft_dropout_base"), *sft, "--dpo_config.disable_dropout", "False"]
-    check(torchrun(2, WORKER, args, timeout=900))
+    # each rank its own cache: now rank 0's holds lora_precomputed's values, rank 1's nothing
+    args += ["--then", str(root / "lora_precomputed_again"), *plan["lora"], "--dpo_config.reference", "precomputed",
+             "--dist_timeout", "60"]
+    check(torchrun(2, WORKER, args, timeout=900, extra_env={"RANK_LOCAL_CACHE": "1"}))
     return root
 
 
@@ -210,3 +213,14 @@ def test_the_first_step_starts_at_ln2(start_runs, case, tol, reference):
 def test_dropout_kept_on_request_moves_the_first_step_off_ln2(start_runs):
     """--dpo_config.disable_dropout False: LoRA's dropout acts in the policy, not in the reference."""
     assert first_loss(start_runs / "sft_dropout_base") != pytest.approx(math.log(2), rel=1e-3)
+
+
+def test_rank_0_decides_the_precomputed_cache_for_every_rank(start_runs):
+    """A node-local cache that holds the values on rank 0's node only: rank 0's hit reaches
+    rank 1 by broadcast (before: rank 1 computed them alone and the collectives mismatched)."""
+    assert steps(start_runs / "lora_precomputed_again") == steps(start_runs / "lora_precomputed")
+    cached = lambda rank: list((Path(os.environ["SHARDTUNE_CACHE"]) / f"rank{rank}" / "data").glob("reference-*"))
+    assert cached(0) and not cached(1)
+    # a hit: no cache file was (re)written after the run before the last one
+    before = (start_runs / "sft_dropout_base" / "metrics.jsonl").stat().st_mtime
+    assert max(f.stat().st_mtime for f in cached(0)) < before

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as tdist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import data, device
@@ -191,19 +192,48 @@ def _weights_digest(model_dir: Path) -> str:
     return json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
+def cached_reference(path: Optional[Path], pairs: int, dist: device.Dist) -> Optional[torch.Tensor]:
+    """The cached values [pairs, 2], or None to compute them. Rank 0 reads and checks the file
+    and its decision holds for every rank, whose copy of the values comes by broadcast: with a
+    node-local cache another node may lack the file (or hold a stale one), and a rank that
+    decided alone would enter the precompute pass while the others train."""
+    values = _read_cache(path, pairs) if dist.is_main and path is not None else None
+    if not dist.distributed:
+        return values
+    hit = torch.tensor([values is not None], dtype=torch.int32, device=dist.device)
+    tdist.broadcast(hit, src=0)
+    if not hit.item():
+        return None
+    values = values.to(dist.device) if dist.is_main else torch.empty(pairs, 2, device=dist.device)
+    tdist.broadcast(values, src=0)
+    return values.cpu()
+
+
+def _read_cache(path: Path, pairs: int) -> Optional[torch.Tensor]:
+    if not path.is_file():
+        return None
+    try:
+        values = load_file(str(path))["reference_logps"]
+    except (OSError, KeyError, SafetensorError) as err:
+        log.warning("ignoring the unreadable reference cache %s (%s); computing it again", path, err)
+        return None
+    if values.shape != (pairs, 2) or values.dtype != torch.float32 or not values.isfinite().all():
+        log.warning("ignoring the reference cache %s: it does not hold %d pairs' values; computing it again", path, pairs)
+        return None
+    return values
+
+
 @torch.no_grad()
 def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, fn: Callable) -> None:
     """One pass over the split before training; every rank ends with all pairs' values."""
-    path = _reference_cache(recipe, split)
-    if path is not None and path.is_file():
-        values = load_file(str(path))["reference_logps"]
-        if len(values) == len(split.dataset):
-            split.dataset.reference_logps = values
-            log.info("%s split: reference log-probabilities from the cache %s", name, path)
-            return
     dist, t = recipe.dist, recipe.cfgs.train
-    collate = split.collate_fn
     dataset = split.dataset
+    path = _reference_cache(recipe, split)
+    dataset.reference_logps = cached_reference(path, len(dataset), dist)
+    if dataset.reference_logps is not None:
+        log.info("%s split: reference log-probabilities from the cache %s", name, path)
+        return
+    collate = split.collate_fn
     sampler = EvalSampler(len(dataset), t.val_batch_size, dist.world_size, dist.rank)
     mine: list[tuple[int, float, float]] = []
     for indices in sampler:
