@@ -224,3 +224,22 @@ def test_rank_0_decides_the_precomputed_cache_for_every_rank(start_runs):
     # a hit: no cache file was (re)written after the run before the last one
     before = (start_runs / "sft_dropout_base" / "metrics.jsonl").stat().st_mtime
     assert max(f.stat().st_mtime for f in cached(0)) < before
+
+
+def test_dpo_continuing_an_adapter_in_one_process_starts_at_ln2_and_saves_only_the_policy(
+        capfd, tmp_path, tiny_model, tiny_lora, preference_files):
+    """Without FSDP (one process) too, the starting adapter, frozen, is the reference; the
+    output holds the trained adapter alone, as plain peft saves one."""
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(capfd, [  # capfd: the run enables faulthandler on the real stderr
+        "dpo", "--model_name", tiny_model, "--use_peft", "--peft_method", "lora", "--from_peft_checkpoint", tiny_lora,
+        "--dataset", "preference_dataset", "--preference_dataset.data_path", preference_files["grammar"],
+        "--run_validation", "False", "--max_train_step", "1", "--batch_size_training", "2", "--context_length", "512",
+        "--save_metrics", "--num_workers_dataloader", "0", "--output_dir", out])
+    assert code == 0, err
+    assert first_loss(out) == pytest.approx(math.log(2), rel=1e-5)
+    assert (out / "adapter_model.safetensors").is_file() and not [p for p in out.iterdir() if p.is_dir()
+                                                                  and (p / "adapter_config.json").exists()]
+    assert load_file(out / "adapter_model.safetensors").keys() == load_file(tiny_lora / "adapter_model.safetensors").keys()
