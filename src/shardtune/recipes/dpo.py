@@ -150,9 +150,7 @@ def reference_fn(recipe: sft.Recipe, loss_type: str) -> Optional[Callable[[dict]
     elif d.reference in ("base", "precomputed") and t.use_peft:
         adapter = REFERENCE_ADAPTER if continues_adapter(recipe.cfgs) else None  # None: the adapter disabled
         fn = reference_logps(model, dev, adapter_of=recipe.peft_model, adapter=adapter)
-    else:
-        if d.reference != "base" and not Path(d.reference).expanduser().is_dir():
-            raise UserError(f"--dpo_config.reference {d.reference!r} is not base, precomputed or a model directory")
+    else:  # validate.check_dpo: base (full fine-tuning) or a model directory
         model = frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser()))
         fn = reference_logps(model, dev)
     return functools.partial(_evaluated, model, fn)
