@@ -243,3 +243,21 @@ def test_dpo_continuing_an_adapter_in_one_process_starts_at_ln2_and_saves_only_t
     assert (out / "adapter_model.safetensors").is_file() and not [p for p in out.iterdir() if p.is_dir()
                                                                   and (p / "adapter_config.json").exists()]
     assert load_file(out / "adapter_model.safetensors").keys() == load_file(tiny_lora / "adapter_model.safetensors").keys()
+
+
+def test_an_unwritable_cache_leaves_the_precomputed_reference_uncached(capfd, tmp_path, tiny_model, preference_files):
+    """--data_cache_dir where no directory can be made (under a file): the values computed
+    before training are used, not cached, and the run trains."""
+    from conftest import run_cli
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capfd, [
+        "dpo", "--model_name", tiny_model, "--use_peft", "--peft_method", "lora", "--dpo_config.reference",
+        "precomputed", "--data_cache_dir", blocker / "cache", "--dataset", "preference_dataset",
+        "--preference_dataset.data_path", preference_files["grammar"], "--run_validation", "False",
+        "--max_train_step", "1", "--batch_size_training", "2", "--context_length", "512", "--save_metrics",
+        "--num_workers_dataloader", "0", "--output_dir", out])
+    assert code == 0, err
+    assert first_loss(out) == pytest.approx(math.log(2), rel=1e-5)

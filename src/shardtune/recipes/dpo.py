@@ -231,6 +231,8 @@ def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, f
     if dataset.reference_logps is not None:
         log.info("%s split: reference log-probabilities from the cache %s", name, path)
         return
+    # checked before the pass, not found after it; unwritable: computed and used, not cached (as the data stage)
+    save_to = path if path is not None and dist.is_main and cache.writable(path.parent) else None
     collate = split.collate_fn
     sampler = EvalSampler(len(dataset), t.val_batch_size, dist.world_size, dist.rank)
     mine: list[tuple[int, float, float]] = []
@@ -249,8 +251,8 @@ def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, f
         for i, c, r in part:
             values[i, 0], values[i, 1] = c, r
     dataset.reference_logps = values
-    if path is not None and dist.is_main:
-        with atomic_path(path) as tmp:
+    if save_to is not None:
+        with atomic_path(save_to) as tmp:
             save_file({"reference_logps": values}, str(tmp))
     log.info("%s split: reference log-probabilities of %d pairs computed before training", name, len(dataset))
 
