@@ -23,6 +23,7 @@ Shape: sft.setup with this recipe's data stage and objective -> sft.fit -> sft.s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -45,6 +46,7 @@ from ..data.sampler import EvalSampler
 from ..errors import UserError, exit_on_user_error
 from ..files import atomic_path
 from ..loop import eval_mode
+from ..metrics import throughput
 from ..modeling import load as model_lib
 from ..modeling.preference import REFERENCE_FREE, PairLoss, PreferenceLoss, reference_logps
 from ..parallel import release_gathered
@@ -138,22 +140,21 @@ def add_reference_adapter(cfgs: Configs, peft_model, start: dict[str, torch.Tens
     return values
 
 
-def reference_fn(recipe: sft.Recipe, loss_type: str) -> Optional[Callable[[dict], torch.Tensor]]:
-    """batch -> the reference's per-example log-probabilities (called under no_grad), computed
-    in eval mode (no dropout), as the precomputed pass does."""
-    if loss_type in REFERENCE_FREE:
-        return None
+def reference_fn(recipe: sft.Recipe) -> tuple[Callable[[dict], torch.Tensor], torch.nn.Module]:
+    """(batch -> the reference's per-example log-probabilities, called under no_grad and
+    computed in eval mode (no dropout) as the precomputed pass does; the model it runs,
+    unwrapped, whose FLOPs it costs)."""
     d, t, dev = recipe.cfgs.dpo, recipe.cfgs.train, recipe.dist.device
-    model = recipe.train_model
+    model, unwrapped = recipe.train_model, recipe.peft_model
     if d.reference == "precomputed" and (not t.use_peft or continues_adapter(recipe.cfgs)):
         fn = reference_logps(model, dev)  # before any step or restore: the policy is the reference
     elif d.reference in ("base", "precomputed") and t.use_peft:
         adapter = REFERENCE_ADAPTER if continues_adapter(recipe.cfgs) else None  # None: the adapter disabled
         fn = reference_logps(model, dev, adapter_of=recipe.peft_model, adapter=adapter)
     else:  # validate.check_dpo: base (full fine-tuning) or a model directory
-        model = frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser()))
+        model = unwrapped = frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser()))
         fn = reference_logps(model, dev)
-    return functools.partial(_evaluated, model, fn)
+    return functools.partial(_evaluated, model, fn), unwrapped
 
 
 def _evaluated(model: torch.nn.Module, fn: Callable, batch: dict) -> torch.Tensor:
@@ -270,13 +271,22 @@ def objective(recipe: sft.Recipe) -> PreferenceLoss:
     if d.disable_dropout:
         disable_dropout(recipe.train_model)
     pair_loss = PairLoss(d.loss_type, d.beta, d.label_smoothing, d.simpo_gamma, d.orpo_alpha)
-    fn = reference_fn(recipe, d.loss_type)
-    if fn is not None and d.reference == "precomputed":
+    fn = live_reference(recipe) if d.loss_type not in REFERENCE_FREE else None
+    return PreferenceLoss(pair_loss, fn, mask_from_positions=sft.needs_unpacked(recipe.cfgs))
+
+
+def live_reference(recipe: sft.Recipe) -> Optional[Callable[[dict], torch.Tensor]]:
+    """The reference the steps run, or None once precomputed into the splits."""
+    fn, model = reference_fn(recipe)
+    if recipe.cfgs.dpo.reference == "precomputed":
         for name, split in (("train", recipe.train_split), ("validation", recipe.eval_split)):
             if split is not None:
                 precompute_reference(recipe, split, name, fn)
-        fn = None  # the batches carry the values
-    return PreferenceLoss(pair_loss, fn, mask_from_positions=sft.needs_unpacked(recipe.cfgs))
+        return None  # the batches carry the values
+    if recipe.loop_cfg.flops is not None:  # MFU counts the reference's forward in every step
+        recipe.loop_cfg.flops = dataclasses.replace(recipe.loop_cfg.flops,
+                                                    reference=throughput.model_flops(model, model.config))
+    return fn
 
 
 # ---- run --------------------------------------------------------------------------------
