@@ -189,6 +189,8 @@ def start_runs(tmp_path_factory, tiny_model, tiny_nf4_model, tiny_lora, preferen
             args += (["--then"] if args else []) + [str(root / f"{name}_{reference}"), *flags,
                                                     "--dpo_config.reference", reference]
     args += ["--then", str(root / "sft_dropout_base"), *sft, "--dpo_config.disable_dropout", "False"]
+    # QLoRA continuing an adapter (nf4_base's): its frozen copy is sharded beside the NF4 weights, unquantized
+    args += ["--then", str(root / "nf4_continued_base"), *nf4, *bf16, "--from_peft_checkpoint", str(root / "nf4_base")]
     # each rank its own cache: now rank 0's holds lora_precomputed's values, rank 1's nothing
     args += ["--then", str(root / "lora_precomputed_again"), *plan["lora"], "--dpo_config.reference", "precomputed",
              "--dist_timeout", "60"]
@@ -208,6 +210,13 @@ def test_the_first_step_starts_at_ln2(start_runs, case, tol, reference):
     when DPO continues an SFT adapter (the reference is that adapter, as TRL's ref adapter;
     LoRA's default dropout 0.05 is off, as TRL's disable_dropout)."""
     assert first_loss(start_runs / f"{case}_{reference}") == pytest.approx(math.log(2), rel=tol)
+
+
+def test_qlora_continuing_an_adapter_starts_at_ln2(start_runs):
+    """Under FSDP2 with NF4 base weights, the starting adapter's frozen copy is the reference."""
+    (start,), (continued,) = steps(start_runs / "nf4_base"), steps(start_runs / "nf4_continued_base")
+    assert continued["logps/chosen"] != pytest.approx(start["logps/chosen"], rel=1e-4)  # the adapter is not the base
+    assert continued["loss"] == pytest.approx(math.log(2), rel=1e-3)
 
 
 def test_dropout_kept_on_request_moves_the_first_step_off_ln2(start_runs):
