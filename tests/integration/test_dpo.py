@@ -191,6 +191,9 @@ def start_runs(tmp_path_factory, tiny_model, tiny_nf4_model, tiny_lora, preferen
     args += ["--then", str(root / "sft_dropout_base"), *sft, "--dpo_config.disable_dropout", "False"]
     # QLoRA continuing an adapter (nf4_base's): its frozen copy is sharded beside the NF4 weights, unquantized
     args += ["--then", str(root / "nf4_continued_base"), *nf4, *bf16, "--from_peft_checkpoint", str(root / "nf4_base")]
+    dora = lora + ["--lora_config.use_dora", "True", "--mixed_precision", "False"]  # the reference's magnitude: loaded
+    args += ["--then", str(root / "dora"), *dora, "--then", str(root / "dora_continued"), *dora,
+             "--from_peft_checkpoint", str(root / "dora")]
     # each rank its own cache: now rank 0's holds lora_precomputed's values, rank 1's nothing
     args += ["--then", str(root / "lora_precomputed_again"), *plan["lora"], "--dpo_config.reference", "precomputed",
              "--dist_timeout", "60"]
@@ -212,11 +215,14 @@ def test_the_first_step_starts_at_ln2(start_runs, case, tol, reference):
     assert first_loss(start_runs / f"{case}_{reference}") == pytest.approx(math.log(2), rel=tol)
 
 
-def test_qlora_continuing_an_adapter_starts_at_ln2(start_runs):
-    """Under FSDP2 with NF4 base weights, the starting adapter's frozen copy is the reference."""
-    (start,), (continued,) = steps(start_runs / "nf4_base"), steps(start_runs / "nf4_continued_base")
-    assert continued["logps/chosen"] != pytest.approx(start["logps/chosen"], rel=1e-4)  # the adapter is not the base
-    assert continued["loss"] == pytest.approx(math.log(2), rel=1e-3)
+@pytest.mark.parametrize("start, continued, tol", [("nf4_base", "nf4_continued_base", 1e-3),
+                                                   ("dora", "dora_continued", 1e-5)])
+def test_qlora_and_dora_continuing_an_adapter_start_at_ln2(start_runs, start, continued, tol):
+    """Under FSDP2 with NF4 base weights, and with DoRA's magnitude, the starting adapter's
+    frozen copy is the reference."""
+    (first,), (after,) = steps(start_runs / start), steps(start_runs / continued)
+    assert after["logps/chosen"] != pytest.approx(first["logps/chosen"], rel=1e-4)  # the adapter is not the base
+    assert after["loss"] == pytest.approx(math.log(2), rel=tol)
 
 
 def test_dropout_kept_on_request_moves_the_first_step_off_ln2(start_runs):

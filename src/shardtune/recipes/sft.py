@@ -202,7 +202,9 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
             from_adapter = adapters.load_adapter_weights(model, t.peft_method, t.from_peft_checkpoint)
             new_params.update(from_adapter)
         if add_params:
-            new_params.update(add_params(model, from_adapter))
+            added = add_params(model, from_adapter)
+            new_params.update(added)
+            from_adapter.update(added)  # loaded values too: init_from_base keeps them
     if t.enable_fsdp and cfgs.fsdp.fsdp_activation_checkpointing:
         if not t.use_peft or PEFT_METHODS[t.peft_method].activation_checkpointing:
             parallel.enable_activation_checkpointing(model)
