@@ -11,8 +11,10 @@ checkpoints, resume, signals, metrics, trackers); batch sizes count pairs. What 
   * the loss .............................. --dpo_config.loss_type sigmoid|ipo|simpo|orpo,
                                             --dpo_config.beta / label_smoothing / simpo_gamma / orpo_alpha
   * the reference model ................... --dpo_config.reference base (LoRA: the adapter disabled, no
-                                            copy; full fine-tuning: a frozen copy sharded like the policy)
-                                            | precomputed (one pass before training, cached) | DIR
+                                            copy; a continued adapter: its frozen copy; full fine-tuning:
+                                            a frozen copy sharded like the policy) | precomputed (one pass
+                                            before training, cached) | DIR; always in eval mode
+  * dropout ............................... --dpo_config.disable_dropout (default True, as TRL)
   * packed pairs .......................... --batching_strategy packing (chosen and rejected as separate
                                             examples in shared rows, each attending to itself)
   * TRL's metrics ......................... loss, rewards/{chosen,rejected,accuracies,margins},
