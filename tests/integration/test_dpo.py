@@ -188,7 +188,9 @@ def start_runs(tmp_path_factory, tiny_model, tiny_nf4_model, tiny_lora, preferen
         for reference in ("base", "precomputed"):
             args += (["--then"] if args else []) + [str(root / f"{name}_{reference}"), *flags,
                                                     "--dpo_config.reference", reference]
-    args += ["--then", str(root / "sft_dropout_base"), *sft, "--dpo_config.disable_dropout", "False"]
+    for reference in ("base", "precomputed"):
+        args += ["--then", str(root / f"sft_dropout_{reference}"), *sft, "--dpo_config.disable_dropout", "False",
+                 "--dpo_config.reference", reference]
     # QLoRA continuing an adapter (nf4_base's): its frozen copy is sharded beside the NF4 weights, unquantized
     args += ["--then", str(root / "nf4_continued_base"), *nf4, *bf16, "--from_peft_checkpoint", str(root / "nf4_base")]
     dora = lora + ["--lora_config.use_dora", "True", "--mixed_precision", "False"]  # the reference's magnitude: loaded
@@ -225,9 +227,16 @@ def test_qlora_and_dora_continuing_an_adapter_start_at_ln2(start_runs, start, co
     assert after["loss"] == pytest.approx(math.log(2), rel=tol)
 
 
-def test_dropout_kept_on_request_moves_the_first_step_off_ln2(start_runs):
-    """--dpo_config.disable_dropout False: LoRA's dropout acts in the policy, not in the reference."""
+def test_dropout_kept_on_request_acts_in_the_policy_only(start_runs):
+    """--dpo_config.disable_dropout False: LoRA's dropout acts in the policy, never in the
+    reference, which runs in eval mode live as when precomputed: both give the same reference
+    log-probabilities (logps - rewards / beta; the policy's dropout masks differ by run)."""
     assert first_loss(start_runs / "sft_dropout_base") != pytest.approx(math.log(2), rel=1e-3)
+
+    def reference(name):
+        (first,) = steps(start_runs / name)
+        return [first[f"logps/{k}"] - first[f"rewards/{k}"] / 0.1 for k in ("chosen", "rejected")]
+    assert reference("sft_dropout_base") == pytest.approx(reference("sft_dropout_precomputed"), rel=1e-6)
 
 
 def test_rank_0_decides_the_precomputed_cache_for_every_rank(start_runs):
@@ -236,8 +245,8 @@ def test_rank_0_decides_the_precomputed_cache_for_every_rank(start_runs):
     assert steps(start_runs / "lora_precomputed_again") == steps(start_runs / "lora_precomputed")
     cached = lambda rank: list((Path(os.environ["SHARDTUNE_CACHE"]) / f"rank{rank}" / "data").glob("reference-*"))
     assert cached(0) and not cached(1)
-    # a hit: no cache file was (re)written after the run before the last one
-    before = (start_runs / "sft_dropout_base" / "metrics.jsonl").stat().st_mtime
+    # a hit: no cache file was (re)written after the run launched just before it
+    before = (start_runs / "dora_continued" / "metrics.jsonl").stat().st_mtime
     assert max(f.stat().st_mtime for f in cached(0)) < before
 
 
