@@ -169,9 +169,10 @@ def test_a_precomputed_reference_equals_the_live_one(runs):
 
 @pytest.fixture(scope="module")
 def start_runs(tmp_path_factory, tiny_model, tiny_nf4_model, tiny_lora, preference_files):
-    """One 2-rank launch, one step each: bf16 mixed precision (forced on CPU) with LoRA, QLoRA
-    and full fine-tuning, and DPO continuing the SFT adapter tiny_lora, with the base and the
-    precomputed references. Every run's first step has policy = reference."""
+    """One 2-rank launch, one step each, with the base and the precomputed references: bf16
+    mixed precision (forced on CPU) with LoRA, QLoRA and full fine-tuning; DPO continuing the
+    SFT adapter tiny_lora (with dropout off, TRL's default, and kept on); QLoRA and DoRA
+    continuing an adapter; last, a rerun whose cached reference only rank 0 can see."""
     root = tmp_path_factory.mktemp("dpo_start")
     common = ["--model_name", str(tiny_model), "--enable_fsdp", "--dataset", "preference_dataset",
               "--preference_dataset.data_path", str(preference_files["grammar"]), "--run_validation", "False",
@@ -197,8 +198,7 @@ def start_runs(tmp_path_factory, tiny_model, tiny_nf4_model, tiny_lora, preferen
     args += ["--then", str(root / "dora"), *dora, "--then", str(root / "dora_continued"), *dora,
              "--from_peft_checkpoint", str(root / "dora")]
     # each rank its own cache: now rank 0's holds lora_precomputed's values, rank 1's nothing
-    args += ["--then", str(root / "lora_precomputed_again"), *plan["lora"], "--dpo_config.reference", "precomputed",
-             "--dist_timeout", "60"]
+    args += ["--then", str(root / "lora_precomputed_again"), *plan["lora"], "--dpo_config.reference", "precomputed"]
     check(torchrun(2, WORKER, args, timeout=900, extra_env={"RANK_LOCAL_CACHE": "1"}))
     return root
 
