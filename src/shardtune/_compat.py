@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import gc
 import sys
+from typing import Optional
 
 import torch
 
@@ -100,6 +101,31 @@ def checkpoint_format(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) 
     from transformers.core_model_loading import revert_weight_conversion
 
     return revert_weight_conversion(model, tensors)
+
+
+@contextlib.contextmanager
+def adapter_layers_switched(model: torch.nn.Module, adapter: Optional[str]):
+    """Every peft tuner layer (LoRA, DoRA) of `model` computes with `adapter` as its active
+    adapter, or with its adapters disabled when None, for the duration; no parameter's
+    requires_grad changes. peft's own switches (disable_adapter(), set_adapter()) also
+    freeze the inactive adapters' weights, and FSDP2's lazy init, if it happens in such a
+    forward, then finds no trainable parameter and records no reduce dtype: the first
+    backward under bf16 mixed precision fails. Sets BaseTunerLayer's private
+    `_disable_adapters` and `_active_adapter`, which its forward reads."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(m._disable_adapters, m._active_adapter) for m in layers]
+    try:
+        for m in layers:
+            if adapter is None:
+                m._disable_adapters = True
+            else:
+                m._active_adapter = [adapter]
+        yield
+    finally:
+        for m, (disabled, active) in zip(layers, saved):
+            m._disable_adapters, m._active_adapter = disabled, active
 
 
 def adapted_attention_class() -> type:

@@ -2,6 +2,9 @@
 QLoRA (NF4 under FSDP2) trains the same at 1 and 2 ranks; resume is bitwise at the same world
 size and exact at another. Two launches (2 ranks, then 1) run every case in turn."""
 import json
+import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +164,124 @@ def test_a_precomputed_reference_equals_the_live_one(runs):
     full = steps(runs / "full_two")
     assert_close(steps(runs / "full_two_precomputed"), full, 1e-5)
     assert full[-1]["rewards/margins"] != 0.0
-    import os
-    from pathlib import Path
     assert list((Path(os.environ["SHARDTUNE_CACHE"]) / "data").glob("reference-logps-*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def start_runs(tmp_path_factory, tiny_model, tiny_nf4_model, tiny_lora, preference_files):
+    """One 2-rank launch, one step each, with the base and the precomputed references: bf16
+    mixed precision (forced on CPU) with LoRA, QLoRA and full fine-tuning; DPO continuing the
+    SFT adapter tiny_lora (with dropout off, TRL's default, and kept on); QLoRA and DoRA
+    continuing an adapter; last, a rerun whose cached reference only rank 0 can see."""
+    root = tmp_path_factory.mktemp("dpo_start")
+    common = ["--model_name", str(tiny_model), "--enable_fsdp", "--dataset", "preference_dataset",
+              "--preference_dataset.data_path", str(preference_files["grammar"]), "--run_validation", "False",
+              "--num_epochs", "1", "--max_train_step", "1", "--lr", "5e-3", "--context_length", "512",
+              "--save_metrics", "--fsdp_activation_checkpointing", "False", "--num_workers_dataloader", "0",
+              "--batch_size_training", "2"]
+    lora = common + ["--use_peft", "--peft_method", "lora"]
+    bf16 = ["--mixed_precision", "True"]
+    nf4 = lora + ["--model_name", str(tiny_nf4_model), "--quantization", "4bit"]
+    sft = lora + ["--from_peft_checkpoint", str(tiny_lora), "--mixed_precision", "False"]
+    plan = {"lora": lora + bf16, "nf4": nf4 + bf16, "full": common + bf16, "sft": sft}
+    args = []
+    for name, flags in plan.items():
+        for reference in ("base", "precomputed"):
+            args += (["--then"] if args else []) + [str(root / f"{name}_{reference}"), *flags,
+                                                    "--dpo_config.reference", reference]
+    for reference in ("base", "precomputed"):
+        args += ["--then", str(root / f"sft_dropout_{reference}"), *sft, "--dpo_config.disable_dropout", "False",
+                 "--dpo_config.reference", reference]
+    # QLoRA continuing an adapter (nf4_base's): its frozen copy is sharded beside the NF4 weights, unquantized
+    args += ["--then", str(root / "nf4_continued_base"), *nf4, *bf16, "--from_peft_checkpoint", str(root / "nf4_base")]
+    dora = lora + ["--lora_config.use_dora", "True", "--mixed_precision", "False"]  # the reference's magnitude: loaded
+    args += ["--then", str(root / "dora"), *dora, "--then", str(root / "dora_continued"), *dora,
+             "--from_peft_checkpoint", str(root / "dora")]
+    # each rank its own cache: now rank 0's holds lora_precomputed's values, rank 1's nothing
+    args += ["--then", str(root / "lora_precomputed_again"), *plan["lora"], "--dpo_config.reference", "precomputed"]
+    check(torchrun(2, WORKER, args, timeout=900, extra_env={"RANK_LOCAL_CACHE": "1"}))
+    return root
+
+
+def first_loss(out):
+    (first,) = steps(out)
+    return first["loss"]
+
+
+@pytest.mark.parametrize("reference", ["base", "precomputed"])
+@pytest.mark.parametrize("case, tol", [("lora", 1e-3), ("nf4", 1e-3), ("full", 1e-3), ("sft", 1e-5)])
+def test_the_first_step_starts_at_ln2(start_runs, case, tol, reference):
+    """Policy = reference before the first update: loss ln 2 (bf16 to its resolution), also
+    when DPO continues an SFT adapter (the reference is that adapter, as TRL's ref adapter;
+    LoRA's default dropout 0.05 is off, as TRL's disable_dropout)."""
+    assert first_loss(start_runs / f"{case}_{reference}") == pytest.approx(math.log(2), rel=tol)
+
+
+@pytest.mark.parametrize("start, continued, tol", [("nf4_base", "nf4_continued_base", 1e-3),
+                                                   ("dora", "dora_continued", 1e-5)])
+def test_qlora_and_dora_continuing_an_adapter_start_at_ln2(start_runs, start, continued, tol):
+    """Under FSDP2 with NF4 base weights, and with DoRA's magnitude, the starting adapter's
+    frozen copy is the reference."""
+    (first,), (after,) = steps(start_runs / start), steps(start_runs / continued)
+    assert after["logps/chosen"] != pytest.approx(first["logps/chosen"], rel=1e-4)  # the adapter is not the base
+    assert after["loss"] == pytest.approx(math.log(2), rel=tol)
+
+
+def test_dropout_kept_on_request_acts_in_the_policy_only(start_runs):
+    """--dpo_config.disable_dropout False: LoRA's dropout acts in the policy, never in the
+    reference, which runs in eval mode live as when precomputed: both give the same reference
+    log-probabilities (logps - rewards / beta; the policy's dropout masks differ by run)."""
+    assert first_loss(start_runs / "sft_dropout_base") != pytest.approx(math.log(2), rel=1e-3)
+
+    def reference(name):
+        (first,) = steps(start_runs / name)
+        return [first[f"logps/{k}"] - first[f"rewards/{k}"] / 0.1 for k in ("chosen", "rejected")]
+    assert reference("sft_dropout_base") == pytest.approx(reference("sft_dropout_precomputed"), rel=1e-6)
+
+
+def test_rank_0_decides_the_precomputed_cache_for_every_rank(start_runs):
+    """A node-local cache that holds the values on rank 0's node only: rank 0's hit reaches
+    rank 1 by broadcast (before: rank 1 computed them alone and the collectives mismatched)."""
+    assert steps(start_runs / "lora_precomputed_again") == steps(start_runs / "lora_precomputed")
+    cached = lambda rank: list((Path(os.environ["SHARDTUNE_CACHE"]) / f"rank{rank}" / "data").glob("reference-*"))
+    assert cached(0) and not cached(1)
+    # a hit: no cache file was (re)written after the run launched just before it
+    before = (start_runs / "dora_continued" / "metrics.jsonl").stat().st_mtime
+    assert max(f.stat().st_mtime for f in cached(0)) < before
+
+
+def test_dpo_continuing_an_adapter_in_one_process_starts_at_ln2_and_saves_only_the_policy(
+        capfd, tmp_path, tiny_model, tiny_lora, preference_files):
+    """Without FSDP (one process) too, the starting adapter, frozen, is the reference; the
+    output holds the trained adapter alone, as plain peft saves one."""
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(capfd, [  # capfd: the run enables faulthandler on the real stderr
+        "dpo", "--model_name", tiny_model, "--use_peft", "--peft_method", "lora", "--from_peft_checkpoint", tiny_lora,
+        "--dataset", "preference_dataset", "--preference_dataset.data_path", preference_files["grammar"],
+        "--run_validation", "False", "--max_train_step", "1", "--batch_size_training", "2", "--context_length", "512",
+        "--save_metrics", "--num_workers_dataloader", "0", "--output_dir", out])
+    assert code == 0, err
+    assert first_loss(out) == pytest.approx(math.log(2), rel=1e-5)
+    assert (out / "adapter_model.safetensors").is_file() and not [p for p in out.iterdir() if p.is_dir()
+                                                                  and (p / "adapter_config.json").exists()]
+    assert load_file(out / "adapter_model.safetensors").keys() == load_file(tiny_lora / "adapter_model.safetensors").keys()
+
+
+def test_an_unwritable_cache_leaves_the_precomputed_reference_uncached(capfd, tmp_path, tiny_model, preference_files):
+    """--data_cache_dir where no directory can be made (under a file): the values computed
+    before training are used, not cached, and the run trains."""
+    from conftest import run_cli
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capfd, [
+        "dpo", "--model_name", tiny_model, "--use_peft", "--peft_method", "lora", "--dpo_config.reference",
+        "precomputed", "--data_cache_dir", blocker / "cache", "--dataset", "preference_dataset",
+        "--preference_dataset.data_path", preference_files["grammar"], "--run_validation", "False",
+        "--max_train_step", "1", "--batch_size_training", "2", "--context_length", "512", "--save_metrics",
+        "--num_workers_dataloader", "0", "--output_dir", out])
+    assert code == 0, err
+    assert first_loss(out) == pytest.approx(math.log(2), rel=1e-5)

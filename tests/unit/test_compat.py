@@ -106,3 +106,27 @@ def test_gloo_group_options_and_mesh_registry(tmp_path):
         assert not mesh._pg_registry
     finally:
         dist.destroy_process_group()
+
+
+def test_adapter_layers_switched_computes_as_peft_switches_and_keeps_requires_grad():
+    """The private flags peft's LoRA forward reads: switched off, the output is the base's;
+    switched to a second adapter, it is what peft's own set_adapter gives; requires_grad
+    (which FSDP2's lazy init reads) never changes, and everything is restored on exit."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    plain = base(x)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    policy = model(x)
+    model.base_model.set_adapter("other")
+    other = model(x)
+    model.base_model.set_adapter("default")
+    for adapter, expected in ((None, plain), ("other", other)):
+        with _compat.adapter_layers_switched(model, adapter):
+            assert torch.equal(model(x), expected)
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert torch.equal(model(x), policy) and not torch.equal(policy, plain) and not torch.equal(other, policy)

@@ -24,6 +24,8 @@ PAIRS = ["--dataset", "preference_dataset", "--preference_dataset.data_path", "p
     (["--dpo_config.orpo_alpha", "-1"], "--dpo_config.orpo_alpha"),
     (["--dpo_config.simpo_gamma", "-1"], "--dpo_config.simpo_gamma"),
     (["--use_peft", "--peft_method", "prefix"], "--dpo_config.reference base with --peft_method prefix"),
+    (["--use_peft", "--lora_config.bias", "all"], "--lora_config.bias all with --dpo_config.reference base"),
+    (["--dpo_config.reference", "/no/such/model"], "--dpo_config.reference '/no/such/model'"),
 ])
 def test_contradictory_dpo_flags_fail_in_one_line(flags, says):
     with pytest.raises(UserError, match=says.replace(".", r"\.")):
@@ -35,6 +37,9 @@ def test_a_reference_free_loss_needs_no_reference_and_a_valid_run_passes():
     check_supported(parse_args(PAIRS + ["--dpo_config.loss_type", "cdpo", "--dpo_config.label_smoothing", "0.1"]),
                     pairs=True)
     check_supported(parse_args(PAIRS + ["--use_peft", "--dpo_config.reference", "precomputed"]), pairs=True)
+    # precomputed before the first step: the biases are still the base's
+    check_supported(parse_args(PAIRS + ["--use_peft", "--lora_config.bias", "all", "--dpo_config.reference",
+                                        "precomputed"]), pairs=True)
 
 
 def test_dpo_refuses_single_examples_and_finetune_refuses_dpo_flags(capsys):

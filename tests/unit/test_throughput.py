@@ -113,3 +113,15 @@ def test_matches_torch_flop_counter(method, tied, rows, masked, monkeypatch):
         per_token = 4 * HIDDEN * HIDDEN + 2 * HIDDEN * kv + 4 * HIDDEN * HIDDEN
         weights += LAYERS * (batch["num_tokens"] * per_token + 5 * 4 * 2 * HIDDEN * kv)
     assert weights == pytest.approx(counted[torch.ops.aten.mm], rel=0.01)
+
+
+def test_a_reference_run_forward_only_adds_a_third_of_its_training_count():
+    """DPO's live reference runs every batch forward without backward: 2 FLOPs per weight use
+    and 4 * width per attention pair, a third of a full fine-tune's count of the same model."""
+    model, config = tiny()
+    full = throughput.model_flops(model, config)  # every weight trains: 6N, 12 per pair
+    lora, _ = tiny(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    policy = throughput.model_flops(lora, config)
+    with_reference = throughput.ModelFlops(**{**vars(policy), "reference": full})
+    counts = (21, 8, 88)
+    assert with_reference.of_batch(*counts) == policy.of_batch(*counts) + full.of_batch(*counts) / 3

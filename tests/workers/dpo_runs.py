@@ -3,7 +3,10 @@
     dpo_runs.py OUT FLAGS... [--then OUT FLAGS...]...
 
 Each run writes to OUT (--output_dir OUT is added); rank 0 also saves OUT/trained.safetensors,
-the run's trainable parameters gathered whole, for comparisons across world sizes."""
+the run's trainable parameters gathered whole, for comparisons across world sizes.
+With RANK_LOCAL_CACHE=1 each rank has a cache directory of its own, as each node has with a
+node-local cache."""
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from several_runs import runs
 
 
 def main() -> None:
+    if os.environ.get("RANK_LOCAL_CACHE"):
+        os.environ["SHARDTUNE_CACHE"] = os.path.join(os.environ["SHARDTUNE_CACHE"], f"rank{os.environ['RANK']}")
     plan = [(out, parse_args(argv + ["--output_dir", out])) for out, argv in runs(sys.argv[1:])]
     dist = device.setup(require_distributed=plan[0][1].train.enable_fsdp)
     for out, cfgs in plan:

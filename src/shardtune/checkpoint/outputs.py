@@ -103,7 +103,9 @@ def write_adapter(peft_model, directory: Path | None, dist: Dist, adapter_state=
     state = full_trainable_state(peft_model)  # every rank joins the gather
     if dist.is_main:
         if adapter_state is None:
-            peft_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            # the trained adapter only (a recipe may hold others, frozen: dpo's reference)
+            peft_model.save_pretrained(directory, state_dict=state, safe_serialization=True,
+                                       selected_adapters=["default"])
         else:
             save_peft_files(peft_model.peft_config["default"], adapter_state(state), directory)
 

@@ -239,8 +239,10 @@ class dpo_config:
         "keep_start", "a pair longer than --context_length: keep_start (TRL's: each completion cut to what the "
         "prompt leaves; a pair whose prompt fills the context is dropped) | refuse (a bad record: --on_bad_record)")
     reference: str = flag(
-        "base", "base (adapter disabled; full fine-tuning: a frozen sharded copy) | precomputed (the base log probabilities "
-        "computed once before training, cached) | a model directory (a frozen sharded copy of it)")
+        "base", "base (adapter disabled, or with --from_peft_checkpoint the starting adapter; full fine-tuning: a frozen "
+        "sharded copy) | precomputed (the reference log probabilities computed once before training, cached) | a model "
+        "directory (a frozen sharded copy of it)")
+    disable_dropout: bool = flag(True, "set every dropout (LoRA's lora_dropout too) to 0 in the policy, as TRL")
 
 
 @dataclass

@@ -4,6 +4,7 @@ one line that says what to change. Also the batch split the flags ask for."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import adapters, data, parallel
 from ..errors import UserError
@@ -136,8 +137,16 @@ def check_dpo(cfgs: Configs) -> None:
                         f"{', '.join(TRUNCATION_MODES)}")
     if d.loss_type in REFERENCE_FREE and cfgs.was_set(d, "reference"):
         raise UserError(f"--dpo_config.loss_type {d.loss_type} is reference-free: drop --dpo_config.reference")
-    if cfgs.train.use_peft and cfgs.train.peft_method != "lora" and d.loss_type not in REFERENCE_FREE \
-            and d.reference in ("base", "precomputed"):
-        raise UserError(f"--dpo_config.reference {d.reference} with --peft_method {cfgs.train.peft_method}: the "
+    if d.loss_type in REFERENCE_FREE:
+        return
+    if d.reference not in ("base", "precomputed") and not Path(d.reference).expanduser().is_dir():
+        raise UserError(f"--dpo_config.reference {d.reference!r} is not base, precomputed or a model directory")
+    t = cfgs.train
+    if t.use_peft and t.peft_method == "lora" and cfgs.peft_config.bias != "none" and d.reference == "base":
+        raise UserError(f"--lora_config.bias {cfgs.peft_config.bias} with --dpo_config.reference base: the trained "
+                        "biases belong to the base layers, so disabling the adapter does not give the reference; use "
+                        "--dpo_config.reference precomputed (computed before the first step) or --lora_config.bias none")
+    if t.use_peft and t.peft_method != "lora" and d.reference in ("base", "precomputed"):
+        raise UserError(f"--dpo_config.reference {d.reference} with --peft_method {t.peft_method}: the "
                         "reference is the model with the adapter disabled, which shardtune supports for lora (and "
                         "DoRA); use --peft_method lora, or name a reference model directory")

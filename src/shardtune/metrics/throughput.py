@@ -31,6 +31,10 @@ none of them changes the result, so none is counted, whatever a kernel spends on
 half). MFU then compares packed and padded runs, and kernels, on the same work; it reads
 lower than a full-square count where attention is a large share (long contexts).
 
+A model run forward only on each batch (DPO's live reference: the adapter switched off, or a
+frozen copy) adds 2 * N_reference per token (its head per target) and 4 * layers * width per
+pair; a reference precomputed before training adds nothing to the steps.
+
 Not counted: lookups (the input embedding unless tied to the head, the prompt tables);
 norm scales and biases (elementwise); activation checkpointing's recomputed forward and
 peft's LLaMA-Adapter's second pass of each token through q_proj and o_proj (MFU is model
@@ -45,6 +49,7 @@ per device x devices).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -84,6 +89,7 @@ class ModelFlops:
     layers: int
     attention_width: int  # heads x head_dim of the queries
     prompt_keys: int = 0  # keys a learned prompt adds to every query, summed over the layers
+    reference: Optional[ModelFlops] = None  # a model run forward only on every batch (DPO's live reference)
 
     @property
     def per_token(self) -> float:
@@ -99,7 +105,14 @@ class ModelFlops:
 
     def of_batch(self, tokens: int, targets: int, attention_pairs: int) -> float:
         """A batch's model FLOPs from the collate's num_tokens, num_targets, num_attention_pairs."""
-        return tokens * self.per_token + targets * self.per_target + attention_pairs * self.per_pair
+        own = tokens * self.per_token + targets * self.per_target + attention_pairs * self.per_pair
+        return own + (self.reference.forward(tokens, targets, attention_pairs) if self.reference else 0)
+
+    def forward(self, tokens: int, targets: int, attention_pairs: int) -> float:
+        """The same batch forward only: 2 FLOPs per weight use, 4 * width per attention pair and layer."""
+        weights = self.trainable + self.frozen + 2 * self.attention_width * self.prompt_keys
+        return 2 * (tokens * weights + targets * (self.head_trainable + self.head_frozen)) + \
+            attention_pairs * self.per_pair / 3
 
 
 def model_flops(model: torch.nn.Module, config) -> ModelFlops:

@@ -18,13 +18,13 @@ pairs (ORPO's NLL over its chosen tokens), so it does not depend on world size o
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .. import _compat
 from ..data.tokenize import IGNORE_INDEX
 from ..metrics.logs import PREFERENCE_STATS
 from .loss import target_logps
@@ -147,20 +147,16 @@ class PreferenceLoss:
             return self.reference(batch)
 
 
-def adapter_disabled(peft_model: torch.nn.Module):
-    """The base model's forward: the same weights with the adapter switched off, no copy."""
-    return peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
-
-
-def reference_logps(model: torch.nn.Module, device: torch.device,
-                    adapter_of: Optional[torch.nn.Module] = None) -> Callable[[dict], torch.Tensor]:
+def reference_logps(model: torch.nn.Module, device: torch.device, adapter_of: Optional[torch.nn.Module] = None,
+                    adapter: Optional[str] = None) -> Callable[[dict], torch.Tensor]:
     """batch -> the reference's per-example log-probabilities (call under no_grad): `model`'s,
-    with the adapter of `adapter_of` (the unwrapped PEFT model inside `model`) switched off
-    when given, so that the policy's own base weights serve as the reference without a copy."""
+    or, when `adapter_of` (the unwrapped PEFT model inside `model`) is given, `model`'s with
+    the adapter layers switched to `adapter` (None: disabled, the base), so that the policy's
+    own base weights serve as the reference without a copy."""
     if adapter_of is None:
         return lambda batch: example_logps(model, batch, device)[0]
 
-    def base(batch: dict) -> torch.Tensor:
-        with adapter_disabled(adapter_of):
+    def switched(batch: dict) -> torch.Tensor:
+        with _compat.adapter_layers_switched(adapter_of, adapter):
             return example_logps(model, batch, device)[0]
-    return base
+    return switched

@@ -57,8 +57,9 @@ def check_fits(weights: dict[str, tuple[int, int]], shard_size: int) -> None:
 
 def base_linears(layer: torch.nn.Module) -> list[torch.nn.Linear]:
     """The frozen linear layers of a decoder layer: LoRA's base layers and the untargeted
-    projections (LoRA's own A and B are trainable)."""
-    return [m for m in layer.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    projections, not LoRA's own A and B (trainable, or a frozen adapter: dpo's reference)."""
+    return [m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+            and not {"lora_A", "lora_B"} & set(name.split("."))]
 
 
 class LayerQuantizer:

@@ -11,8 +11,10 @@ checkpoints, resume, signals, metrics, trackers); batch sizes count pairs. What 
   * the loss .............................. --dpo_config.loss_type sigmoid|cdpo|ipo|simpo|orpo,
                                             --dpo_config.beta / label_smoothing / simpo_gamma / orpo_alpha
   * the reference model ................... --dpo_config.reference base (LoRA: the adapter disabled, no
-                                            copy; full fine-tuning: a frozen copy sharded like the policy)
-                                            | precomputed (one pass before training, cached) | DIR
+                                            copy; a continued adapter: its frozen copy; full fine-tuning:
+                                            a frozen copy sharded like the policy) | precomputed (one pass
+                                            before training, cached) | DIR; always in eval mode
+  * dropout ............................... --dpo_config.disable_dropout (default True, as TRL)
   * packed pairs .......................... --batching_strategy packing (chosen and rejected as separate
                                             examples in shared rows, each attending to itself)
   * TRL's metrics ......................... loss, rewards/{chosen,rejected,accuracies,margins},
@@ -23,6 +25,7 @@ Shape: sft.setup with this recipe's data stage and objective -> sft.fit -> sft.s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -31,6 +34,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as tdist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import data, device
@@ -44,6 +48,7 @@ from ..data.sampler import EvalSampler
 from ..errors import UserError, exit_on_user_error
 from ..files import atomic_path
 from ..loop import eval_mode
+from ..metrics import throughput
 from ..modeling import load as model_lib
 from ..modeling.preference import PROMPT_NLL, REFERENCE_FREE, PairLoss, PreferenceLoss, reference_logps
 from ..parallel import release_gathered
@@ -113,19 +118,57 @@ def frozen_copy(recipe: sft.Recipe, model_dir: Optional[str]) -> torch.nn.Module
     return model
 
 
-def reference_fn(recipe: sft.Recipe, loss_type: str) -> Optional[Callable[[dict], torch.Tensor]]:
-    """batch -> the reference's per-example log-probabilities (called under no_grad)."""
-    if loss_type in REFERENCE_FREE:
-        return None
+REFERENCE_ADAPTER = "reference"  # the frozen copy of the starting adapter (TRL's "ref" adapter)
+
+
+def continues_adapter(cfgs: Configs) -> bool:
+    """The policy starts from a trained adapter, which is then also the reference (as TRL's)."""
+    d, t = cfgs.dpo, cfgs.train
+    return bool(t.use_peft and t.from_peft_checkpoint) and d.loss_type not in REFERENCE_FREE and \
+        d.reference in ("base", "precomputed")
+
+
+def add_reference_adapter(cfgs: Configs, peft_model, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sft.setup_model's add_params: with the live reference of a continued adapter, a second,
+    frozen peft adapter holding the starting values (sharded with the layers it adapts);
+    `precomputed` needs none: it runs the policy before the first step."""
+    if cfgs.dpo.reference != "base" or not continues_adapter(cfgs):
+        return {}
+    peft_model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(peft_model.peft_config["default"]))
+    values = {}
+    for name, p in peft_model.named_parameters():
+        source = name.replace(f".{REFERENCE_ADAPTER}.", ".default.")
+        if source != name:
+            p.requires_grad_(False)
+            p.data = p.data.to(start[source].dtype)  # as the policy holds them: equal at step 1
+            values[name] = start[source]
+    return values
+
+
+def reference_fn(recipe: sft.Recipe) -> tuple[Callable[[dict], torch.Tensor], torch.nn.Module]:
+    """(batch -> the reference's per-example log-probabilities, called under no_grad and
+    computed in eval mode (no dropout) as the precomputed pass does; the model it runs,
+    unwrapped, whose FLOPs it costs)."""
     d, t, dev = recipe.cfgs.dpo, recipe.cfgs.train, recipe.dist.device
-    if d.reference in ("base", "precomputed") and t.use_peft:
-        return reference_logps(recipe.train_model, dev, adapter_of=recipe.peft_model)
-    if d.reference == "precomputed":  # full fine-tuning, before any step or restore: the policy is the base
-        return reference_logps(recipe.train_model, dev)
-    if d.reference != "base" and not Path(d.reference).expanduser().is_dir():
-        raise UserError(f"--dpo_config.reference {d.reference!r} is not base, precomputed or a model directory")
-    return reference_logps(frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser())),
-                           dev)
+    model, unwrapped = recipe.train_model, recipe.peft_model
+    if d.reference == "precomputed" and (not t.use_peft or continues_adapter(recipe.cfgs)):
+        fn = reference_logps(model, dev)  # before any step or restore: the policy is the reference
+    elif d.reference in ("base", "precomputed") and t.use_peft:
+        adapter = REFERENCE_ADAPTER if continues_adapter(recipe.cfgs) else None  # None: the adapter disabled
+        fn = reference_logps(model, dev, adapter_of=recipe.peft_model, adapter=adapter)
+    else:  # validate.check_dpo: base (full fine-tuning) or a model directory
+        model = unwrapped = frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser()))
+        fn = reference_logps(model, dev)
+    return functools.partial(_evaluated, model, fn), unwrapped
+
+
+def _evaluated(model: torch.nn.Module, fn: Callable, batch: dict) -> torch.Tensor:
+    training = model.training
+    eval_mode(model)
+    try:
+        return fn(batch)
+    finally:
+        model.train(training)
 
 
 def _reference_cache(recipe: sft.Recipe, split: data.SplitData) -> Optional[Path]:
@@ -143,6 +186,7 @@ def _reference_cache(recipe: sft.Recipe, split: data.SplitData) -> Optional[Path
         "batching": t.batching_strategy, "model": str(recipe.spec.model_dir),
         "model_fingerprint": recipe.spec.fingerprint, "weights": _weights_digest(recipe.spec.model_dir),
         "precision": recipe.precision.name, "quantization": t.quantization, "fsdp": t.enable_fsdp,
+        "adapter": _weights_digest(Path(t.from_peft_checkpoint)) if continues_adapter(recipe.cfgs) else None,
     })
     return root / f"reference-logps-{key[:32]}.safetensors"
 
@@ -153,29 +197,58 @@ def _weights_digest(model_dir: Path) -> str:
     return json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
+def cached_reference(path: Optional[Path], pairs: int, dist: device.Dist) -> Optional[torch.Tensor]:
+    """The cached values [pairs, 2], or None to compute them. Rank 0 reads and checks the file
+    and its decision holds for every rank, whose copy of the values comes by broadcast: with a
+    node-local cache another node may lack the file (or hold a stale one), and a rank that
+    decided alone would enter the precompute pass while the others train."""
+    values = _read_cache(path, pairs) if dist.is_main and path is not None else None
+    if not dist.distributed:
+        return values
+    hit = torch.tensor([values is not None], dtype=torch.int32, device=dist.device)
+    tdist.broadcast(hit, src=0)
+    if not hit.item():
+        return None
+    values = values.to(dist.device) if dist.is_main else torch.empty(pairs, 2, device=dist.device)
+    tdist.broadcast(values, src=0)
+    return values.cpu()
+
+
+def _read_cache(path: Path, pairs: int) -> Optional[torch.Tensor]:
+    if not path.is_file():
+        return None
+    try:
+        values = load_file(str(path))["reference_logps"]
+    except (OSError, KeyError, SafetensorError) as err:
+        log.warning("ignoring the unreadable reference cache %s (%s); computing it again", path, err)
+        return None
+    if values.shape != (pairs, 2) or values.dtype != torch.float32 or not values.isfinite().all():
+        log.warning("ignoring the reference cache %s: it does not hold %d pairs' values; computing it again", path, pairs)
+        return None
+    return values
+
+
 @torch.no_grad()
 def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, fn: Callable) -> None:
     """One pass over the split before training; every rank ends with all pairs' values."""
-    path = _reference_cache(recipe, split)
-    if path is not None and path.is_file():
-        values = load_file(str(path))["reference_logps"]
-        if len(values) == len(split.dataset):
-            split.dataset.reference_logps = values
-            log.info("%s split: reference log-probabilities from the cache %s", name, path)
-            return
     dist, t = recipe.dist, recipe.cfgs.train
-    collate = split.collate_fn
     dataset = split.dataset
+    path = _reference_cache(recipe, split)
+    dataset.reference_logps = cached_reference(path, len(dataset), dist)
+    if dataset.reference_logps is not None:
+        log.info("%s split: reference log-probabilities from the cache %s", name, path)
+        return
+    # checked before the pass, not found after it; unwritable: computed and used, not cached (as the data stage)
+    save_to = path if path is not None and dist.is_main and cache.writable(path.parent) else None
+    collate = split.collate_fn
     sampler = EvalSampler(len(dataset), t.val_batch_size, dist.world_size, dist.rank)
     mine: list[tuple[int, float, float]] = []
-    eval_mode(recipe.train_model)
     for indices in sampler:
         batch = collate([dataset[i] for i in indices])
         logps = fn(batch).double().cpu()
         n = len(indices)
         mine += [(i, logps[k].item(), logps[n + k].item()) for k, i in enumerate(indices) if i >= 0]
     release_gathered(recipe.train_model)
-    recipe.train_model.train()
     everyone = [mine]
     if dist.distributed:
         everyone = [None] * dist.world_size
@@ -185,23 +258,41 @@ def precompute_reference(recipe: sft.Recipe, split: data.SplitData, name: str, f
         for i, c, r in part:
             values[i, 0], values[i, 1] = c, r
     dataset.reference_logps = values
-    if path is not None and dist.is_main:
-        with atomic_path(path) as tmp:
+    if save_to is not None:
+        with atomic_path(save_to) as tmp:
             save_file({"reference_logps": values}, str(tmp))
     log.info("%s split: reference log-probabilities of %d pairs computed before training", name, len(dataset))
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """TRL's disable_dropout_in_model: every nn.Dropout, LoRA's lora_dropout among them, at p = 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def objective(recipe: sft.Recipe) -> PreferenceLoss:
     """The preference loss, with its reference ready (built, or precomputed into the data)."""
     d = recipe.cfgs.dpo
+    if d.disable_dropout:
+        disable_dropout(recipe.train_model)
     pair_loss = PairLoss(d.loss_type, d.beta, d.label_smoothing, d.simpo_gamma, d.orpo_alpha)
-    fn = reference_fn(recipe, d.loss_type)
-    if fn is not None and d.reference == "precomputed":
+    fn = live_reference(recipe) if d.loss_type not in REFERENCE_FREE else None
+    return PreferenceLoss(pair_loss, fn, mask_from_positions=sft.needs_unpacked(recipe.cfgs))
+
+
+def live_reference(recipe: sft.Recipe) -> Optional[Callable[[dict], torch.Tensor]]:
+    """The reference the steps run, or None once precomputed into the splits."""
+    fn, model = reference_fn(recipe)
+    if recipe.cfgs.dpo.reference == "precomputed":
         for name, split in (("train", recipe.train_split), ("validation", recipe.eval_split)):
             if split is not None:
                 precompute_reference(recipe, split, name, fn)
-        fn = None  # the batches carry the values
-    return PreferenceLoss(pair_loss, fn, mask_from_positions=sft.needs_unpacked(recipe.cfgs))
+        return None  # the batches carry the values
+    if recipe.loop_cfg.flops is not None:  # MFU counts the reference's forward in every step
+        recipe.loop_cfg.flops = dataclasses.replace(recipe.loop_cfg.flops,
+                                                    reference=throughput.model_flops(model, model.config))
+    return fn
 
 
 # ---- run --------------------------------------------------------------------------------
@@ -211,7 +302,8 @@ def check(cfgs: Configs) -> None:
 
 
 def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> sft.Recipe:
-    return sft.setup(cfgs, dist, before_step, data_stage=setup_pair_data, objective=objective)
+    return sft.setup(cfgs, dist, before_step, data_stage=setup_pair_data, objective=objective,
+                     add_params=functools.partial(add_reference_adapter, cfgs))
 
 
 def run(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None) -> sft.RunResult:

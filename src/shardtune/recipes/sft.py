@@ -163,10 +163,12 @@ def freeze_first_layers(model: torch.nn.Module, n: int) -> None:
 
 
 def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, precision: parallel.Precision,
-                frozen: bool = False):
+                frozen: bool = False, add_params: Callable | None = None):
     """Meta model -> PEFT/freeze -> shard/DDP -> materialise. Returns (train_model, peft_model).
     Frozen weights are held in precision.frozen, trainable ones in precision.storage.
-    frozen: every weight frozen (a reference model: sharded like the policy, never DDP-wrapped)."""
+    frozen: every weight frozen (a reference model: sharded like the policy, never DDP-wrapped).
+    add_params(peft model, adapter values read from --from_peft_checkpoint) -> {name: value}:
+    a recipe's own parameters added to the wrapped model before it is sharded, and their values."""
     t = cfgs.train
     spec.dtype = precision.frozen
     if t.quantization and not t.enable_fsdp:
@@ -176,6 +178,7 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
         model_lib.hold_trainable_in(peft_model, precision.storage)
         if t.from_peft_checkpoint:
             values = adapters.load_adapter_weights(peft_model, t.peft_method, t.from_peft_checkpoint)
+            values.update(add_params(peft_model, values) if add_params else {})
             with torch.no_grad():
                 for name, p in peft_model.named_parameters():
                     if name in values:
@@ -198,6 +201,10 @@ def setup_model(cfgs: Configs, dist: device.Dist, spec: model_lib.ModelSpec, pre
         if t.from_peft_checkpoint:
             from_adapter = adapters.load_adapter_weights(model, t.peft_method, t.from_peft_checkpoint)
             new_params.update(from_adapter)
+        if add_params:
+            added = add_params(model, from_adapter)
+            new_params.update(added)
+            from_adapter.update(added)  # loaded values too: init_from_base keeps them
     if t.enable_fsdp and cfgs.fsdp.fsdp_activation_checkpointing:
         if not t.use_peft or PEFT_METHODS[t.peft_method].activation_checkpointing:
             parallel.enable_activation_checkpointing(model)
@@ -274,10 +281,11 @@ def loop_config(cfgs: Configs, dist: device.Dist, batching: Batching, precision:
 
 
 def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None, data_stage: Callable = None,
-          objective: Callable | None = None) -> Recipe:
+          objective: Callable | None = None, add_params: Callable | None = None) -> Recipe:
     """Config -> data -> model (+PEFT, sharded) -> optimizer -> resumed state. Another recipe
-    passes its data_stage (setup_data's signature) and objective(recipe) -> loop.Objective,
-    built after the model and before any checkpoint is restored (so it sees the base weights)."""
+    passes its data_stage (setup_data's signature), objective(recipe) -> loop.Objective,
+    built after the model and before any checkpoint is restored (so it sees the base weights),
+    and add_params (see setup_model)."""
     cfgs = resolve(cfgs)
     t = cfgs.train
     run_dir = checkpoint_dir(cfgs)
@@ -296,7 +304,7 @@ def setup(cfgs: Configs, dist: device.Dist, before_step: Callable | None = None,
         log.warning("%s on %s: expect this to be far slower than fp32", precision.name, dist.device.type)
 
     train_split, eval_split, loader, sampler, eval_loaders = (data_stage or setup_data)(cfgs, dist, tokenizer, batching)
-    train_model, peft_model = setup_model(cfgs, dist, spec, precision)
+    train_model, peft_model = setup_model(cfgs, dist, spec, precision, add_params=add_params)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     n_all = sum(p.numel() for p in peft_model.parameters())
