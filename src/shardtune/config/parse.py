@@ -154,7 +154,8 @@ def usage() -> str:
         lines.append(f"\n{cls.__name__}:")
         for f in fields(cls):
             lines.append(f"  --{_help_name(cls, f.name)} (default: {shown_default(f)})")
-            lines += textwrap.wrap(help_text(cls, f), 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+            lines += textwrap.wrap(help_text(cls, f), 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                break_on_hyphens=False)
     return "\n".join(lines)
 
 
