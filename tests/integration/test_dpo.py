@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, check, metric_events, torchrun
+from conftest import REPO, check, free_port, metric_events, torchrun
 
 WORKER = REPO / "tests" / "workers" / "dpo_runs.py"
 KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -285,3 +285,37 @@ def test_an_unwritable_cache_leaves_the_precomputed_reference_uncached(capfd, tm
         "--num_workers_dataloader", "0", "--output_dir", out])
     assert code == 0, err
     assert first_loss(out) == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_a_frozen_reference_copy_gives_its_gathered_weights_back(monkeypatch, tmp_path, tiny_model, preference_files):
+    """Full fine-tuning's reference is a frozen sharded copy; with SHARD_GRAD_OP (and its root
+    and untied head under any strategy) FSDP2 would keep its weights gathered after forward
+    for a backward the copy never runs: the whole reference per rank, all run long. After a
+    reference forward every unit of the copy is sharded again. One rank, in this process."""
+    from torch.distributed.tensor import DTensor
+
+    from shardtune import device
+    from shardtune.config.parse import parse_args
+    from shardtune.recipes import dpo
+
+    monkeypatch.setenv("SHARDTUNE_DEVICE", "cpu")
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    cfgs = parse_args(["--model_name", str(tiny_model), "--enable_fsdp", "--sharding_strategy", "SHARD_GRAD_OP",
+                       "--dataset", "preference_dataset", "--preference_dataset.data_path",
+                       str(preference_files["grammar"]), "--run_validation", "False", "--context_length", "512",
+                       "--mixed_precision", "False", "--num_workers_dataloader", "0", "--batch_size_training", "2",
+                       "--output_dir", str(tmp_path / "out")])
+    dist = device.setup(require_distributed=True)
+    try:
+        dpo.check(cfgs)
+        recipe = dpo.setup(cfgs, dist)
+        reference = recipe.loop_cfg.objective.reference
+        copy = reference.args[0]
+        assert copy is not recipe.train_model
+        with torch.no_grad():
+            reference(next(iter(recipe.loader)))
+        assert all(isinstance(p, DTensor) for p in copy.parameters())
+    finally:
+        device.teardown()

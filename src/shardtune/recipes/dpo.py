@@ -110,6 +110,8 @@ def frozen_copy(recipe: sft.Recipe, model_dir: Optional[str]) -> torch.nn.Module
     t = cfgs.train
     t.use_peft, t.quantization, t.freeze_layers, t.compile, t.from_peft_checkpoint = False, None, False, False, ""
     cfgs.fsdp.fsdp_activation_checkpointing = False  # nothing to recompute without a backward
+    if cfgs.fsdp.sharding_strategy == "SHARD_GRAD_OP":  # it keeps gathers for a backward this copy never runs
+        cfgs.fsdp.sharding_strategy = "FULL_SHARD"
     spec = model_lib.load_spec(model_dir) if model_dir else model_lib.load_spec(recipe.cfgs.train.model_name)
     if model_dir:
         model_lib.check_vocab(recipe.tokenizer, spec)
@@ -158,8 +160,20 @@ def reference_fn(recipe: sft.Recipe) -> tuple[Callable[[dict], torch.Tensor], to
         fn = reference_logps(model, dev, adapter_of=recipe.peft_model, adapter=adapter)
     else:  # validate.check_dpo: base (full fine-tuning) or a model directory
         model = unwrapped = frozen_copy(recipe, None if d.reference == "base" else str(Path(d.reference).expanduser()))
-        fn = reference_logps(model, dev)
+        fn = _resharded(model, reference_logps(model, dev))
     return functools.partial(_evaluated, model, fn), unwrapped
+
+
+def _resharded(model: torch.nn.Module, fn: Callable) -> Callable:
+    """A frozen copy's units that keep their weights gathered after forward (the root, an
+    untied head) give them back in a backward it never runs: reshard after every forward, or
+    they stay whole for the run."""
+    def call(batch: dict) -> torch.Tensor:
+        try:
+            return fn(batch)
+        finally:
+            release_gathered(model)
+    return call
 
 
 def _evaluated(model: torch.nn.Module, fn: Callable, batch: dict) -> torch.Tensor:
