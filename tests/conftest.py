@@ -92,9 +92,10 @@ def assert_close(actual, expected, rtol: float, atol: float = 0.0, where: str = 
 
 
 def metric_events(out_dir: Path, event: str | None = None) -> list[dict]:
-    """The records of out_dir/metrics.jsonl, all or those of one event."""
-    lines = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [l for l in lines if event is None or l["event"] == event]
+    """The records of out_dir/metrics.jsonl (read as shardtune plot reads them), all or those of one event."""
+    from shardtune.metrics.logs import read_metrics as read_records
+
+    return [r for r in read_records(Path(out_dir) / "metrics.jsonl") if event is None or r["event"] == event]
 
 
 def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -112,6 +113,15 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "samsum" / "train.json").is_file():
         pytest.fail(f"real test data not found at {SHARED_DATA}; CI provides ../shared/data beside the clone")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def llama2_tok(shared_data):
+    """The real Llama 2 tokenizer (vocab 32000) as the hub ships it; shared by every test, so
+    none may change it (copy.deepcopy it first)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import SHIM, check, error_lines, llama3_chat_tokenizer, read_metrics, run_cli, torchrun
 from shardtune.config.parse import parse_args
-from shardtune.data import build_split, chat, eval_loader
+from shardtune.data import build_split, chat, eval_loader, preference_pairs
 from shardtune.data.records import BadRecords
 from shardtune.data.tokenize import IGNORE_INDEX
 from shardtune.errors import UserError
@@ -54,7 +54,8 @@ def alpaca_conversations(shared_data) -> list[dict]:
 
 
 def write_jsonl(path, records) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    """The library's writer (non-ASCII written raw, as users' files hold it); the path as a flag value."""
+    preference_pairs.write_jsonl(path, records)
     return str(path)
 
 

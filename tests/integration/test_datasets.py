@@ -1,6 +1,7 @@
 """Every dataset on the real files: templates and label masks token by token (expected ids
 built here, independently, from the Llama 2 tokenizer), alpaca's split, SAMSum in every
 file format, the custom-dataset contract, and short fine-tunes under torchrun."""
+import copy
 import csv
 import json
 import textwrap
@@ -8,7 +9,6 @@ import textwrap
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
 
 from conftest import REPO, SHIM, check, python, read_metrics, torchrun, assert_close
 from shardtune.config.parse import parse_args
@@ -22,8 +22,8 @@ BOS, EOS = 1, 2  # Llama 2's ids
 
 
 @pytest.fixture(scope="module")
-def llama2_tok(shared_data):
-    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
+def llama2_padded(llama2_tok):
+    tok = copy.deepcopy(llama2_tok)  # the session's tokenizer stays as shipped
     tok.pad_token = tok.eos_token
     return tok
 
@@ -51,23 +51,23 @@ def test_all_guide_datasets_are_registered():
                              "mixture_dataset", "preference_dataset"}
 
 
-def test_grammar_labels_token_by_token(grammar_csvs, llama2_tok):
+def test_grammar_labels_token_by_token(grammar_csvs, llama2_padded):
     train_csv, val_csv = grammar_csvs
     for path in (train_csv, val_csv):
         rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
-        examples = _read(grammar.source(None, str(path)), llama2_tok)
+        examples = _read(grammar.source(None, str(path)), llama2_padded)
         assert len(examples) == len(rows)
         for i in list(range(40)) + list(range(len(rows) - 20, len(rows))):  # JFLEG rows and the C4 tail
             prompt = "Correct this to standard English: " + rows[i]["input"] + "\n---\nCorrected: "
-            _assert_prompt_target(llama2_tok, examples[i], prompt, rows[i]["target"])
+            _assert_prompt_target(llama2_padded, examples[i], prompt, rows[i]["target"])
 
 
-def test_alpaca_split_templates_and_labels(shared_data, llama2_tok):
+def test_alpaca_split_templates_and_labels(shared_data, llama2_padded):
     path = shared_data / "alpaca" / "alpaca_data_200.json"
     records = json.loads(path.read_text())
     cfg = parse_args(["--alpaca_dataset.data_path", str(path)]).datasets["alpaca_dataset"]
-    train = _read(alpaca.source(cfg, "train"), llama2_tok)
-    val = _read(alpaca.source(cfg, "val"), llama2_tok)
+    train = _read(alpaca.source(cfg, "train"), llama2_padded)
+    val = _read(alpaca.source(cfg, "val"), llama2_padded)
     assert (len(train), len(val)) == (190, 10)  # validation = the first 5% (int(200 / 20))
     head = ("Below is an instruction that describes a task{}. "
             "Write a response that appropriately completes the request.\n\n### Instruction:\n{}")
@@ -79,13 +79,13 @@ def test_alpaca_split_templates_and_labels(shared_data, llama2_tok):
             prompt += "\n\n### Input:\n" + rec["input"] + "\n\n### Response:"
         else:
             prompt = head.format("", rec["instruction"]) + "\n\n### Response:"
-        _assert_prompt_target(llama2_tok, ex, prompt, rec["output"])
+        _assert_prompt_target(llama2_padded, ex, prompt, rec["output"])
     assert with_input == 118  # both templates are exercised (README of the data: 118 of 200 have input)
     with pytest.raises(UserError, match="unknown alpaca split 'dev'"):
         alpaca.source(cfg, "dev")
 
 
-def test_samsum_reads_jsonl_csv_parquet_like_json(shared_data, llama2_tok, tmp_path):
+def test_samsum_reads_jsonl_csv_parquet_like_json(shared_data, llama2_padded, tmp_path):
     records = json.loads((shared_data / "samsum" / "val.json").read_text())
     (tmp_path / "jsonl").mkdir()
     (tmp_path / "jsonl" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -99,7 +99,7 @@ def test_samsum_reads_jsonl_csv_parquet_like_json(shared_data, llama2_tok, tmp_p
 
     def examples(data_path):
         cfg = parse_args(["--samsum_dataset.data_path", str(data_path)]).dataset
-        return _read(samsum.source(cfg, "validation"), llama2_tok)
+        return _read(samsum.source(cfg, "validation"), llama2_padded)
 
     reference = examples(shared_data / "samsum")
     assert len(reference) == 818
@@ -108,7 +108,7 @@ def test_samsum_reads_jsonl_csv_parquet_like_json(shared_data, llama2_tok, tmp_p
     assert examples(tmp_path / "csv" / "val.csv") == reference  # a single file works too
 
 
-def test_samsum_hub_id_offline_is_a_clear_error(llama2_tok, monkeypatch):
+def test_samsum_hub_id_offline_is_a_clear_error(llama2_padded, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
@@ -116,7 +116,7 @@ def test_samsum_hub_id_offline_is_a_clear_error(llama2_tok, monkeypatch):
     src = samsum.source(cfg, "train")
     assert src.fingerprint is None  # hub data is not cached by shardtune
     with pytest.raises(UserError, match="cannot load dataset 'knkarthick/samsum' split 'train' from the hub"):
-        _read(src, llama2_tok)
+        _read(src, llama2_padded)
 
 
 CUSTOM_FILE = """
@@ -160,24 +160,24 @@ def _custom_cfgs(path, *extra):
     return parse_args(["--dataset", "custom_dataset", "--custom_dataset.file", str(path), "--data_cache_dir", "none", *extra])
 
 
-def test_custom_dataset_return_types_and_function_name(tmp_path, llama2_tok):
+def test_custom_dataset_return_types_and_function_name(tmp_path, llama2_padded):
     f = tmp_path / "my_data.py"
     f.write_text(CUSTOM_FILE)
     expected = []
     for text, answer in [("Say hi.", "Hi!"), ("Count to three.", "One two three."), ("Name a colour.", "Blue.")]:
-        p = [BOS] + llama2_tok.encode(text, add_special_tokens=False)
-        a = llama2_tok.encode(answer, add_special_tokens=False) + [EOS]
+        p = [BOS] + llama2_padded.encode(text, add_special_tokens=False)
+        a = llama2_padded.encode(answer, add_special_tokens=False) + [EOS]
         expected.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
     for spec in (f"{f}", f"{f}:as_hf", f"{f}:as_torch", f"{f}:padded"):
         cfg = _custom_cfgs(spec).dataset
-        assert _read(custom.source(cfg, "train"), llama2_tok) == expected, spec
+        assert _read(custom.source(cfg, "train"), llama2_padded) == expected, spec
     with pytest.raises(UserError, match="has no function nope"):
         custom.source(_custom_cfgs(f"{f}:nope").dataset, "train")
     with pytest.raises(UserError, match="must be a .py file"):
         custom.source(_custom_cfgs(tmp_path / "data.json").dataset, "train")
 
 
-def test_custom_collator_batches_carry_counts(tmp_path, llama2_tok):
+def test_custom_collator_batches_carry_counts(tmp_path, llama2_padded):
     f = tmp_path / "with_collator.py"
     f.write_text(CUSTOM_FILE + textwrap.dedent("""
         def get_data_collator(tokenizer):
@@ -190,10 +190,10 @@ def test_custom_collator_batches_carry_counts(tmp_path, llama2_tok):
             return collate
     """))
     cfgs = _custom_cfgs(f, "--context_length", "64")
-    split = build_split(cfgs, llama2_tok, "train")
+    split = build_split(cfgs, llama2_padded, "train")
     assert split.collate_fn is not None
     # one spawned worker: the collator pickles as (file, tokenizer) and is rebuilt there
-    loader, _ = train_loader(split, 3, 1, 1, 0, 0, llama2_tok.pad_token_id, 1)
+    loader, _ = train_loader(split, 3, 1, 1, 0, 0, llama2_padded.pad_token_id, 1)
     assert loader.multiprocessing_context.get_start_method() != "fork"  # forking a threaded process can hang
     (batch,) = list(loader)
     assert batch["input_ids"].shape[1] % 8 == 0  # the user's collator built it
@@ -202,7 +202,7 @@ def test_custom_collator_batches_carry_counts(tmp_path, llama2_tok):
     lengths = [len(it["input_ids"]) for it in split.dataset.items]
     assert batch["num_attention_pairs"] == sum(n * (n + 1) // 2 for n in lengths)  # causal, per example
     # 3 examples over 2 ranks x batch 2: rank 1 gets example 2 and a filler with no targets, no tokens
-    (rank1,) = list(eval_loader(split, 2, 2, 1, llama2_tok.pad_token_id, 0))
+    (rank1,) = list(eval_loader(split, 2, 2, 1, llama2_padded.pad_token_id, 0))
     last = split.dataset.items[2]
     assert rank1["input_ids"].shape[0] == 2
     assert rank1["num_targets"] == sum(l != -100 for l in last["labels"][1:])

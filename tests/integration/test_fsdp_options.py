@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHIM, assert_close, check, error_lines, python, read_metrics, run_cli, torchrun
+from conftest import REPO, SHIM, assert_close, check, error_lines, python, read_metrics, run_cli, step_losses, torchrun
 
 LORA = ["--use_peft", "--peft_method", "lora", "--lora_config.lora_dropout", "0"]
 
@@ -18,7 +18,7 @@ def _args(tiny_model, out, *extra):
 
 
 def _losses(out):
-    return [s["loss"] for s in read_metrics(out)[0]]
+    return list(step_losses(out).values())
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,9 @@ import json
 import logging
 import random
 
-import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from shardtune.config.parse import parse_args
 from shardtune.data import build_split, samsum, train_loader
@@ -15,11 +14,6 @@ from shardtune.data.packing import collate, pack
 from shardtune.data.sampler import EvalSampler, GlobalBatchSampler
 from shardtune.data.tokenize import IGNORE_INDEX, tokenize_prompt_target
 from shardtune.modeling.loss import token_loss_sum
-
-
-@pytest.fixture(scope="module")
-def llama2_tok(shared_data):
-    return AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
 
 
 def test_samsum_labels_token_by_token(shared_data, llama2_tok):

@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from shardtune.config.parse import parse_args
 from shardtune.data import build_split, train_loader
@@ -77,11 +76,6 @@ def test_a_position_saved_at_two_ranks_resumes_at_one_visiting_each_sample_once(
     one.set_epoch(1, start=len(before))
     after = _visited(one, 1)
     assert before + after == whole_epoch  # same global batch: the same samples, each once, in order
-
-
-@pytest.fixture(scope="module")
-def llama2_tok(shared_data):
-    return AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
 
 
 def test_a_real_mixture_trains_in_proportion_and_an_empty_component_is_one_line(tmp_path, shared_data, llama2_tok):

@@ -2,7 +2,6 @@
 example lands whole in exactly one chunk with its own position ids, the result is
 deterministic, and it matches a plain re-implementation of best-fit-decreasing."""
 import pytest
-from transformers import AutoTokenizer
 
 from shardtune.config.parse import parse_args
 from shardtune.data import samsum
@@ -11,8 +10,8 @@ from shardtune.data.tokenize import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
-def samsum_train(shared_data):
-    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
+def samsum_train(shared_data, llama2_tok):
+    tok = llama2_tok
     cfg = parse_args(["--samsum_dataset.data_path", str(shared_data / "samsum")]).dataset
     examples, _ = samsum.get_split(cfg, tok, "train")
     return examples

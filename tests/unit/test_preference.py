@@ -20,11 +20,6 @@ from shardtune.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def llama2(shared_data):
-    return AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
-
-
-@pytest.fixture(scope="module")
 def llama2_bos(shared_data):
     """As a Llama 2 checkpoint's tokenizer_config.json sets it: BOS added by default."""
     return AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2", add_bos_token=True)
@@ -63,7 +58,7 @@ EDGE_PLAIN = [
 
 @pytest.mark.parametrize("bos", [False, True], ids=["tokenizer.model", "add_bos_token"])
 def test_plain_ids_equal_trl(request, preference_files, bos):
-    tok = request.getfixturevalue("llama2_bos" if bos else "llama2")
+    tok = request.getfixturevalue("llama2_bos" if bos else "llama2_tok")
     records = read_jsonl(preference_files["grammar"])[:20] + read_jsonl(preference_files["samsum"])[:10] + EDGE_PLAIN
     got, want = ours(tok, records), trl_ids(tok, records)
     assert got == want
@@ -85,18 +80,18 @@ CONVERSATIONS = [
 ]
 
 
-def test_conversational_ids_equal_trl_with_llama2_template(llama2):
+def test_conversational_ids_equal_trl_with_llama2_template(llama2_tok):
     # TRL renders with the tokenizer's own template: give it the one shardtune passes by name
-    templated = AutoTokenizer.from_pretrained(llama2.name_or_path)
+    templated = AutoTokenizer.from_pretrained(llama2_tok.name_or_path)
     templated.chat_template = TEMPLATES["llama2"].jinja
     records = CONVERSATIONS + [{**CONVERSATIONS[0], "prompt": [{"role": "system", "content": "Be terse."},
                                                                *CONVERSATIONS[0]["prompt"]]}]
     want = trl_ids(templated, records)
-    assert ours(llama2, records, template="llama2") == want
+    assert ours(llama2_tok, records, template="llama2") == want
     assert ours(templated, records) == want  # the tokenizer's own template: the same ids
     # --preference_dataset.system_prompt is the system turn written into the record
-    assert ours(llama2, CONVERSATIONS[:1], "llama2", system_prompt="Be terse.") == want[2:]
-    assert want[0]["chosen_ids"][-1] == llama2.eos_token_id  # the template's own </s>, no appended one
+    assert ours(llama2_tok, CONVERSATIONS[:1], "llama2", system_prompt="Be terse.") == want[2:]
+    assert want[0]["chosen_ids"][-1] == llama2_tok.eos_token_id  # the template's own </s>, no appended one
 
 
 def test_conversational_ids_equal_trl_with_tokenizers_own_template():
@@ -104,7 +99,7 @@ def test_conversational_ids_equal_trl_with_tokenizers_own_template():
     assert ours(tok, CONVERSATIONS) == trl_ids(tok, CONVERSATIONS)
 
 
-def test_bad_records_named_by_file_and_record(tmp_path, llama2):
+def test_bad_records_named_by_file_and_record(tmp_path, llama2_tok):
     user = [{"role": "user", "content": "Hi?"}]
     lines = [
         json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}),  # 0 good
@@ -126,7 +121,7 @@ def test_bad_records_named_by_file_and_record(tmp_path, llama2):
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     bad = BadRecords("skip")
-    pairs = tokenize_pairs(llama2, [json.loads(l) if l.startswith("{\"") else None for l in lines], str(path),
+    pairs = tokenize_pairs(llama2_tok, [json.loads(l) if l.startswith("{\"") else None for l in lines], str(path),
                            bad, template="llama2")
     assert [p["origin"] for p in pairs] == [f"{path} record 0", f"{path} record 10"]
     named = [m.split(": record ")[1].split(":")[0] for m in bad.messages]
@@ -137,31 +132,31 @@ def test_bad_records_named_by_file_and_record(tmp_path, llama2):
     cfg = parse_args(["--dataset", "preference_dataset", "--preference_dataset.data_path", str(path),
                       "--preference_dataset.template", "llama2"]).dataset
     skipped = BadRecords("skip")
-    assert len(source(cfg, "train").read(llama2, skipped)) == 2 and skipped.count == 10
+    assert len(source(cfg, "train").read(llama2_tok, skipped)) == 2 and skipped.count == 10
     # the file is read before its records are checked, so the unreadable line is the first error
     with pytest.raises(UserError, match=rf"^{path}: record 8 \(line 9\): invalid JSON.*; fix the record"):
-        source(cfg, "train").read(llama2, BadRecords("error"))
+        source(cfg, "train").read(llama2_tok, BadRecords("error"))
     path.write_text("\n".join(lines[:8] + lines[9:]) + "\n")
     with pytest.raises(UserError, match=rf"^{path}: record 1: missing field 'rejected'; fix the record"):
-        source(cfg, "train").read(llama2, BadRecords("error"))
+        source(cfg, "train").read(llama2_tok, BadRecords("error"))
     broken = tmp_path / "broken.json"
     broken.write_text('[{"prompt": "p", ')
     cfg.data_path = str(broken)
     with pytest.raises(UserError, match=rf"^{broken}: invalid JSON"):
-        source(cfg, "train").read(llama2, BadRecords("skip"))
+        source(cfg, "train").read(llama2_tok, BadRecords("skip"))
 
 
-def test_splits_and_fingerprint(tmp_path, preference_files, llama2):
+def test_splits_and_fingerprint(tmp_path, preference_files, llama2_tok):
     data = tmp_path / "pairs.jsonl"
     data.write_bytes(preference_files["grammar"].read_bytes())  # 40 records: validation = the first 2
     cfg = parse_args(["--dataset", "preference_dataset", "--preference_dataset.data_path", str(data)]).dataset
     validation, train = source(cfg, "validation"), source(cfg, "train")
-    assert [p["origin"] for p in validation.read(llama2, BadRecords())] == [f"{data} record {i}" for i in (0, 1)]
-    assert [p["origin"] for p in train.read(llama2, BadRecords())] == [f"{data} record {i}" for i in range(2, 40)]
+    assert [p["origin"] for p in validation.read(llama2_tok, BadRecords())] == [f"{data} record {i}" for i in (0, 1)]
+    assert [p["origin"] for p in train.read(llama2_tok, BadRecords())] == [f"{data} record {i}" for i in range(2, 40)]
     data.write_text("\n".join(data.read_text().splitlines()[:-1]) + "\n")  # other content, other cache key
     assert source(cfg, "train").fingerprint != train.fingerprint
     cfg.validation_path = str(preference_files["samsum"])
-    assert len(source(cfg, "validation").read(llama2, BadRecords())) == 40
+    assert len(source(cfg, "validation").read(llama2_tok, BadRecords())) == 40
     with pytest.raises(UserError, match="unknown preference_dataset split 'dev'"):
         source(cfg, "dev")
 

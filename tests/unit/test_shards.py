@@ -7,18 +7,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
 from shardtune.config.parse import parse_args
 from shardtune.data import split_source, shards
 from shardtune.data.packing import ChunkDataset, pack
 from shardtune.data.records import BadRecords
 from shardtune.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def llama2_tok(shared_data):
-    return AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
 
 
 @pytest.fixture
@@ -210,3 +204,31 @@ def test_a_packed_split_on_a_shared_cache_is_published_once(tmp_path):
             raise RuntimeError("the disk filled up")
     assert mapped.read(out)[1]["stats"] == {"node": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["split.packed"]  # no temporary left
+
+
+@pytest.fixture
+def one_mib_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs; the suite runs as root, as CI does)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_not_a_crash(one_mib_disk, shared_data, llama2_tok):
+    """Preparing into a cache on a disk too small: before, the memory-mapped writer met the
+    full disk as SIGBUS, killing the process without a word; now one line, and no partial file
+    (the shard folder's claim stays for a relaunch to reuse what was finished)."""
+    from shardtune.data import build_split
+
+    cfgs = parse_args(["--samsum_dataset.data_path", str(shared_data / "samsum"), "--samsum_dataset.train_split",
+                       "validation", "--context_length", "512", "--data_cache_dir", str(one_mib_disk)])
+    with pytest.raises(UserError, match="no room for .*--data_cache_dir"):
+        build_split(cfgs, llama2_tok, "train")
+    files = [p for p in one_mib_disk.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.endswith(".tmp") or p.suffix == ".safetensors"], files

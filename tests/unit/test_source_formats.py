@@ -10,18 +10,12 @@ import lzma
 import datasets
 import pyarrow as pa
 import pytest
-from transformers import AutoTokenizer
 
 from shardtune.config.parse import parse_args
 from shardtune.data import source
 from shardtune.data.records import BadRecords
 from shardtune.data.source import file_digest
 from shardtune.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def llama2_tok(shared_data):
-    return AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import shutil
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..errors import UserError
 from ..files import atomic_path
 
 _DTYPES = {"I32": np.int32, "I64": np.int64}
@@ -61,6 +63,7 @@ def write(path: Path, shapes: dict[str, tuple[np.dtype, int]], meta: dict,
     with atomic_path(path, keep_existing) as tmp:
         head, starts = _header(shapes, meta)
         data = sum(np.dtype(d).itemsize * n for d, n in shapes.values())
+        _check_space(path, len(head) + data)
         with open(tmp, "r+b") as f:
             f.write(head)
             f.truncate(len(head) + data)
@@ -71,6 +74,15 @@ def write(path: Path, shapes: dict[str, tuple[np.dtype, int]], meta: dict,
         filling = Filling(mm, arrays)
         yield filling
         filling.release()  # the map itself closes when the caller drops the arrays
+
+
+def _check_space(path: Path, size: int) -> None:
+    """A file filled through a memory map finds a full disk as SIGBUS, which kills the process
+    without a word: check the room first and say it in one line."""
+    free = shutil.disk_usage(path.parent).free
+    if free < size:
+        raise UserError(f"no room for {path}: it needs {size / 2**20:.1f} MiB and {path.parent} has "
+                        f"{free / 2**20:.1f} MiB free; free some space, or set --data_cache_dir to a larger disk")
 
 
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
