@@ -47,7 +47,7 @@ def _data_file(data_path: str, split: str) -> Path | None:
             return path / stem
         raise UserError(f"no {stem}.json/.jsonl/.csv/.parquet/.arrow or {stem}/ in {path}; "
                         "point --samsum_dataset.data_path at the SAMSum directory")
-    if path.suffix.lower() in SUFFIXES or path.exists() or data_path.startswith((".", "/", "~")):
+    if path.name.lower().endswith(SUFFIXES) or path.exists() or data_path.startswith((".", "/", "~")):
         if not path.exists():
             raise UserError(f"data path {data_path} does not exist; check --samsum_dataset.data_path")
         return path

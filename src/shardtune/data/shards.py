@@ -101,7 +101,7 @@ class Plan:
         self.rebuild = rebuild
         self.packing, self.drop_last, self.on_bad_record = packing, drop_last, on_bad_record
         # per node (torchrun's GROUP_RANK): on a filesystem shared by nodes, each node prepares
-        # (and removes) its own shards, and their identical packed files replace one another harmlessly
+        # (and removes) its own shards; the first packed file published is kept (mapped.write keep_existing)
         node = f"{socket.gethostname()}-{os.environ.get('GROUP_RANK', '0')}"
         self.dir = out.with_name(f"{out.name}.{node}.shards")
         self.lock = out.with_name(f"{out.name}.{node}.lock")  # held by the worker 0 that prepares
